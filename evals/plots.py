@@ -1,0 +1,165 @@
+"""PNG figures where a person would rather look than read numbers (DESIGN §7).
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never
+through ``pyplot``: no screen is needed, no global backend is switched, and no figure is left
+open in pyplot's registry by a long-running job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+_RECALL_KEY = re.compile(r"^(image|text)_retrieval_recall@(\d+)$")
+_MAX_ANNOTATED_CLASSES = 20
+_MAX_LABELLED_CLASSES = 60
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Render ``figure`` to a PNG at ``path`` (parents created) with the Agg canvas."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(target, format="png", dpi=100)
+    return target
+
+
+def confusion_matrix(predictions: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Counts [C, C]: row = true class, column = predicted class."""
+    flat = targets.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def plot_confusion_matrix(
+    logits_or_preds: Tensor,
+    targets: Tensor,
+    classnames: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Plot the confusion matrix of a single-label classification to a PNG; return its path.
+
+    ``logits_or_preds``: logits [N, C] (their argmax is taken) or predicted indices [N].
+    ``normalize`` divides each row by its count, so the diagonal reads as per-class recall.
+    Cells are annotated up to 20 classes and tick-labelled up to 60, beyond that they would
+    only be ink.
+    """
+    predictions = logits_or_preds.detach().cpu()
+    if predictions.ndim == 2:
+        predictions = predictions.argmax(dim=1)
+    targets = targets.detach().cpu()
+    if predictions.shape != targets.shape or predictions.ndim != 1:
+        raise ValueError(
+            f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must "
+            "both be [N]"
+        )
+    num_classes = len(classnames)
+    if num_classes == 0:
+        raise ValueError("classnames is empty")
+    out_of_range = (targets < 0) | (targets >= num_classes) | (predictions < 0)
+    out_of_range |= predictions >= num_classes
+    if bool(out_of_range.any()):
+        raise ValueError(f"class indices must lie in [0, {num_classes}) = len(classnames)")
+    counts = confusion_matrix(predictions, targets, num_classes).double()
+    shown = counts / counts.sum(dim=1, keepdim=True).clamp(min=1) if normalize else counts
+
+    side = min(4.0 + 0.35 * num_classes, 24.0)
+    figure = Figure(figsize=(side + 1.5, side))
+    axes = figure.add_subplot()
+    image = axes.imshow(shown.numpy(), cmap="Blues", vmin=0.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion"))
+    if num_classes <= _MAX_LABELLED_CLASSES:
+        ticks = list(range(num_classes))
+        axes.set_xticks(ticks, labels=list(classnames), rotation=90)
+        axes.set_yticks(ticks, labels=list(classnames))
+    if num_classes <= _MAX_ANNOTATED_CLASSES:
+        threshold = float(shown.max()) / 2
+        for row in range(num_classes):
+            for col in range(num_classes):
+                value = float(shown[row, col])
+                axes.text(
+                    col,
+                    row,
+                    f"{value:.2f}" if normalize else f"{int(value)}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > threshold else "black",
+                )
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_recall_at_k(
+    metrics: Mapping[str, float], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Plot recall@k against k for image and text retrieval (keys as ``retrieval_metrics``).
+
+    Other keys are ignored; raises ValueError when no ``*_retrieval_recall@k`` key is present.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {"image": [], "text": []}
+    for key, value in metrics.items():
+        match = _RECALL_KEY.match(key)
+        if match:
+            curves[match.group(1)].append((int(match.group(2)), float(value)))
+    if not any(curves.values()):
+        raise ValueError(
+            "metrics has no 'image_retrieval_recall@k' / 'text_retrieval_recall@k' keys; "
+            f"got {sorted(metrics)}"
+        )
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot()
+    labels = {"image": "image retrieval (text → image)", "text": "text retrieval (image → text)"}
+    for name, points in curves.items():
+        if points:
+            ks, recalls = zip(*sorted(points), strict=True)
+            axes.plot(ks, recalls, marker="o", label=labels[name])
+    axes.set_xscale("log")
+    axes.set_xlabel("k")
+    axes.set_ylabel("recall@k")
+    axes.set_ylim(0.0, 1.02)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    axes.set_title(title or "retrieval recall@k")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_loss_curve(
+    steps: Sequence[float],
+    losses: Sequence[float],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    log_y: bool = False,
+) -> Path:
+    """Plot a training loss against the step to a PNG; ``log_y`` for losses spanning decades."""
+    if len(steps) != len(losses):
+        raise ValueError(f"steps ({len(steps)}) and losses ({len(losses)}) differ in length")
+    if len(steps) == 0:
+        raise ValueError("no loss values to plot")
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot()
+    axes.plot(list(steps), [float(loss) for loss in losses], linewidth=1.2)
+    if log_y:
+        axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(True, alpha=0.3)
+    axes.set_title(title or "training loss")
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,0 +1,120 @@
+"""Evaluation results as CLIP_benchmark-shaped JSON files, written atomically.
+
+The shape is CLIP_benchmark's ``cli.py`` dump::
+
+    {"dataset": ..., "model": ..., "pretrained": ..., "task": ..., "metrics": {...},
+     "language": ...}
+
+NaN (e.g. ``acc5`` with fewer than 5 classes) is written the way ``json.dump`` writes it by
+default, and so the way CLIP_benchmark does: as the bare token ``NaN``. Python's ``json`` (and
+pandas) read it back as ``float('nan')``, but it is not strict RFC 8259 JSON: strict parsers
+(JavaScript's ``JSON.parse``) reject it, and need the NaN replaced (e.g. by ``null``) first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+REQUIRED_KEYS: tuple[str, ...] = ("dataset", "model", "pretrained", "task", "metrics", "language")
+
+
+class EvalResult(TypedDict):
+    """One evaluation's record, as CLIP_benchmark writes it."""
+
+    dataset: str
+    model: str
+    pretrained: str
+    task: str
+    metrics: dict[str, Any]
+    language: str
+
+
+def _metric_value(key: str, value: Any) -> float | int:
+    """Coerce one metric (Python/NumPy number, 0-d tensor) to a JSON number, or say which key."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"metric {key!r} must be a number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}") from error
+    return number
+
+
+def result_filename(
+    *, dataset: str, model: str, pretrained: str, task: str, language: str = "en"
+) -> str:
+    """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``.
+
+    As CB does: a ``wds/`` prefix is dropped and ``/`` in the dataset becomes ``_``; a
+    ``pretrained`` that is an existing file contributes its basename only.
+    """
+    dataset_slug = dataset.removeprefix("wds/").replace("/", "_")
+    pretrained_slug = os.path.basename(pretrained) if os.path.isfile(pretrained) else pretrained
+    return f"{dataset_slug}_{pretrained_slug}_{model}_{language}_{task}.json"
+
+
+def write_result(
+    path: str | os.PathLike[str],
+    *,
+    dataset: str,
+    model: str,
+    pretrained: str,
+    task: str,
+    metrics: Mapping[str, Any],
+    language: str = "en",
+) -> Path:
+    """Write one result JSON atomically (temp file in the same folder, fsync, rename).
+
+    Why atomic: a reader (a results table, a sweep's skip-existing check) never sees a half
+    written file, even if the job is killed mid-write. Metrics are coerced to plain numbers;
+    NaN is written as ``NaN`` like ``json.dump``'s default (see the module docstring).
+    Returns the path written; parent folders are created.
+    """
+    target = Path(path)
+    record: dict[str, Any] = {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "metrics": {k: _metric_value(k, v) for k, v in metrics.items()},
+        "language": language,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_result(path: str | os.PathLike[str]) -> EvalResult:
+    """Read a result JSON (ours or CLIP_benchmark's); ``NaN`` comes back as ``float('nan')``.
+
+    Extra keys (e.g. ``classnames``) are kept in the returned dict.
+
+    Raises ValueError naming the file and the missing keys when it is not result-shaped.
+    """
+    with open(path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{path}: not a CLIP_benchmark-shaped result, missing keys {missing}")
+    if not isinstance(record["metrics"], dict):
+        raise ValueError(f"{path}: 'metrics' must be an object")
+    return cast(EvalResult, record)

@@ -1,0 +1,225 @@
+"""Compose a training run from a config: data stream, model, objective, evaluators, Trainer.
+
+This is where the three layers meet (vlp knows nothing of shards or eval sets). Every start-up
+problem a user can fix (missing shard, unknown model/objective, missing sample fields) is raised
+as :class:`StartupError` with one sentence naming the thing and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from data_pipelines.fields import missing_fields
+from data_pipelines.shards import expand_urls
+from data_pipelines.stream import make_train_stream
+from evals.datasets import load_labelled_shards
+from evals.heldout import HeldoutEvaluator
+from evals.plots import plot_loss_curve
+from vlp.config import Config
+from vlp.models import create_model, model_config, preprocess_config
+from vlp.objectives import create_objective, objective_class
+from vlp.training import Trainer, TrainResult, create_accelerator
+
+logger = logging.getLogger("vlp")
+
+
+class StartupError(RuntimeError):
+    """A problem with the user's config or data found before training starts."""
+
+
+@dataclass
+class RunPlan:
+    """What a full run would do; printed by ``vlp train --check``."""
+
+    world_size: int
+    global_batch: int
+    steps: int
+    samples_seen: int
+    train_shards: int
+    out_dir: str
+    objective: str
+    model: str
+    parameters: int
+    first_step_loss: float | None = None
+
+
+def setup_logging(out_dir: Path, is_main: bool) -> None:
+    """Log to stderr and ``train.log`` on the main process; warnings only elsewhere."""
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)  # libraries (open_clip logs at INFO) stay quiet
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(out_dir / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+
+
+def check_data(config: Config, required: frozenset[str]) -> list[str]:
+    """Expand the shard URLs and check that the first shard carries the objective's fields."""
+    if not config.data.train_shards:
+        raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
+    try:
+        urls = expand_urls(config.data.train_shards)
+    except FileNotFoundError as error:
+        raise StartupError(f"training shards not found: {error}") from None
+    try:
+        missing = missing_fields(urls[0], required)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+    if missing:
+        raise StartupError(
+            f"objective '{config.objective.name}' needs sample fields {sorted(missing)} that "
+            f"shard '{urls[0]}' does not have; write them into the shards or pick another objective"
+        )
+    return urls
+
+
+def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """The model, its transforms and tokenizer, and the metadata stored with checkpoints."""
+    try:
+        model, preprocess_train, preprocess_val, tokenizer = create_model(
+            config.model.name,
+            config.model.pretrained,
+            lock_image=config.model.lock_image,
+            lock_text=config.model.lock_text,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        raise StartupError(f"model.name='{config.model.name}': {error}") from None
+    info = {
+        "model_name": config.model.name,
+        "model_cfg": model_config(config.model.name),
+        "preprocess_cfg": preprocess_config(model),
+    }
+    return model, preprocess_train, preprocess_val, tokenizer, info
+
+
+def build_evaluators(
+    config: Config, preprocess_val: Any, tokenizer: Any, out_dir: Path
+) -> list[HeldoutEvaluator]:
+    """Evaluators from the ``eval`` section (held-out shards with class labels)."""
+    if not config.eval.zeroshot_shards:
+        return []
+    if not config.eval.classnames:
+        raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
+    try:
+        urls = expand_urls(config.eval.zeroshot_shards)
+    except FileNotFoundError as error:
+        raise StartupError(f"eval shards not found: {error}") from None
+    dataset = load_labelled_shards(urls, preprocess_val)
+    return [
+        HeldoutEvaluator(
+            "heldout",
+            dataset,
+            config.eval.classnames,
+            config.eval.templates,
+            tokenizer,
+            out_dir,
+            model_name=config.model.name,
+            batch_size=config.eval.batch_size,
+        )
+    ]
+
+
+def train(config: Config) -> TrainResult:
+    """Run the whole training described by ``config`` (under ``accelerate launch`` or not)."""
+    return _run(config, check=False)[0]
+
+
+def check(config: Config) -> RunPlan:
+    """Validate config and data, run ONE step in a scratch directory, and describe the run."""
+    return _run(config, check=True)[1]
+
+
+def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
+    try:
+        objective = create_objective(config.objective.name, **config.objective.kwargs)
+    except (ValueError, TypeError) as error:
+        raise StartupError(f"objective: {error}") from None
+    urls = check_data(config, objective_class(config.objective.name).requires)
+    run_config = config
+    scratch = None
+    if check:
+        scratch = tempfile.TemporaryDirectory(prefix="vlp-check-")
+        run_config = replace(
+            config,
+            train=replace(config.train, steps=1, out_dir=scratch.name, resume=None),
+            eval=replace(config.eval, zeroshot_shards=None),
+        )
+    out_dir = Path(run_config.train.out_dir)
+    accelerator = create_accelerator(out_dir, log_with=None if check else "tensorboard")
+    setup_logging(out_dir, accelerator.is_main_process)
+    set_seed(config.train.seed)
+    model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
+    evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
+
+    def make_batches(start_step: int) -> Any:
+        # Until exact stream resume exists, a resumed run draws a fresh seeded stream so that
+        # it does not replay the batches of the steps already taken.
+        return make_train_stream(
+            urls,
+            preprocess=preprocess_train,
+            tokenizer=tokenizer,
+            batch_size=config.data.batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            workers=config.data.workers,
+            seed=config.train.seed + 1_000_003 * start_step,
+            resampled=config.data.resampled,
+            shuffle_buffer=config.data.shuffle_buffer,
+        )
+
+    trainer = Trainer(
+        run_config,
+        model,
+        objective,
+        make_batches,
+        accelerator=accelerator,
+        model_info=info,
+        evaluators=evaluators,
+    )
+    result = trainer.fit()
+    plan = RunPlan(
+        world_size=accelerator.num_processes,
+        global_batch=trainer.global_batch,
+        steps=config.train.steps,
+        samples_seen=trainer.global_batch * config.train.steps,
+        train_shards=len(urls),
+        out_dir=config.train.out_dir,
+        objective=config.objective.name,
+        model=config.model.name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        first_step_loss=result.last_losses.get("train/loss"),
+    )
+    if scratch is not None:
+        scratch.cleanup()
+    elif accelerator.is_main_process:
+        plot_history(out_dir)
+    return result, plan
+
+
+def plot_history(out_dir: Path) -> Path | None:
+    """Draw ``plots/loss_curve.png`` from the run's ``metrics.jsonl`` (all resumes included)."""
+    log = out_dir / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    by_step = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["train/loss"]
+    steps = sorted(by_step)
+    return plot_loss_curve(steps, [by_step[s] for s in steps], out_dir / "plots" / "loss_curve.png")

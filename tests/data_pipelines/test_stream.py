@@ -1,0 +1,177 @@
+"""The training stream: shapes, determinism, rank splitting, epoch accounting, skipped samples."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipelines.stream import count_samples, expand_urls, make_train_stream
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+
+from .conftest import CTX, fake_tokenizer, preprocess
+
+
+def _stream(urls: str | list[str], **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("shuffle_buffer", 10)
+    return make_train_stream(urls, preprocess=preprocess(), tokenizer=fake_tokenizer, **kw)
+
+
+def _keys(batches) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    return [b["__key__"] for b in batches]
+
+
+def test_expand_urls_brace_list_and_directory(shard_dir: str) -> None:
+    braced = expand_urls(f"{shard_dir}/{{00000..00005}}.tar")
+    assert [os.path.basename(u) for u in braced] == [f"{i:05d}.tar" for i in range(6)]
+    assert expand_urls(shard_dir) == braced
+    assert expand_urls(Path(shard_dir)) == braced
+    assert expand_urls(braced[:2]) == braced[:2]
+
+
+def test_missing_or_empty_raise_file_not_found(shard_dir: str, tmp_path: Path) -> None:
+    pattern = f"{shard_dir}/{{00000..00009}}.tar"
+    with pytest.raises(FileNotFoundError, match="00009"):
+        expand_urls(pattern)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        _stream(str(tmp_path / "nope.tar"))
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        _stream(str(tmp_path))  # an empty directory
+
+
+def test_count_samples_with_and_without_sizes_json(shard_dir: str, tmp_path: Path) -> None:
+    assert count_samples(shard_dir) == 40
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    os.remove(copy / "sizes.json")
+    assert count_samples(str(copy)) == 40
+
+
+def test_batch_shapes_and_dtypes(shard_dir: str) -> None:
+    batch = next(iter(_stream(shard_dir, extra_keys=("cls", "json"))))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (4, CTX) and batch["text"].dtype == torch.long
+    assert len(batch["__key__"]) == 4 and all(len(k) == 9 for k in batch["__key__"])
+    assert batch["cls"].dtype == torch.long and batch["cls"].shape == (4,)
+    assert [m["key"] for m in batch["json"]] == batch["__key__"]
+
+
+def test_open_clip_tokenizer_works_offline(shard_dir: str) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    loader = make_train_stream(
+        shard_dir,
+        preprocess=preprocess(),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+        batch_size=2,
+    )
+    batch = next(iter(loader))
+    assert batch["text"].shape == (2, 77) and batch["text"].dtype == torch.long
+
+
+def test_resampled_is_deterministic_and_rank_dependent(shard_dir: str) -> None:
+    first = _keys(islice(_stream(shard_dir, seed=1), 6))
+    assert first == _keys(islice(_stream(shard_dir, seed=1), 6))
+    a, b = next(iter(_stream(shard_dir, seed=1))), next(iter(_stream(shard_dir, seed=1)))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+    assert first != _keys(islice(_stream(shard_dir, seed=2), 6))
+    rank1 = _keys(islice(_stream(shard_dir, seed=1, rank=1, world_size=2), 6))
+    assert first != rank1
+    assert len(list(islice(_stream(shard_dir), 30))) == 30, "resampled streams are infinite"
+
+
+def test_epoch_mode_ranks_disjoint_and_equal_length(shard_dir: str) -> None:
+    # Shards hold 7,7,7,7,7,5 samples: the ranks get unequal amounts of data.
+    per_rank = []
+    for rank in range(2):
+        loader = _stream(shard_dir, resampled=False, rank=rank, world_size=2, seed=3)
+        batches = list(loader)
+        assert len(batches) == len(loader) == loader.num_batches == 40 // (4 * 2)
+        assert all(len(b["__key__"]) == 4 for b in batches)
+        per_rank.append({k for b in batches for k in b["__key__"]})
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_epoch_mode_reshuffles_per_epoch_and_is_deterministic(shard_dir: str) -> None:
+    def run(epoch: int) -> list[list[str]]:
+        return _keys(_stream(shard_dir, resampled=False, seed=3, epoch=epoch))
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_epoch_mode_with_two_workers(shard_dir: str) -> None:
+    def run() -> list[list[str]]:
+        loader = _stream(shard_dir, resampled=False, workers=2, rank=1, world_size=2)
+        batches = _keys(loader)
+        assert len(batches) == len(loader) == 4
+        return batches
+
+    assert run() == run()
+
+
+def test_too_few_shards_for_ranks_and_workers(shard_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"4 \* 2 = 8 shards.*has 6.*resampled=True"):
+        _stream(shard_dir, resampled=False, world_size=4, workers=2)
+    _stream(shard_dir, resampled=True, world_size=4, workers=2)  # fine when resampling
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    samples = list(generate_samples(8, seed=0))
+    samples[3]["image"] = b"this is not a jpeg"
+    write_shards(samples, tmp_path, samples_per_shard=8)
+    loader = _stream(str(tmp_path), resampled=False, batch_size=1)
+    keys = {k for b in loader for k in b["__key__"]}
+    assert keys == {s["key"] for s in samples} - {"000000003"}
+    assert loader.skips.total == 1
+    assert list(loader.skips.by_shard) == [str(tmp_path / "00000.tar")]
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path: Path) -> None:
+    paths = write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[: len(data) // 2])
+    loader = _stream(str(tmp_path), resampled=False, batch_size=1)
+    keys = [k for b in loader for k in b["__key__"]]
+    assert {f"{i:09d}" for i in range(10)} <= set(keys)
+    assert loader.skips.total >= 1 and paths[1] in loader.skips.by_shard
+
+
+def test_all_corrupt_stops_instead_of_spinning(tmp_path: Path) -> None:
+    samples = [{"key": f"{i:09d}", "image": b"garbage", "txt": "a star"} for i in range(10)]
+    write_shards(samples, tmp_path)
+    with pytest.raises(RuntimeError, match="consecutive samples failed"):
+        next(iter(_stream(str(tmp_path))))
+
+
+def test_resampled_with_two_workers_is_deterministic(shard_dir: str) -> None:
+    def run() -> list[list[str]]:
+        return _keys(islice(_stream(shard_dir, workers=2, seed=5), 4))
+
+    first = run()
+    assert first == run()
+    assert first[0] != first[1], "the two workers draw different shards and samples"
+
+
+def test_len_and_pickling(shard_dir: str) -> None:
+    resampled = _stream(shard_dir)
+    with pytest.raises(TypeError, match="infinite"):
+        len(resampled)
+    # Picklable pipelines work with the "spawn" start method (macOS, Windows).
+    pickle.dumps(resampled.dataset)
+    pickle.dumps(_stream(shard_dir, resampled=False).dataset)
+
+
+def test_bad_arguments(shard_dir: str) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        _stream(shard_dir, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="clash"):
+        _stream(shard_dir, extra_keys=("text",))
+    with pytest.raises(ValueError, match="less than one batch"):
+        _stream(shard_dir, resampled=False, batch_size=8, world_size=2, workers=3)

@@ -1,0 +1,156 @@
+"""End to end: `launch/pretrain.py` alone and under `accelerate launch` with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+from launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "launch" / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(generate_samples(256, seed=0), out, samples_per_shard=64)
+    return out
+
+
+def _overrides(shards: Path, out: Path, **extra: object) -> list[str]:
+    values = {
+        "data.train_shards": shards,
+        "data.batch_size": 8,
+        "data.workers": 0,
+        "data.shuffle_buffer": 16,
+        "train.out_dir": out,
+        "train.log_every": 1,
+        "optim.warmup_steps": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _accelerate(args: list[str]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()),
+        str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+
+
+def _state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_run_then_resume(shards, tmp_path):
+    out = tmp_path / "run"
+    first = _accelerate(
+        _overrides(
+            shards,
+            out,
+            **{"train.steps": 3, "train.checkpoint_every": 2, "train.keep_checkpoints": 2},
+        )
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["world_size"] == 2
+    assert provenance["global_batch"] == 16
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002", "step_00000003"]
+    state = _state(out / "checkpoints" / "step_00000003")
+    assert state["world_size"] == 2 and state["samples_seen"] == 48
+    assert {"rng_rank0.safetensors", "rng_rank1.safetensors", "model.safetensors"} <= {
+        p.name for p in (out / "checkpoints" / "step_00000003").iterdir()
+    }
+
+    resumed = _accelerate(_overrides(shards, out, **{"train.steps": 5, "train.resume": "latest"}))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "resumed from" in log and "at step 3" in log
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert _state(out / "checkpoints" / "step_00000005")["step"] == 5
+    assert (out / "config.yaml").is_file() and (out / "plots" / "loss_curve.png").is_file()
+    assert any((out / "tensorboard").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO),
+        *_overrides(shards, out, **{"train.steps": 100_000, "train.checkpoint_every": 0}),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 0
+    checkpoints = list((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step_")
+    assert _state(checkpoints[0])["step"] >= 1
+
+
+def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
+    out = tmp_path / "planned"
+    code = main(["train", "--check", "--config", str(DEMO), *_overrides(shards, out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "global batch:   8" in printed and "samples seen:   4800" in printed
+    assert str(out) in printed
+    assert not out.exists()  # a check writes nothing into the run directory
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train_shards=/no/such/folder", "training shards not found"),
+        ("model.name=ViT-Q-99", "unknown model 'ViT-Q-99'"),
+        ("objective.name=clipp", "unknown objective 'clipp'"),
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("train.accum_steps=2", "accum_steps"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(shards, tmp_path, capsys, override, message):
+    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path), override]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+
+
+def test_missing_sample_fields_are_named(shards, tmp_path):
+    from launch.run import StartupError, check_data
+    from vlp.config import load_config
+
+    config = load_config(DEMO, _overrides(shards, tmp_path))
+    with pytest.raises(StartupError, match=r"needs sample fields \['report_pdf'\]"):
+        check_data(config, frozenset({"txt", "report_pdf"}))

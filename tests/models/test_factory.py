@@ -1,0 +1,60 @@
+"""Model creation: vlp's tiny configs, open_clip names, config JSON paths, locking, bad names."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from vlp.models import create_model, model_config, preprocess_config
+
+
+def test_tiny_config_builds_and_returns_feature_dict():
+    model, preprocess_train, preprocess_val, tokenizer = create_model("vlp-tiny-vit")
+    images = torch.randn(2, 3, 32, 32)
+    out = model(image=images, text=tokenizer(["a red star", "a blue ring"]))
+    assert out["image_features"].shape == (2, 128)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(2))
+    assert float(out["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert preprocess_config(model)["size"] == (32, 32)
+
+
+def test_model_config_json_path(tmp_path):
+    config = model_config("vlp-tiny-vit")
+    config["vision_cfg"]["layers"] = 1
+    config["text_cfg"]["layers"] = 1
+    path = tmp_path / "my-one-layer.json"
+    path.write_text(json.dumps(config))
+    model, *_ = create_model(str(path))
+    assert len(model.visual.transformer.resblocks) == 1
+
+
+def test_open_clip_builtin_name_and_local_weights_path(tmp_path):
+    reference, *_ = create_model("vlp-tiny-vit")
+    weights = tmp_path / "weights.pt"
+    torch.save(reference.state_dict(), weights)
+    model, *_ = create_model("vlp-tiny-vit", pretrained=str(weights))
+    for (name, a), b in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    assert "ViT-B-32" in open_clip.list_models()
+
+
+def test_local_dir_schema(tmp_path):
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_config("vlp-tiny-vit"), "preprocess_cfg": {}})
+    )
+    model, *_ = create_model(f"local-dir:{tmp_path}")
+    assert model.visual.image_size == (32, 32)
+
+
+def test_lock_towers():
+    model, *_ = create_model("vlp-tiny-vit", lock_image=True)
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert model.token_embedding.weight.requires_grad
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'ViT-Q-99'"):
+        create_model("ViT-Q-99")

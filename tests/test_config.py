@@ -1,0 +1,46 @@
+"""Config: YAML + overrides, typed coercion, unknown keys named with the closest valid one."""
+
+import pytest
+import yaml
+
+from vlp.config import Config, ConfigError, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 7}, "data": {"batch_size": 4}}))
+    config = load_config(path, ["train.steps=9", "optim.lr=1e-3", "model.lock_text=true"])
+    assert config.train.steps == 9
+    assert config.data.batch_size == 4
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.model.lock_text is True
+
+
+def test_list_and_none_values():
+    config = load_config(None, ['eval.classnames=["a b", "c"]', "model.pretrained=none"])
+    assert config.eval.classnames == ["a b", "c"]
+    assert config.model.pretrained is None
+
+
+def test_unknown_key_names_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes'.*'steps'"):
+        load_config(None, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*'train'"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_bad_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, ["train.steps=11", "objective.kwargs={smoothing: 0.1}"])
+    config.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
+    assert isinstance(again, Config)

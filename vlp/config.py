@@ -1,0 +1,242 @@
+"""Typed run configuration: dataclass sections, a YAML file plus dotted ``key=value`` overrides.
+
+Every run is described by one :class:`Config`; the resolved config is written into the run
+directory so a run can be reproduced from it alone. Unknown keys are errors that name the key and
+the closest valid one, because a typo that silently falls back to a default wastes a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix (unknown key, bad value, missing file)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and how to initialise it."""
+
+    name: str = "vlp-tiny-vit"
+    """open_clip model name, path to a model-config JSON, ``local-dir:``/``hf-hub:`` name."""
+    pretrained: str | None = None
+    """open_clip pretrained tag or a local weights path (works offline with a path)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT)."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+
+
+@dataclass
+class DataConfig:
+    """The training stream."""
+
+    train_shards: str = ""
+    """Shard URLs: a folder, brace pattern or list joined with ``::``."""
+    batch_size: int = 64
+    """Samples per rank per micro-step."""
+    workers: int = 2
+    """DataLoader worker processes per rank."""
+    resampled: bool = True
+    """Sample shards with replacement (an infinite stream); False = epochs over disjoint shards."""
+    shuffle_buffer: int = 1000
+    """Seeded sample shuffle buffer size."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective, by registry name, with its keyword arguments."""
+
+    name: str = "clip"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, output, checkpoints, resume."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    out_dir: str = "runs/default"
+    seed: int = 0
+    accum_steps: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    """``latest`` or a checkpoint directory."""
+    log_every: int = 10
+    max_nonfinite_steps: int = 5
+    """Consecutive NaN/inf losses tolerated (each skipped) before the run stops."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations run during and after training."""
+
+    every: int = 0
+    """Run the evaluators every N steps (0: only at the end)."""
+    zeroshot_shards: str | None = None
+    """Held-out shards with a ``cls`` field for zero-shot classification and retrieval."""
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or say which key is wrong."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, origin):
+            raise ConfigError(f"config key '{key}' needs a {origin.__name__}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' needs true/false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config key '{key}' needs a {hint.__name__}, got {value!r}"
+            ) from None
+    return value
+
+
+def _apply(section: Any, updates: dict[str, Any], prefix: str) -> None:
+    types_ = _field_types(type(section))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise ConfigError(
+                f"unknown config key '{key}'{_closest(name, list(types_))} "
+                f"(valid keys in '{prefix.rstrip('.') or 'config'}': {', '.join(types_)})"
+            )
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give it a mapping")
+            _apply(current, value, key + ".")
+        else:
+            setattr(section, name, _coerce(value, types_[name], key))
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Build a :class:`Config` from an optional YAML file and ``section.key=value`` overrides."""
+    config = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{file}' does not exist")
+        data = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{file}' must hold a mapping of sections")
+        _apply(config, data, "")
+    for item in overrides:
+        _apply(config, _parse_override(item), "")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Config) -> None:
+    """Reject values that cannot run, with the key that holds them."""
+    checks = [
+        (config.data.batch_size > 0, "data.batch_size must be > 0"),
+        (config.data.workers >= 0, "data.workers must be >= 0"),
+        (config.train.steps > 0, "train.steps must be > 0"),
+        (config.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+        (config.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+        (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.train.accum_steps > 1:
+        raise ConfigError(
+            "train.accum_steps > 1 is not supported yet: plain gradient accumulation would "
+            "silently shrink the contrastive negatives to one micro-batch, and exact (GradCache) "
+            "accumulation is not built yet; raise data.batch_size or add processes instead"
+        )

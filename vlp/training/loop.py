@@ -1,0 +1,340 @@
+"""The Accelerate training loop: objective losses, AdamW + schedule, checkpoints, resume, logs.
+
+The loop takes any iterable of batch dicts (``image``, ``text`` and whatever fields the objective
+declared) and a list of evaluators; it knows nothing about tar files or eval datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlp.config import Config, validate_config
+from vlp.distributed import all_reduce_mean
+from vlp.objectives import Objective, total_loss
+from vlp.training import checkpoint as ckpt
+from vlp.training.optim import create_optimizer, create_scheduler
+from vlp.training.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+Evaluator = Callable[[nn.Module, int], dict[str, float]]
+"""``evaluate(unwrapped_model, step) -> {"eval/<dataset>/<metric>": value}``; run on rank 0."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or preempted) run reports back."""
+
+    step: int
+    last_losses: dict[str, float]
+    interrupted: bool
+    nonfinite_steps: int
+    seconds: float
+    eval_metrics: dict[str, float]
+
+
+class _StopFlag:
+    """Set by SIGTERM so the loop can write a checkpoint and leave cleanly (preemption)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+class Trainer:
+    """Runs ``config.train.steps`` optimizer steps of ``objective`` on ``model``.
+
+    Args:
+        config: the resolved run config.
+        model: an open_clip-style model returning a dict of features.
+        objective: the loss (see :class:`vlp.objectives.Objective`).
+        make_batches: ``make_batches(start_step)`` → an iterable of batch dicts for this rank;
+            called once, with the step the run starts (or resumes) at.
+        accelerator: the run's Accelerator (see :func:`vlp.training.accel.create_accelerator`).
+        model_info: JSON metadata stored with every checkpoint (model name/config, preprocess).
+        evaluators: called every ``eval.every`` steps and at the end, on the main process.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        model: nn.Module,
+        objective: Objective,
+        make_batches: Callable[[int], Iterable[dict[str, Any]]],
+        *,
+        accelerator: Accelerator,
+        model_info: dict[str, Any],
+        evaluators: Sequence[Evaluator] = (),
+    ):
+        validate_config(config)
+        self.config = config
+        self.accelerator = accelerator
+        self.objective = objective.to(accelerator.device)
+        self.make_batches = make_batches
+        self.model_info = model_info
+        self.evaluators = list(evaluators)
+        self.out_dir = Path(config.train.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        optimizer = create_optimizer(model, config.optim)
+        scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(
+            model, optimizer, scheduler
+        )
+        self.global_batch = config.data.batch_size * accelerator.num_processes
+        self.step = 0
+        self.nonfinite_total = 0
+        self._consecutive_nonfinite = 0
+        self._saved_step = -1
+
+    # ----------------------------------------------------------------------------- run
+
+    def fit(self) -> TrainResult:
+        """Train to ``train.steps`` (resuming if asked); checkpoint on schedule and on SIGTERM."""
+        acc, cfg = self.accelerator, self.config
+        if cfg.train.resume:
+            path = ckpt.resolve_resume(cfg.train.resume, self.checkpoint_dir)
+            if path is None:
+                logger.info("train.resume=latest: no checkpoint yet, starting from step 0")
+            else:
+                self.load_checkpoint(path)
+        self._prepare_run_dir()
+        logger.info(
+            "training %d steps from step %d: %d processes x batch %d = global batch %d",
+            cfg.train.steps, self.step, acc.num_processes, cfg.data.batch_size, self.global_batch,
+        )  # fmt: skip
+        batches: Iterator[dict[str, Any]] = iter(self.make_batches(self.step))
+        bar = tqdm(
+            total=cfg.train.steps, initial=self.step, disable=not acc.is_local_main_process,
+            desc="train", dynamic_ncols=True,
+        )  # fmt: skip
+        losses: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        started, window_start, window_steps = time.time(), time.time(), 0
+        interrupted = False
+        with _StopFlag() as stop:
+            while self.step < cfg.train.steps and not interrupted:
+                parts, interrupted = self.train_step(self._next_batch(batches), stop.requested)
+                if parts is not None:
+                    window_steps += 1
+                    bar.update(1)
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                        elapsed = max(time.time() - window_start, 1e-9)
+                        losses = self._log(parts, window_steps * self.global_batch / elapsed)
+                        bar.set_postfix(loss=f"{losses['train/loss']:.3f}")
+                        window_start, window_steps = time.time(), 0
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        eval_metrics = self.evaluate()
+                    every = cfg.train.checkpoint_every
+                    if every and self.step % every == 0:
+                        self.save_checkpoint()
+        if self._saved_step != self.step:  # the end of the run, or SIGTERM (preemption)
+            self.save_checkpoint()
+        if interrupted:
+            logger.warning("SIGTERM: checkpoint written at step %d; stopping", self.step)
+        bar.close()
+        if not interrupted and (not cfg.eval.every or self.step % cfg.eval.every):
+            eval_metrics = self.evaluate()
+        acc.end_training()
+        return TrainResult(
+            step=self.step,
+            last_losses=losses,
+            interrupted=interrupted,
+            nonfinite_steps=self.nonfinite_total,
+            seconds=time.time() - started,
+            eval_metrics=eval_metrics,
+        )
+
+    def train_step(
+        self, batch: dict[str, Any], stop_requested: bool = False
+    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """One optimizer step on a batch already on the device.
+
+        Returns the loss parts (None when the step was skipped because some rank's loss was not
+        finite) and whether any rank asked to stop. The two flags travel in one all-reduce so
+        that every rank takes the same branch and collectives stay paired.
+        """
+        loss, parts = self._forward(batch)
+        flags = all_reduce_mean(
+            torch.tensor([float(not torch.isfinite(loss)), float(stop_requested)])
+        )
+        stop = bool(flags[1] > 0)
+        if flags[0] > 0:
+            self.nonfinite_total += 1
+            self._consecutive_nonfinite += 1
+            logger.warning("non-finite loss at step %d; step skipped", self.step)
+            if self._consecutive_nonfinite > self.config.train.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._consecutive_nonfinite} non-finite losses in a row at step "
+                    f"{self.step}; lower optim.lr or check the data"
+                )
+            return None, stop
+        self._consecutive_nonfinite = 0
+        self._backward_and_step(loss)
+        self.step += 1
+        return parts, stop
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return _to_device(next(batches), self.accelerator.device)
+        except StopIteration:
+            raise RuntimeError(
+                f"the training stream ended at step {self.step} before train.steps="
+                f"{self.config.train.steps}; use data.resampled=true or fewer steps"
+            ) from None
+
+    def _forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.model.train()
+        with self.accelerator.autocast():
+            outputs = self.model(image=batch["image"], text=batch["text"])
+            parts = self.objective(outputs, batch)
+            loss = total_loss(parts)
+        parts = {**parts, "logit_scale": outputs["logit_scale"].detach()}
+        return loss, parts
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+        if self.config.optim.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # CLIP: s = exp(t) <= 100, clamped after the optimizer step
+            self.accelerator.unwrap_model(self.model).logit_scale.clamp_(0, math.log(100))
+
+    # ----------------------------------------------------------------------------- logs
+
+    def _prepare_run_dir(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            for sub in ("checkpoints", "results", "plots"):
+                (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+            self.config.save(self.out_dir / "config.yaml")
+            if self.step == 0:  # a fresh run: no loss history of an earlier run in this dir
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            ckpt.write_json(self.out_dir / "provenance.json", provenance(acc, self.global_batch))
+        acc.wait_for_everyone()
+        acc.init_trackers("tensorboard")
+
+    def _log(self, parts: dict[str, torch.Tensor], samples_per_s: float) -> dict[str, float]:
+        values = {f"train/{k}": float(all_reduce_mean(v.float())) for k, v in parts.items()}
+        values["train/loss"] = sum(v for k, v in values.items() if k.endswith("_loss"))
+        values["train/lr"] = self.scheduler.get_last_lr()[0]
+        values["train/samples_per_s"] = samples_per_s
+        self.accelerator.log(values, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **values}) + "\n")
+            logger.info(
+                "step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items())
+            )
+        return values
+
+    def evaluate(self) -> dict[str, float]:
+        """Run every evaluator on the main process; other ranks wait."""
+        metrics: dict[str, float] = {}
+        if self.accelerator.is_main_process and self.evaluators:
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            for evaluate in self.evaluators:
+                metrics.update(evaluate(model, self.step))
+            model.train(was_training)
+            self.accelerator.log(metrics, step=self.step)
+            logger.info("eval at step %d: %s", self.step, metrics)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically (temp dir + rename) and prune old ones."""
+        acc = self.accelerator
+        name = ckpt.checkpoint_name(self.step)
+        tmp = self.checkpoint_dir / f".tmp-{name}"
+        final = self.checkpoint_dir / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.save_state_parts(tmp, f"rng_rank{acc.process_index}", ckpt.rng_state())
+        model_state = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            save_file(
+                {k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors")
+            )
+            ckpt.save_state_parts(tmp, "optimizer", self.optimizer.state_dict())
+            ckpt.write_json(tmp / "model_config.json", self.model_info)
+            ckpt.write_json(
+                tmp / "trainer_state.json",
+                {
+                    "step": self.step,
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": acc.num_processes,
+                    "global_batch": self.global_batch,
+                    "samples_seen": self.step * self.global_batch,
+                    "nonfinite_steps": self.nonfinite_total,
+                },
+            )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.train.keep_checkpoints)
+            logger.info("checkpoint written: %s", final)
+        acc.wait_for_everyone()
+        self._saved_step = self.step
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimizer, scheduler, step and this rank's RNG states from ``path``."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != acc.num_processes:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {state['world_size']} processes; this run has "
+                f"{acc.num_processes}. Resume with the same number of processes."
+            )
+        acc.unwrap_model(self.model).load_state_dict(load_file(str(path / "model.safetensors")))
+        self.optimizer.load_state_dict(ckpt.load_state_parts(path, "optimizer"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
+        self.step = self._saved_step = int(state["step"])
+        self.nonfinite_total = int(state["nonfinite_steps"])
+        logger.info("resumed from %s at step %d", path, self.step)
