@@ -97,6 +97,7 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
             config.model.pretrained,
             lock_image=config.model.lock_image,
             lock_text=config.model.lock_text,
+            tokenizer=config.model.tokenizer,
         )
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise StartupError(f"model.name='{config.model.name}': {error}") from None

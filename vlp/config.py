@@ -34,6 +34,8 @@ class ModelConfig:
     """Freeze the image tower (LiT)."""
     lock_text: bool = False
     """Freeze the text tower."""
+    tokenizer: str | None = None
+    """A local SentencePiece ``.model`` file instead of the model's own tokenizer."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ def test_expand_urls_brace_list_and_directory(shard_dir: str) -> None:
     assert expand_urls(shard_dir) == braced
     assert expand_urls(Path(shard_dir)) == braced
     assert expand_urls(braced[:2]) == braced[:2]
+    assert expand_urls(f"file://{shard_dir}") == braced
 
 
 def test_missing_or_empty_raise_file_not_found(shard_dir: str, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import open_clip
 import torch
 from torch import nn
 
+from vlp.models.tokenizers import SentencePieceTokenizer
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -64,6 +66,7 @@ def create_model(
     *,
     lock_image: bool = False,
     lock_text: bool = False,
+    tokenizer: str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], Callable[..., torch.Tensor], Any]:
     """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` from an open_clip name.
@@ -71,6 +74,7 @@ def create_model(
     The model returns a dict (``image_features``, ``text_features``, ``logit_scale`` = s, and
     ``logit_bias`` for SigLIP models), the contract every objective relies on. ``pretrained`` is
     an open_clip tag (needs a network once) or a local weights file (works offline).
+    ``tokenizer`` is a local SentencePiece ``.model`` file replacing open_clip's tokenizer.
     """
     name = resolve_model_name(name_or_config)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -80,8 +84,12 @@ def create_model(
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
-    tokenizer = open_clip.get_tokenizer(name)
-    return model, preprocess_train, preprocess_val, tokenizer
+    if tokenizer is None:
+        return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+    text_cfg = model_config(name).get("text_cfg", {})
+    sentencepiece = SentencePieceTokenizer(tokenizer, text_cfg.get("context_length", 77))
+    sentencepiece.check_text_config(text_cfg)
+    return model, preprocess_train, preprocess_val, sentencepiece
 
 
 def preprocess_config(model: nn.Module) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""The loop's safety rails, in process: non-finite losses are skipped, then stop the run."""
+
+import pytest
+import torch
+
+from vlp.config import Config
+from vlp.models import create_model
+from vlp.objectives import create_objective
+from vlp.training import Trainer, create_accelerator
+
+
+def _trainer(tmp_path, **train):
+    model, _, _, tokenizer = create_model("vlp-tiny-vit")
+    config = Config()
+    config.train.out_dir = str(tmp_path)
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    trainer = Trainer(
+        config,
+        model,
+        create_objective("clip"),
+        lambda start: iter(()),
+        accelerator=create_accelerator(tmp_path, log_with=None),
+        model_info={},
+    )
+    return trainer, tokenizer
+
+
+def _batch(tokenizer, image_value=None):
+    image = torch.randn(4, 3, 32, 32)
+    if image_value is not None:
+        image.fill_(image_value)
+    return {"image": image, "text": tokenizer(["a red star", "a blue ring", "a cross", "a heart"])}
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+    trainer, tokenizer = _trainer(tmp_path, max_nonfinite_steps=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    parts, stop = trainer.train_step(_batch(tokenizer, float("nan")))
+    assert parts is None and not stop and trainer.step == 0 and trainer.nonfinite_total == 1
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], equal_nan=True)
+    with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
+        trainer.train_step(_batch(tokenizer, float("nan")))
+
+
+def test_a_finite_step_updates_and_clamps_the_scale(tmp_path):
+    trainer, tokenizer = _trainer(tmp_path)
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(10.0)  # s = e^10 > 100
+    parts, _ = trainer.train_step(_batch(tokenizer))
+    assert parts is not None and trainer.step == 1
+    assert float(trainer.model.logit_scale.exp()) == pytest.approx(100.0, rel=1e-5)
