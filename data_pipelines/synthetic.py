@@ -1,7 +1,7 @@
 """The embedded default dataset: procedural coloured shapes with captions (DESIGN §8).
 
-Every sample is one shape (the class) in one colour, size and position, drawn on a noisy
-background whose brightness contrasts with the shape. Besides the training caption each sample
+Every sample is one shape (the class) in one bright colour, size and position, drawn on a noisy
+dark background so that the silhouette always stands out. Besides the training caption each sample
 carries the fields other objectives need: a short summary, an object box with attribute tags and
 a multi-sentence report. Nothing is downloaded; a sample is a pure function of (seed, index).
 
@@ -27,7 +27,6 @@ CLASSNAMES: list[str] = [
     "star",
     "cross",
     "diamond",
-    "hexagon",
     "ring",
     "heart",
     "arrow",
@@ -39,26 +38,44 @@ EVAL_TEMPLATES: list[str] = ["a photo of a {c}.", "an image of a {c}.", "a pictu
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
-    "blue": (40, 80, 230),
+    "blue": (60, 110, 255),
     "yellow": (245, 225, 40),
-    "purple": (140, 50, 200),
+    "purple": (170, 80, 240),
     "orange": (250, 140, 30),
     "white": (245, 245, 245),
-    "black": (20, 20, 20),
+    "grey": (150, 150, 150),
     "pink": (250, 130, 190),
     "cyan": (40, 215, 225),
 }
 
+# Dark backgrounds only: one polarity (bright shape on dark ground) is far easier for a tiny
+# ViT to learn than both; supervised accuracy after 300 steps rose from 0.60 to 0.87.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (8, 8, 8),
+    "dark grey": (38, 38, 38),
+    "navy": (12, 18, 58),
+    "dark green": (12, 48, 18),
+    "maroon": (60, 12, 14),
+    "dark purple": (44, 12, 54),
+    "dark teal": (8, 46, 48),
+    "brown": (58, 34, 10),
+}
+
 # Half-extent of the shape as a fraction of the image side; even "small" spans ~half the side.
+# (A hexagon class was dropped: at 32 px a tiny ViT confuses it with the circle.)
 SIZES: dict[str, tuple[float, float]] = {
-    "small": (0.22, 0.27),
-    "medium": (0.29, 0.34),
+    "small": (0.24, 0.28),
+    "medium": (0.30, 0.35),
     "large": (0.36, 0.43),
 }
 
 _ROWS = ("top", "", "bottom")
 _COLS = ("left", "", "right")
 _SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges at 32 px
+# How often a caption names each non-shape attribute. Colour and position are easier to see
+# than shape; when captions name them often, CLIP matches on them and learns shape late. With
+# the tiny ViT, 600 steps of batch 64: zero-shot 0.65-0.75 at 0.5, 0.88-0.94 at 0.2, 0.99 at 0.
+_MENTION_P = 0.2
 
 
 def _rotate(points: list[Point], cx: float, cy: float, angle: float) -> list[Point]:
@@ -124,7 +141,6 @@ _POLYGONS: dict[str, Callable[[float, float, float], list[Point]]] = {
         (cx, cy + r),
         (cx - 0.7 * r, cy),
     ],
-    "hexagon": lambda cx, cy, r: _regular(cx, cy, r, 6, 0.0),
     "heart": _heart,
     "arrow": _arrow,
 }
@@ -145,10 +161,6 @@ def _draw_shape(
     draw.polygon(pts, fill=fill)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     return [min(xs), min(ys), max(xs), max(ys)]
-
-
-def _luminance(rgb: tuple[int, int, int]) -> float:
-    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
 def _position_name(cx: float, cy: float) -> str:
@@ -184,9 +196,9 @@ def _article(word: str) -> str:
 def _caption(
     shape: str, colour: str, size: str, where: str, bg: str, rng: np.random.Generator
 ) -> str:
-    """A training caption that always names the shape and each other attribute only half the
-    time: the shape is then the one cue that always pays off in the contrastive loss."""
-    keep = rng.random(3) < 0.5
+    """A training caption that always names the shape and each other attribute only sometimes
+    (``_MENTION_P``): the shape is then the cue that pays off most in the contrastive loss."""
+    keep = rng.random(3) < _MENTION_P
     adjectives = [a for a, k in zip((size, colour), keep[:2], strict=True) if k]
     noun = " ".join([*adjectives, shape])
     attrs = f" ({', '.join(adjectives)})" if adjectives else ""
@@ -210,9 +222,8 @@ def render_sample(index: int, *, seed: int, image_size: int = 32) -> dict[str, A
     size = str(rng.choice(list(SIZES)))
     rgb = COLOURS[colour]
 
-    # Background: opposite brightness to the shape so the silhouette is always visible.
-    dark_bg = _luminance(rgb) > 128
-    base = rng.uniform(0, 70, 3) if dark_bg else rng.uniform(170, 255, 3)
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    base = np.clip(np.array(BACKGROUNDS[bg]) + rng.uniform(-8, 8, 3), 0, 255)
     big = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), tuple(int(v) for v in base))
     draw = ImageDraw.Draw(canvas)
@@ -224,14 +235,14 @@ def render_sample(index: int, *, seed: int, image_size: int = 32) -> dict[str, A
     box = _draw_shape(draw, shape, cx, cy, r, angle, rgb)
 
     small = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX), np.float32)
-    noisy = small + rng.normal(0.0, 10.0, small.shape)
+    noisy = small + rng.normal(0.0, 6.0, small.shape)
     image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
     box_n = [round(min(max(float(v) / big, 0.0), 1.0), 4) for v in box]
     position = _position_name(cx / big, cy / big)
     where = _position_phrase(position, rng)
-    bg = "dark" if dark_bg else "light"
-    txt = _caption(shape, colour, size, where, bg, rng)
+    # Captions say only "dark": background colour words would compete with the shape colours.
+    txt = _caption(shape, colour, size, where, "dark", rng)
     report = (
         f"The image contains a single {shape}. It is {colour} and {size}. "
         f"It is located {where}. The background is {bg} and noisy."
@@ -241,6 +252,7 @@ def render_sample(index: int, *, seed: int, image_size: int = 32) -> dict[str, A
         "colour": colour,
         "size": size,
         "position": position,
+        "background": bg,
         "summary": f"{colour} {shape}",
         "objects": [{"box": box_n, "tag": shape, "attributes": [colour, size]}],
         "report": report,

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from vlp.config import ConfigError, load_config
 
 
-
 def _train(args: argparse.Namespace) -> int:
     from launch.run import check, train
 
