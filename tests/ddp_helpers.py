@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
@@ -24,6 +25,8 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(fn(rank, world, *args), os.path.join(out_dir, f"{rank}.pt"))
+        gc.collect()  # drop DDP reducers and their gloo work before the group goes away
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -111,7 +111,9 @@ def _ddp_gradients(rank, world, n):
     loss = contrastive_loss(z, w, model.module.logit_scale.exp())
     loss.backward()
     assert all_gather_with_grad(torch.ones(1)).shape == (world,)
-    return {k: p.grad for k, p in model.module.named_parameters()}
+    grads = {k: p.grad.clone() for k, p in model.module.named_parameters()}
+    del model
+    return grads
 
 
 @pytest.mark.slow
