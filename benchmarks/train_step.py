@@ -3,8 +3,10 @@
 Both sides train the same model config from the same initial weights on the same batch (fp32,
 CPU, one process): open_clip's side is model -> ``ClipLoss`` -> backward -> AdamW step; vlp's
 side is ``Trainer.train_step`` (objective through the exact contrastive core, non-finite check,
-grad clipping, scheduler, logit-scale clamp). Rounds alternate between the two so that machine
-noise hits both alike. Prints a table and writes ``benchmarks/results/train_step.json``.
+scheduler, logit-scale clamp). Gradient clipping is off on vlp's side because the open_clip step
+has none (like for like; ``--clip`` turns it on). Rounds alternate between the two in ABBA
+order so that machine noise and warm caches favour neither side. Prints a table and writes
+``benchmarks/results/train_step.json``.
 
     .venv/bin/python benchmarks/train_step.py [--steps 5] [--rounds 3]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -67,13 +70,16 @@ def open_clip_stepper(config_path: str, state: dict, batch: dict) -> Any:
     return step
 
 
-def vlp_stepper(config_path: str, state: dict, batch: dict, out_dir: Path) -> Any:
+def vlp_stepper(
+    config_path: str, state: dict, batch: dict, out_dir: Path, grad_clip: float | None
+) -> Any:
     """A closure running one vlp ``Trainer.train_step`` (the loop's whole per-step work)."""
     model, *_ = create_model(config_path)
     model.load_state_dict(state)
     config = Config()
     config.train.out_dir = str(out_dir)
     config.optim.lr = 1e-4
+    config.optim.grad_clip = grad_clip
     trainer = Trainer(
         config,
         model,
@@ -92,7 +98,7 @@ def samples_per_second(step: Any, batch_size: int, steps: int) -> float:
     return batch_size * steps / (time.perf_counter() - started)
 
 
-def run(steps: int, rounds: int) -> list[dict[str, Any]]:
+def run(steps: int, rounds: int, grad_clip: float | None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -103,14 +109,16 @@ def run(steps: int, rounds: int) -> list[dict[str, Any]]:
             state = model.state_dict()
             sides = {
                 "open_clip": open_clip_stepper(path, state, batch),
-                "vlp": vlp_stepper(path, state, batch, folder / "run"),
+                "vlp": vlp_stepper(path, state, batch, folder / "run", grad_clip),
             }
             for step in sides.values():  # warm-up: allocator, first-call overheads
                 step()
             rates: dict[str, list[float]] = {side: [] for side in sides}
-            for _ in range(rounds):
-                for side, step in sides.items():
-                    rates[side].append(samples_per_second(step, batch_size, steps))
+            order = list(sides)
+            for _ in range(rounds):  # A B, B A, A B, ...: neither side always runs second
+                for side in order:
+                    rates[side].append(samples_per_second(sides[side], batch_size, steps))
+                order.reverse()
             median = {side: statistics.median(values) for side, values in rates.items()}
             rows.append(
                 {
@@ -138,14 +146,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
+    parser.add_argument("--clip", type=float, default=None, help="vlp-side grad-norm clipping")
     args = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init per model
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
     print(f"{'model':<24}{'batch':>6}{'open_clip/s':>14}{'vlp/s':>12}{'ratio':>10}")
-    rows = run(args.steps, args.rounds)
+    rows = run(args.steps, args.rounds, args.clip)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
-            {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+            {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "steps": args.steps,
+                "rounds": args.rounds,
+                "vlp_grad_clip": args.clip,
+                "rows": rows,
+            },
             indent=2,
         )
     )

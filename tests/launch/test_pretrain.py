@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -94,8 +95,10 @@ def test_two_process_run_then_resume(shards, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "resumed from" in log and "at step 3" in log
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    # the resumed schedule follows the new train.steps=5 (cosine over 5 steps, not stuck at 0)
+    assert records[3]["train/lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.75)))
     assert _state(out / "checkpoints" / "step_00000005")["step"] == 5
     assert (out / "config.yaml").is_file() and (out / "plots" / "loss_curve.png").is_file()
     assert any((out / "tensorboard").rglob("events.out.tfevents*"))

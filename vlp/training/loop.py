@@ -333,7 +333,11 @@ class Trainer:
             )
         acc.unwrap_model(self.model).load_state_dict(load_file(str(path / "model.safetensors")))
         self.optimizer.load_state_dict(ckpt.load_state_parts(path, "optimizer"))
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
+        # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
+        scheduler_state = state["scheduler"]
+        scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("lr_lambdas", [None]))
+        self.scheduler.load_state_dict(scheduler_state)
         ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
         self.step = self._saved_step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_steps"])
