@@ -69,14 +69,19 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         root.addHandler(file)
 
 
+def shard_urls(urls: str, what: str) -> list[str]:
+    """Expanded shard URLs, or a StartupError naming which shards (``what``) are missing."""
+    try:
+        return expand_urls(urls)
+    except FileNotFoundError as error:
+        raise StartupError(f"{what} shards not found: {error}") from None
+
+
 def check_data(config: Config, required: frozenset[str]) -> list[str]:
     """Expand the shard URLs and check that the first shard carries the objective's fields."""
     if not config.data.train_shards:
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
-    try:
-        urls = expand_urls(config.data.train_shards)
-    except FileNotFoundError as error:
-        raise StartupError(f"training shards not found: {error}") from None
+    urls = shard_urls(config.data.train_shards, "training")
     try:
         missing = missing_fields(urls[0], required)
     except ValueError as error:
@@ -117,11 +122,7 @@ def build_evaluators(
         return []
     if not config.eval.classnames:
         raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
-    try:
-        urls = expand_urls(config.eval.zeroshot_shards)
-    except FileNotFoundError as error:
-        raise StartupError(f"eval shards not found: {error}") from None
-    dataset = load_labelled_shards(urls, preprocess_val)
+    dataset = load_labelled_shards(shard_urls(config.eval.zeroshot_shards, "eval"), preprocess_val)
     return [
         HeldoutEvaluator(
             "heldout",
