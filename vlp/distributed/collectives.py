@@ -1,20 +1,28 @@
-"""The only place vlp calls torch.distributed collectives: rank helpers and autograd gathers.
+"""The only place vlp calls torch.distributed: rank helpers, counted collectives, the ring shift.
 
 Features are gathered with autograd so that each rank's loss sends gradients back to the rank
 that owns the features. ``accelerator.gather`` does not carry gradients and must not be used for
 features. The backward of a gather is a SUM over ranks (not a mean): DDP then averages parameter
 gradients over ranks, which together gives exactly the full-batch gradient (open_clip#616,
 lightly#1977 are the 1/N bugs this avoids).
+
+Every collective here adds the bytes this rank sends to a per-process counter
+(:func:`bytes_sent`), so that tests and benchmarks can show what a loss communicates. The count is
+the payload a bandwidth-optimal algorithm sends: (G−1)·n for an all-gather of n local bytes,
+2·(G−1)/G·n for an all-reduce of n bytes, n for a point-to-point send.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; Any keeps mypy quiet across torch versions
+
+_bytes_sent = 0
 
 
 def is_distributed() -> bool:
@@ -36,6 +44,48 @@ def rank(group: ProcessGroup | None = None) -> int:
     return dist.get_rank(group)
 
 
+def bytes_sent() -> int:
+    """Bytes this process has sent through vlp's collectives since the last reset."""
+    return _bytes_sent
+
+
+def reset_bytes_sent() -> None:
+    """Start counting :func:`bytes_sent` from zero."""
+    global _bytes_sent
+    _bytes_sent = 0
+
+
+def _count(nbytes: float) -> None:
+    global _bytes_sent
+    _bytes_sent += round(nbytes)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def all_gather(tensor: torch.Tensor, group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), without autograd; counted."""
+    size = world_size(group)
+    if size == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    _count((size - 1) * _nbytes(tensor))
+    return parts
+
+
+def all_reduce_(
+    tensor: torch.Tensor, op: Any = None, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """In-place all-reduce (SUM unless ``op``), without autograd; counted. Returns ``tensor``."""
+    size = world_size(group)
+    if size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+        _count(2 * (size - 1) / size * _nbytes(tensor))
+    return tensor
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums the gradients of every rank's loss."""
 
@@ -43,15 +93,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         ctx.rows = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        return torch.cat(all_gather(tensor, group), dim=0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = dist.get_rank(ctx.group) * ctx.rows
+        grad = all_reduce_(grad.contiguous(), group=ctx.group)
+        start = rank(ctx.group) * ctx.rows
         return grad[start : start + ctx.rows], None
 
 
@@ -67,8 +114,40 @@ def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup | None = None
 
 def all_reduce_mean(value: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Mean of a (detached) tensor over the ranks of ``group``; for logging and stop flags."""
-    value = value.detach().clone()
-    if world_size(group) > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        value /= world_size(group)
-    return value
+    value = all_reduce_(value.detach().clone(), group=group)
+    return value / world_size(group)
+
+
+class RingShift:
+    """Point-to-point exchange around ``group``: send to the next rank, receive from the previous.
+
+    Passing chunks around the ring lets every rank see every rank's columns while holding only
+    one chunk at a time (Inf-CL): memory O(b·d) instead of the O(B·d) of an all-gather, with
+    the same bytes sent per rank.
+    """
+
+    def __init__(self, group: ProcessGroup | None = None):
+        self.group = group
+        self.size = world_size(group)
+        self.rank = rank(group)
+
+    def start(self, tensors: Sequence[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        """Begin the exchange of ``tensors``; the returned function waits and gives what arrived."""
+        if self.size == 1:
+            kept = list(tensors)
+            return lambda: kept
+        received = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for sent, into in zip(tensors, received, strict=True):
+            next_rank, previous_rank = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+            ops.append(dist.P2POp(dist.isend, sent, group=self.group, group_peer=next_rank))
+            ops.append(dist.P2POp(dist.irecv, into, group=self.group, group_peer=previous_rank))
+            _count(_nbytes(sent))
+        works = dist.batch_isend_irecv(ops)
+
+        def wait() -> list[torch.Tensor]:
+            for work in works:
+                work.wait()
+            return received
+
+        return wait

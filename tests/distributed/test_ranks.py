@@ -1,0 +1,180 @@
+"""The losses on 2 and 4 gloo processes: exact against the float64 reference per group.
+
+With G ranks per group, group q's ranks together hold rows [qGb, (q+1)Gb) of the global batch.
+The mean of its ranks' losses must equal the reference loss of that slice; each rank's feature
+gradient (the sum of the group's losses' gradients) divided by G must equal the reference's; the
+scale/bias gradients summed over the group's ranks divided by G likewise (DDP averages them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.ddp_helpers import run_on_ranks
+from tests.distributed.references import infonce_reference, sigmoid_reference, unit_features
+from vlp.distributed import (
+    NonFiniteFeaturesError,
+    bytes_sent,
+    contrastive_group,
+    contrastive_loss,
+    reset_bytes_sent,
+    sigmoid_loss,
+)
+
+ROWS = 5  # per rank; tile 3 does not divide it, tile 5 does
+CASES = [
+    {"loss": "infonce", "tile": None, "weights": (0.5, 0.5), "alpha": 0.0},
+    {"loss": "infonce", "tile": 3, "weights": (0.75, 0.25), "alpha": 0.2},
+    {"loss": "infonce", "tile": 5, "weights": (1.0, 0.3), "alpha": 0.1},
+    {"loss": "sigmoid", "tile": None},
+    {"loss": "sigmoid", "tile": 3},
+]
+
+
+def _scalars():
+    return torch.tensor(7.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+
+
+def _loss(case, z, w, s, bias, group=None):
+    if case["loss"] == "infonce":
+        return contrastive_loss(
+            z, w, s, weights=case["weights"], smoothing=case["alpha"], group=group,
+            tile_size=case["tile"],
+        )  # fmt: skip
+    return sigmoid_loss(z, w, s, bias, group=group, tile_size=case["tile"])
+
+
+def _reference(case, z, w, s, bias):
+    if case["loss"] == "infonce":
+        return infonce_reference(z, w, s, case["weights"], case["alpha"])
+    return sigmoid_reference(z, w, s, bias)
+
+
+def _group_sizes(world):
+    return sorted({1, 2, world})
+
+
+def _run_cases(rank, world):
+    z, w = unit_features(ROWS * world)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    results = {}
+    for group_size in _group_sizes(world):
+        group = contrastive_group(group_size)
+        for index, case in enumerate(CASES):
+            leaves = [t.clone().requires_grad_() for t in (z[mine], w[mine], *_scalars())]
+            reset_bytes_sent()
+            loss = _loss(case, *leaves, group=group)
+            loss.backward()
+            results[group_size, index] = {
+                "loss": loss.detach(),
+                "grads": [t.grad for t in leaves if t.grad is not None],
+                "bytes": bytes_sent(),
+            }
+    return results
+
+
+def _check_against_reference(world):
+    per_rank = run_on_ranks(_run_cases, world)
+    z, w = unit_features(ROWS * world)
+    for group_size in _group_sizes(world):
+        for index, case in enumerate(CASES):
+            for first in range(0, world, group_size):
+                ranks = [per_rank[r][group_size, index] for r in range(first, first + group_size)]
+                rows = slice(first * ROWS, (first + group_size) * ROWS)
+                leaves = [t.clone().requires_grad_() for t in (z[rows], w[rows], *_scalars())]
+                ref = _reference(case, *leaves)
+                ref.backward()
+                got = torch.stack([r["loss"] for r in ranks]).mean()
+                torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=1e-12)
+                for k in range(2):  # features: concatenate the ranks' rows
+                    ours = torch.cat([r["grads"][k] for r in ranks]) / group_size
+                    torch.testing.assert_close(ours, leaves[k].grad, rtol=1e-10, atol=1e-12)
+                for k, leaf in enumerate(leaves[2:], start=2):  # scale, bias: DDP averages
+                    if leaf.grad is None:
+                        continue
+                    ours = torch.stack([r["grads"][k] for r in ranks]).sum() / group_size
+                    torch.testing.assert_close(ours, leaf.grad, rtol=1e-10, atol=1e-12)
+    return per_rank
+
+
+def _feature_bytes(group_size, dtype_bytes=8, d=12):
+    """Ring payload: the texts go around once in the forward and once in the backward
+    (G−1 hops each) and their gradient visits all G ranks."""
+    return (3 * group_size - 2) * ROWS * d * dtype_bytes if group_size > 1 else 0
+
+
+def _small_bytes(case, group_size, dtype_bytes=8, d=12):
+    """O(M + d) numbers besides the features: the shape check (3 integers), and for InfoNCE the
+    column log-sum-exp (two all-reduces of M), the gradient scalars and the smoothing sums."""
+    hops = group_size - 1
+    total = 3 * 8 * hops
+    if case["loss"] == "infonce":
+        total += 2 * 2 * hops * ROWS * dtype_bytes + hops * dtype_bytes
+        if case["alpha"]:
+            total += 2 * hops * 2 * d * dtype_bytes // group_size
+    return total
+
+
+@pytest.mark.slow
+def test_two_ranks_every_group_size():
+    per_rank = _check_against_reference(2)
+    assert per_rank[0][1, 0]["bytes"] == 0  # G = 1: nothing leaves the rank
+
+
+@pytest.mark.slow
+def test_four_ranks_every_group_size_and_bytes_scale_with_the_group():
+    four = _check_against_reference(4)
+    for index, case in enumerate(CASES):
+        counted = {g: four[0][g, index]["bytes"] for g in (1, 2, 4)}
+        assert counted[1] == 0
+        for g in (2, 4):
+            assert counted[g] == _feature_bytes(g) + _small_bytes(case, g), (case, counted)
+        assert counted[2] < 0.5 * counted[4]
+
+
+def _bytes_for_group_of_two(rank, world):
+    z, w = unit_features(ROWS * world)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    leaves = [t.clone().requires_grad_() for t in (z[mine], w[mine], _scalars()[0])]
+    reset_bytes_sent()
+    contrastive_loss(*leaves, group=contrastive_group(2)).backward()
+    return bytes_sent()
+
+
+@pytest.mark.slow
+def test_bytes_per_rank_do_not_grow_with_the_world_size():
+    """G = 2 in a world of 2 and in a world of 4: every rank sends the same bytes."""
+    two = run_on_ranks(_bytes_for_group_of_two, 2)
+    four = run_on_ranks(_bytes_for_group_of_two, 4)
+    assert len(set(two + four)) == 1 and two[0] > 0
+
+
+def _bad_inputs(rank, world):
+    z, w = unit_features(4 * world)
+    messages = {}
+    rows = 4 + rank  # rank 1 passes one row more: every rank must refuse, none may hang
+    try:
+        contrastive_loss(z[:rows], w[:rows], 1.0)
+    except ValueError as error:
+        messages["shape"] = str(error)
+    bad = z[:4].clone()
+    if rank == 1:
+        bad[2, 3] = float("nan")
+    try:
+        sigmoid_loss(bad, w[:4], 1.0, 0.0)
+    except NonFiniteFeaturesError as error:
+        messages["nan"] = str(error)
+    try:
+        contrastive_group(3)
+    except ValueError as error:
+        messages["group"] = str(error)
+    return messages
+
+
+@pytest.mark.slow
+def test_bad_inputs_fail_on_every_rank_with_the_sizes():
+    for messages in run_on_ranks(_bad_inputs, 2):
+        assert "rank 0: [4, 12], rank 1: [5, 12]" in messages["shape"]
+        assert "rank(s) [1]" in messages["nan"]
+        assert "group_size=3" in messages["group"] and "world size 2" in messages["group"]
