@@ -24,6 +24,7 @@ from evals.datasets import load_labelled_shards
 from evals.heldout import HeldoutEvaluator
 from evals.plots import plot_loss_curve
 from vlp.config import Config
+from vlp.distributed import contrastive_group
 from vlp.models import create_model, model_config, preprocess_config
 from vlp.objectives import create_objective, objective_class
 from vlp.training import Trainer, TrainResult, create_accelerator
@@ -103,12 +104,14 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
             lock_image=config.model.lock_image,
             lock_text=config.model.lock_text,
             tokenizer=config.model.tokenizer,
+            model_kwargs=objective_class(config.objective.name).model_kwargs,
         )
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise StartupError(f"model.name='{config.model.name}': {error}") from None
     info = {
         "model_name": config.model.name,
-        "model_cfg": model_config(config.model.name),
+        "model_cfg": model_config(config.model.name)
+        | objective_class(config.objective.name).model_kwargs,
         "preprocess_cfg": preprocess_config(model),
     }
     return model, preprocess_train, preprocess_val, tokenizer, info
@@ -165,6 +168,10 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     out_dir = Path(run_config.train.out_dir)
     accelerator = create_accelerator(out_dir, log_with=None if check else "tensorboard")
     setup_logging(out_dir, accelerator.is_main_process)
+    try:
+        contrastive_group(config.train.group_size)  # made once here, reused by the trainer
+    except ValueError as error:
+        raise StartupError(str(error)) from None
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)

@@ -85,6 +85,13 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     accum_steps: int = 1
+    """Micro-batches of ``data.batch_size`` per optimizer step, accumulated exactly (GradCache):
+    the contrastive loss sees all k·b samples of every rank, as one k times larger batch."""
+    group_size: int | None = None
+    """Ranks per contrastive group (M2-Encoder grouped aggregation); None = all ranks, the exact
+    full-batch loss. Smaller groups keep features inside a group (e.g. a node)."""
+    tile_size: int | None = None
+    """Rows/columns per tile of the tiled contrastive core (None = 1024)."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None
@@ -228,6 +235,14 @@ def validate_config(config: Config) -> None:
         (config.data.workers >= 0, "data.workers must be >= 0"),
         (config.train.steps > 0, "train.steps must be > 0"),
         (config.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+        (
+            config.train.group_size is None or config.train.group_size >= 1,
+            "train.group_size must be >= 1 (or null for all ranks)",
+        ),
+        (
+            config.train.tile_size is None or config.train.tile_size >= 1,
+            "train.tile_size must be >= 1 (or null for the default)",
+        ),
         (config.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
         (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
@@ -236,9 +251,3 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if config.train.accum_steps > 1:
-        raise ConfigError(
-            "train.accum_steps > 1 is not supported yet: plain gradient accumulation would "
-            "silently shrink the contrastive negatives to one micro-batch, and exact (GradCache) "
-            "accumulation is not built yet; raise data.batch_size or add processes instead"
-        )

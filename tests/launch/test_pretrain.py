@@ -140,7 +140,8 @@ def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
         ("model.name=ViT-Q-99", "unknown model 'ViT-Q-99'"),
         ("objective.name=clipp", "unknown objective 'clipp'"),
         ("train.stepz=3", "unknown config key 'train.stepz'"),
-        ("train.accum_steps=2", "accum_steps"),
+        ("train.accum_steps=0", "accum_steps"),
+        ("train.group_size=2", "train.group_size=2 must be a positive divisor of the world size 1"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(shards, tmp_path, capsys, override, message):

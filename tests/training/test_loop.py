@@ -51,3 +51,15 @@ def test_a_finite_step_updates_and_clamps_the_scale(tmp_path):
     parts, _ = trainer.train_step(_batch(tokenizer))
     assert parts is not None and trainer.step == 1
     assert float(trainer.model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_accumulated_micro_batches_make_one_step(tmp_path):
+    """accum_steps=2: two micro-batches, one optimizer step, sample count of both."""
+    trainer, tokenizer = _trainer(tmp_path, accum_steps=2)
+    assert trainer.global_batch == 2 * trainer.config.data.batch_size
+    before = trainer.model.logit_scale.detach().clone()
+    parts, _ = trainer.train_step([_batch(tokenizer), _batch(tokenizer)])
+    assert parts is not None and trainer.step == 1 and "contrastive_loss" in parts
+    assert not torch.equal(trainer.model.logit_scale.detach(), before)
+    parts, _ = trainer.train_step([_batch(tokenizer), _batch(tokenizer, float("nan"))])
+    assert parts is None and trainer.step == 1 and trainer.nonfinite_total == 1

@@ -69,8 +69,8 @@ class _InfoNCE(torch.autograd.Function):
         col_loss = col_lse[own] - keep * s * positive
         if smoothing:  # −off·Σ_j log p_ij needs the sum of every score in the row / column
             sums = all_reduce_(torch.cat([own_texts.sum(0), rows.sum(0)]), group=group)
-            row_loss = row_loss - off * s * (rows @ sums[: rows.shape[1]])
-            col_loss = col_loss - off * s * (own_texts @ sums[rows.shape[1] :])
+            row_loss = row_loss - off * s * (rows * sums[: rows.shape[1]]).sum(dim=-1)
+            col_loss = col_loss - off * s * (own_texts * sums[rows.shape[1] :]).sum(dim=-1)
         ctx.save_for_backward(image, text, scale, row_lse, col_lse)
         ctx.args = (weights, off, keep, group, tile)
         return (weights[0] * row_loss.sum() + weights[1] * col_loss.sum()) / b

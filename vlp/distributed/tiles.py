@@ -32,6 +32,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _exact(like: torch.Tensor) -> torch.autocast:
+    """Autocast off: the tiles are computed in the compute dtype even inside mixed precision."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 def _tiles(length: int, tile: int) -> Iterator[slice]:
     for start in range(0, length, tile):
         yield slice(start, min(start + tile, length))
@@ -45,15 +50,16 @@ def ring_forward(
     ``rows`` is in the compute dtype; ``columns`` (this rank's chunk) travels in its own dtype.
     """
     chunk = columns
-    for step in range(ring.size):
-        owner = (ring.rank - step) % ring.size
-        arriving = ring.start([chunk]) if step < ring.size - 1 else None
-        work = chunk.to(rows.dtype)
-        for cs in _tiles(work.shape[0], tile):
-            for rs in _tiles(rows.shape[0], tile):
-                visit(owner, rs, cs, rows[rs] @ work[cs].T)
-        if arriving is not None:
-            chunk = arriving()[0]
+    with _exact(rows):
+        for step in range(ring.size):
+            owner = (ring.rank - step) % ring.size
+            arriving = ring.start([chunk]) if step < ring.size - 1 else None
+            work = chunk.to(rows.dtype)
+            for cs in _tiles(work.shape[0], tile):
+                for rs in _tiles(rows.shape[0], tile):
+                    visit(owner, rs, cs, rows[rs] @ work[cs].T)
+            if arriving is not None:
+                chunk = arriving()[0]
 
 
 def ring_backward(
@@ -67,16 +73,17 @@ def ring_backward(
     d_rows = torch.zeros_like(rows)
     chunk = columns
     d_chunk = torch.zeros(columns.shape, dtype=rows.dtype, device=rows.device)
-    for step in range(ring.size):
-        owner = (ring.rank - step) % ring.size
-        arriving = ring.start([chunk]) if step < ring.size - 1 else None
-        work = chunk.to(rows.dtype)
-        for cs in _tiles(work.shape[0], tile):
-            for rs in _tiles(rows.shape[0], tile):
-                d_raw = grad(owner, rs, cs, rows[rs] @ work[cs].T)
-                d_rows[rs] += d_raw @ work[cs]
-                d_chunk[cs] += d_raw.T @ rows[rs]
-        d_chunk = ring.start([d_chunk])()[0]
-        if arriving is not None:
-            chunk = arriving()[0]
+    with _exact(rows):
+        for step in range(ring.size):
+            owner = (ring.rank - step) % ring.size
+            arriving = ring.start([chunk]) if step < ring.size - 1 else None
+            work = chunk.to(rows.dtype)
+            for cs in _tiles(work.shape[0], tile):
+                for rs in _tiles(rows.shape[0], tile):
+                    d_raw = grad(owner, rs, cs, rows[rs] @ work[cs].T)
+                    d_rows[rs] += d_raw @ work[cs]
+                    d_chunk[cs] += d_raw.T @ rows[rs]
+            d_chunk = ring.start([d_chunk])()[0]
+            if arriving is not None:
+                chunk = arriving()[0]
     return d_rows, d_chunk

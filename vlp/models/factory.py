@@ -68,6 +68,7 @@ def create_model(
     lock_text: bool = False,
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], Callable[..., torch.Tensor], Any]:
     """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` from an open_clip name.
 
@@ -75,11 +76,14 @@ def create_model(
     ``logit_bias`` for SigLIP models), the contract every objective relies on. ``pretrained`` is
     an open_clip tag (needs a network once) or a local weights file (works offline).
     ``tokenizer`` is a local SentencePiece ``.model`` file replacing open_clip's tokenizer.
+    ``model_kwargs`` override the model config (an objective's needs, e.g. SigLIP's
+    ``init_logit_bias``); record them with the config (``model_config(...) | model_kwargs``).
     """
     name = resolve_model_name(name_or_config)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, device=device, output_dict=True
-    )
+        name, pretrained=pretrained or None, device=device, output_dict=True,
+        **(model_kwargs or {}),
+    )  # fmt: skip
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:

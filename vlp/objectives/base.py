@@ -8,10 +8,12 @@ returned key that ends in ``_loss`` and logs every key.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from vlp.distributed.collectives import ProcessGroup
 
 Tensors = dict[str, torch.Tensor]
 
@@ -21,6 +23,15 @@ class Objective(nn.Module):
 
     requires: ClassVar[frozenset[str]] = frozenset({"txt"})
     """Sample fields the objective needs from the dataset (checked at start-up)."""
+
+    model_kwargs: ClassVar[dict[str, Any]] = {}
+    """open_clip model-constructor overrides the objective needs (SigLIP: a logit bias)."""
+
+    group: ProcessGroup | None = None
+    """Process group whose batch gives the negatives; set by the trainer (``train.group_size``)."""
+
+    tile_size: int | None = None
+    """Tile of the contrastive core; set by the trainer (``train.tile_size``)."""
 
     def batch_loss(self, features: Tensors) -> Tensors:
         """Losses that couple samples, from this rank's local embeddings."""

@@ -40,5 +40,7 @@ class ClipObjective(Objective):
             features["logit_scale"],
             weights=self.weights,
             smoothing=self.smoothing,
+            group=self.group,
+            tile_size=self.tile_size,
         )
         return {"contrastive_loss": loss}

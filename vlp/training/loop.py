@@ -25,9 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlp.config import Config, validate_config
-from vlp.distributed import all_reduce_mean
+from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive_group
 from vlp.objectives import Objective, total_loss
 from vlp.training import checkpoint as ckpt
+from vlp.training.gradcache import cached_batch_loss, replay_backward
 from vlp.training.optim import create_optimizer, create_scheduler
 from vlp.training.provenance import provenance
 
@@ -116,7 +117,11 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             model, optimizer, scheduler
         )
-        self.global_batch = config.data.batch_size * accelerator.num_processes
+        self.global_batch = (
+            config.data.batch_size * config.train.accum_steps * accelerator.num_processes
+        )
+        self.objective.group = contrastive_group(config.train.group_size)
+        self.objective.tile_size = config.train.tile_size
         self.step = 0
         self.nonfinite_total = 0
         self._consecutive_nonfinite = 0
@@ -135,8 +140,10 @@ class Trainer:
                 self.load_checkpoint(path)
         self._prepare_run_dir()
         logger.info(
-            "training %d steps from step %d: %d processes x batch %d = global batch %d",
-            cfg.train.steps, self.step, acc.num_processes, cfg.data.batch_size, self.global_batch,
+            "training %d steps from step %d: %d processes x %d micro-batches x batch %d = global "
+            "batch %d (contrastive groups of %s ranks)", cfg.train.steps, self.step,
+            acc.num_processes, cfg.train.accum_steps, cfg.data.batch_size, self.global_batch,
+            cfg.train.group_size or acc.num_processes,
         )  # fmt: skip
         batches: Iterator[dict[str, Any]] = iter(self.make_batches(self.step))
         bar = tqdm(
@@ -181,37 +188,73 @@ class Trainer:
         )
 
     def train_step(
-        self, batch: dict[str, Any], stop_requested: bool = False
+        self, batch: dict[str, Any] | list[dict[str, Any]], stop_requested: bool = False
     ) -> tuple[dict[str, torch.Tensor] | None, bool]:
-        """One optimizer step on a batch already on the device.
+        """One optimizer step on a batch (or ``train.accum_steps`` micro-batches) on the device.
 
         Returns the loss parts (None when the step was skipped because some rank's loss was not
         finite) and whether any rank asked to stop. The two flags travel in one all-reduce so
-        that every rank takes the same branch and collectives stay paired.
+        that every rank takes the same branch and collectives stay paired. With several
+        micro-batches the gradient is accumulated exactly (:mod:`vlp.training.gradcache`).
         """
-        loss, parts = self._forward(batch)
+        micro_batches = batch if isinstance(batch, list) else [batch]
+        self.model.train()
+        cached = None
+        try:
+            if len(micro_batches) == 1:
+                loss, parts = self._forward(micro_batches[0])
+            else:
+                cached = cached_batch_loss(
+                    self.model, self.objective, micro_batches,
+                    autocast=self.accelerator.autocast, device=self.accelerator.device,
+                )  # fmt: skip
+                loss, parts = cached.loss, {**cached.parts, **cached.shared}
+        except NonFiniteFeaturesError as error:  # raised on every rank of the group alike
+            logger.warning("%s", error)
+            loss, parts = torch.tensor(float("nan")), {}
         flags = all_reduce_mean(
             torch.tensor([float(not torch.isfinite(loss)), float(stop_requested)])
         )
         stop = bool(flags[1] > 0)
         if flags[0] > 0:
-            self.nonfinite_total += 1
-            self._consecutive_nonfinite += 1
-            logger.warning("non-finite loss at step %d; step skipped", self.step)
-            if self._consecutive_nonfinite > self.config.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{self._consecutive_nonfinite} non-finite losses in a row at step "
-                    f"{self.step}; lower optim.lr or check the data"
-                )
+            self._skip_nonfinite()
             return None, stop
+        if cached is None:
+            self.accelerator.backward(loss)
+        else:
+            sample_parts = replay_backward(
+                self.model, self.objective, micro_batches, cached,
+                backward=self.accelerator.backward, no_sync=self.accelerator.no_sync,
+                autocast=self.accelerator.autocast, device=self.accelerator.device,
+            )  # fmt: skip
+            parts.update(sample_parts)
+            finite = all(bool(torch.isfinite(v).all()) for v in sample_parts.values())
+            if sample_parts and all_reduce_mean(torch.tensor([float(not finite)]))[0] > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._skip_nonfinite()
+                return None, stop
         self._consecutive_nonfinite = 0
-        self._backward_and_step(loss)
+        self._optimizer_step()
         self.step += 1
         return parts, stop
 
-    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self._consecutive_nonfinite += 1
+        logger.warning("non-finite loss at step %d; step skipped", self.step)
+        if self._consecutive_nonfinite > self.config.train.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._consecutive_nonfinite} non-finite losses in a row at step "
+                f"{self.step}; lower optim.lr or check the data"
+            )
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The next ``train.accum_steps`` micro-batches, on the device."""
         try:
-            return _to_device(next(batches), self.accelerator.device)
+            return [
+                _to_device(next(batches), self.accelerator.device)
+                for _ in range(self.config.train.accum_steps)
+            ]
         except StopIteration:
             raise RuntimeError(
                 f"the training stream ended at step {self.step} before train.steps="
@@ -219,7 +262,6 @@ class Trainer:
             ) from None
 
     def _forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.model.train()
         with self.accelerator.autocast():
             outputs = self.model(image=batch["image"], text=batch["text"])
             parts = self.objective(outputs, batch)
@@ -227,8 +269,7 @@ class Trainer:
         parts = {**parts, "logit_scale": outputs["logit_scale"].detach()}
         return loss, parts
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def _optimizer_step(self) -> None:
         if self.config.optim.grad_clip:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()

@@ -1,0 +1,186 @@
+"""Exact gradient accumulation (GradCache): k micro-batches give one k times larger batch."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.ddp_helpers import run_on_ranks
+from vlp.objectives import Objective, create_objective, total_loss
+from vlp.training.gradcache import cached_batch_loss, replay_backward
+
+CPU = torch.device("cpu")
+
+
+class TinyClip(nn.Module):
+    """A CLIP-shaped float64 model: two small towers (LayerNorm, optional dropout), s and β."""
+
+    def __init__(self, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Sequential(
+            nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Dropout(dropout), nn.Linear(8, 4)
+        ).double()
+        self.text = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 4))
+        self.text.double()
+        self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        self.logit_bias = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64)) if bias else None
+
+    def forward(self, image, text):
+        outputs = {
+            "image_features": F.normalize(self.image(image), dim=-1),
+            "text_features": F.normalize(self.text(text), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if self.logit_bias is not None:
+            outputs["logit_bias"] = self.logit_bias
+        return outputs
+
+
+class ClipWithSampleTerm(Objective):
+    """CLIP plus a per-sample term, so that both halves of the objective are exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip = create_objective("clip", weights=(0.75, 0.25), smoothing=0.1)
+
+    def batch_loss(self, features):
+        return self.clip.batch_loss(features)
+
+    def sample_loss(self, outputs, batch):
+        return {"norm_loss": (outputs["image_features"][:, 0] ** 2).mean()}
+
+
+OBJECTIVES = {
+    "clip": lambda: create_objective("clip"),
+    "clip+sample": ClipWithSampleTerm,
+    "siglip": lambda: create_objective("siglip"),
+}
+
+
+def _batch(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return {"image": image, "text": torch.randn(n, 5, generator=g, dtype=torch.float64)}
+
+
+def _split(batch, k):
+    return [
+        dict(zip(batch, parts, strict=True))
+        for parts in zip(*(v.chunk(k) for v in batch.values()), strict=True)
+    ]
+
+
+def _no_sync(model):
+    return (
+        model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
+    )
+
+
+def accumulate(model, objective, micro_batches):
+    """GradCache's two phases, as the trainer calls them."""
+    cached = cached_batch_loss(model, objective, micro_batches, autocast=nullcontext, device=CPU)
+    replay_backward(
+        model, objective, micro_batches, cached,
+        backward=torch.Tensor.backward, no_sync=_no_sync, autocast=nullcontext, device=CPU,
+    )  # fmt: skip
+    return cached.loss
+
+
+def _grads(model):
+    module = getattr(model, "module", model)
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_four_micro_batches_equal_one_batch_four_times_larger(name):
+    batch = _batch(16)
+    big, small = TinyClip(), TinyClip()
+    objective = OBJECTIVES[name]()
+    reference = total_loss(objective(big(**batch), batch))
+    reference.backward()
+    loss = accumulate(small, objective, _split(batch, 4))
+    if name != "clip+sample":  # the sample term is not part of the cached batch loss
+        torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    expected = _grads(big)
+    for key, grad in _grads(small).items():
+        torch.testing.assert_close(grad, expected[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert "logit_scale" in expected and ("logit_bias" in expected) == (name == "siglip")
+
+
+def test_dropout_masks_are_replayed():
+    """With dropout, GradCache equals k separate forwards (the same masks, drawn in order) kept
+    in one graph with the loss on their concatenation; a 4b forward would draw other masks."""
+    batch = _batch(16)
+    micro = _split(batch, 4)
+    objective = ClipWithSampleTerm()
+    reference_model, model = TinyClip(dropout=0.3), TinyClip(dropout=0.3)
+    torch.manual_seed(123)
+    outputs = [reference_model(**m) for m in micro]
+    joined = {k: torch.cat([o[k] for o in outputs]) for k in ("image_features", "text_features")}
+    joined |= {k: outputs[0][k] for k in ("logit_scale", "logit_bias")}
+    sample = torch.stack(
+        [objective.sample_loss(o, m)["norm_loss"] for o, m in zip(outputs, micro, strict=True)]
+    )
+    (total_loss(objective.batch_loss(joined)) + sample.mean()).backward()
+    torch.manual_seed(123)
+    accumulate(model, objective, micro)
+    expected = _grads(reference_model)
+    for key, grad in _grads(model).items():
+        torch.testing.assert_close(grad, expected[key], rtol=1e-10, atol=1e-12, msg=key)
+    # After the replay the RNG is where k plain forwards would have left it.
+    after_reference = torch.rand(8)
+    torch.manual_seed(123)
+    for m in micro:
+        model(**m)
+    torch.testing.assert_close(torch.rand(8), after_reference)
+
+
+def _ddp_accumulation(rank, world, steps):
+    """Rank r holds rows [r·4b, (r+1)·4b) of the global batch as 4 micro-batches of b."""
+    model = nn.parallel.DistributedDataParallel(TinyClip(bias=False))  # DDP: every param used
+    objective = ClipWithSampleTerm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    per_rank = 16 // world
+    grads, params = None, []
+    for step in range(steps):
+        batch = _batch(16, seed=step)
+        mine = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+        accumulate(model, objective, _split(mine, 4))
+        if step == 0:
+            grads = _grads(model)
+        optimizer.step()
+        optimizer.zero_grad()
+    params = {k: v.detach().clone() for k, v in model.module.named_parameters()}
+    del model
+    return {"grads": grads, "params": params}
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_match_one_process_full_batch():
+    """(b, k=4) on 2 DDP ranks = (8b, k=1) on one process: gradients, and parameters after 3
+    SGD steps, in float64."""
+    steps = 3
+    ranks = run_on_ranks(_ddp_accumulation, 2, steps)
+    model, objective = TinyClip(bias=False), ClipWithSampleTerm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(steps):
+        batch = _batch(16, seed=step)
+        total_loss(objective(model(**batch), batch)).backward()
+        if step == 0:
+            for result in ranks:
+                for key, grad in result["grads"].items():
+                    torch.testing.assert_close(
+                        grad, dict(model.named_parameters())[key].grad, rtol=1e-10, atol=1e-12
+                    )
+        optimizer.step()
+        optimizer.zero_grad()
+    for result in ranks:
+        for key, value in model.named_parameters():
+            torch.testing.assert_close(
+                result["params"][key], value.detach(), rtol=1e-10, atol=1e-12
+            )
