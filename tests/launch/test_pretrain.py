@@ -105,6 +105,25 @@ def test_two_process_run_then_resume(shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective):
+    """accelerate + DDP + GradCache (accelerator.no_sync) + contrastive groups, end to end."""
+    out = tmp_path / "run"
+    extra = {"train.steps": 2, "train.accum_steps": 2, "train.group_size": 1}
+    done = _accelerate(_overrides(shards, out, **extra, **{"objective.name": objective}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "provenance.json").read_text())["global_batch"] == 2 * 2 * 8
+    assert "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 ranks)" in (
+        out / "train.log"
+    ).read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+    model_cfg = json.loads((out / "checkpoints" / "step_00000002" / "model_config.json").read_text())
+    assert ("init_logit_bias" in json.dumps(model_cfg)) == (objective == "siglip")
+
+
+@pytest.mark.slow
 def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     command = [
