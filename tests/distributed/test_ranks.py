@@ -29,6 +29,10 @@ CASES = [
     {"loss": "infonce", "tile": 5, "weights": (1.0, 0.3), "alpha": 0.1},
     {"loss": "sigmoid", "tile": None},
     {"loss": "sigmoid", "tile": 3},
+    # bf16 features: computed in float32, so the loss matches the float64 reference on the same
+    # bf16 values to 1e-5 and the (bf16) gradients to bf16 rounding, 2⁻⁷ of the largest entry.
+    {"loss": "infonce", "tile": 3, "weights": (0.75, 0.25), "alpha": 0.2, "bf16": True},
+    {"loss": "sigmoid", "tile": 3, "bf16": True},
 ]
 
 
@@ -51,17 +55,28 @@ def _reference(case, z, w, s, bias):
     return sigmoid_reference(z, w, s, bias)
 
 
+def _inputs(case, world):
+    z, w = unit_features(ROWS * world)
+    if case.get("bf16"):  # the reference sees exactly the values the bf16 run sees
+        return z.to(torch.bfloat16), w.to(torch.bfloat16)
+    return z, w
+
+
+def _tolerances(case):
+    return (1e-5, 1e-5, 2**-7) if case.get("bf16") else (1e-12, 1e-12, 1e-10)
+
+
 def _group_sizes(world):
     return sorted({1, 2, world})
 
 
 def _run_cases(rank, world):
-    z, w = unit_features(ROWS * world)
     mine = slice(rank * ROWS, (rank + 1) * ROWS)
     results = {}
     for group_size in _group_sizes(world):
         group = contrastive_group(group_size)
         for index, case in enumerate(CASES):
+            z, w = _inputs(case, world)
             leaves = [t.clone().requires_grad_() for t in (z[mine], w[mine], *_scalars())]
             reset_bytes_sent()
             loss = _loss(case, *leaves, group=group)
@@ -76,9 +91,10 @@ def _run_cases(rank, world):
 
 def _check_against_reference(world):
     per_rank = run_on_ranks(_run_cases, world)
-    z, w = unit_features(ROWS * world)
     for group_size in _group_sizes(world):
         for index, case in enumerate(CASES):
+            z, w = (t.double() for t in _inputs(case, world))
+            loss_rtol, loss_atol, grad_rtol = _tolerances(case)
             for first in range(0, world, group_size):
                 ranks = [per_rank[r][group_size, index] for r in range(first, first + group_size)]
                 rows = slice(first * ROWS, (first + group_size) * ROWS)
@@ -86,28 +102,35 @@ def _check_against_reference(world):
                 ref = _reference(case, *leaves)
                 ref.backward()
                 got = torch.stack([r["loss"] for r in ranks]).mean()
-                torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(
+                    got.double(), ref.detach(), rtol=loss_rtol, atol=loss_atol
+                )
                 for k in range(2):  # features: concatenate the ranks' rows
-                    ours = torch.cat([r["grads"][k] for r in ranks]) / group_size
-                    torch.testing.assert_close(ours, leaves[k].grad, rtol=1e-10, atol=1e-12)
+                    ours = torch.cat([r["grads"][k] for r in ranks]).double() / group_size
+                    atol = grad_rtol * float(leaves[k].grad.abs().max())
+                    torch.testing.assert_close(ours, leaves[k].grad, rtol=grad_rtol, atol=atol)
                 for k, leaf in enumerate(leaves[2:], start=2):  # scale, bias: DDP averages
                     if leaf.grad is None:
                         continue
                     ours = torch.stack([r["grads"][k] for r in ranks]).sum() / group_size
-                    torch.testing.assert_close(ours, leaf.grad, rtol=1e-10, atol=1e-12)
+                    atol = grad_rtol * float(leaf.grad.abs().max())
+                    torch.testing.assert_close(ours, leaf.grad, rtol=grad_rtol, atol=atol)
     return per_rank
 
 
-def _feature_bytes(group_size, dtype_bytes=8, d=12):
-    """Ring payload: the texts go around once in the forward and once in the backward
-    (G−1 hops each) and their gradient visits all G ranks."""
-    return (3 * group_size - 2) * ROWS * d * dtype_bytes if group_size > 1 else 0
+def _feature_bytes(case, group_size, d=12):
+    """Ring payload: the texts go around once in the forward and once in the backward (G−1
+    hops each, in their own dtype) and their gradient (compute dtype) visits all G ranks."""
+    if group_size == 1:
+        return 0
+    feature, compute = (2, 4) if case.get("bf16") else (8, 8)
+    return 2 * (group_size - 1) * ROWS * d * feature + group_size * ROWS * d * compute
 
 
-def _small_bytes(case, group_size, dtype_bytes=8, d=12):
+def _small_bytes(case, group_size, d=12):
     """O(M + d) numbers besides the features: the shape check (3 integers), and for InfoNCE the
     column log-sum-exp (two all-reduces of M), the gradient scalars and the smoothing sums."""
-    hops = group_size - 1
+    hops, dtype_bytes = group_size - 1, 4 if case.get("bf16") else 8
     total = 3 * 8 * hops
     if case["loss"] == "infonce":
         total += 2 * 2 * hops * ROWS * dtype_bytes + hops * dtype_bytes
@@ -129,7 +152,8 @@ def test_four_ranks_every_group_size_and_bytes_scale_with_the_group():
         counted = {g: four[0][g, index]["bytes"] for g in (1, 2, 4)}
         assert counted[1] == 0
         for g in (2, 4):
-            assert counted[g] == _feature_bytes(g) + _small_bytes(case, g), (case, counted)
+            expected = _feature_bytes(case, g) + _small_bytes(case, g)
+            assert counted[g] == expected, (case, counted)
         assert counted[2] < 0.5 * counted[4]
 
 

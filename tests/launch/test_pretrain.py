@@ -113,13 +113,16 @@ def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective
     done = _accelerate(_overrides(shards, out, **extra, **{"objective.name": objective}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "provenance.json").read_text())["global_batch"] == 2 * 2 * 8
-    assert "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 ranks)" in (
-        out / "train.log"
-    ).read_text()
+    assert (
+        "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 ranks)"
+        in (out / "train.log").read_text()
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) for r in records)
-    model_cfg = json.loads((out / "checkpoints" / "step_00000002" / "model_config.json").read_text())
+    model_cfg = json.loads(
+        (out / "checkpoints" / "step_00000002" / "model_config.json").read_text()
+    )
     assert ("init_logit_bias" in json.dumps(model_cfg)) == (objective == "siglip")
 
 
