@@ -1,0 +1,103 @@
+"""Decode one sample's members, and the list of errors that count as bad DATA (not bugs).
+
+The stream and the validator share these rules: an image becomes an upright RGB PIL image
+(EXIF orientation applied; alpha composited on white; palette, grayscale, CMYK and 16-bit
+converted), a caption becomes stripped UTF-8 text. Anything wrong with the bytes raises
+:class:`SampleError`, which callers skip and count; any other exception is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own decompression-bomb limit (about 9459 × 9459)."""
+
+_ORIENTATION = 0x0112
+
+
+class SampleError(Exception):
+    """A sample (or shard) whose data cannot be used; skipped and counted where it is read."""
+
+    def __init__(self, message: str, url: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.url, self.key = url, key
+
+
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    SampleError,
+    UnidentifiedImageError,  # not an image / zero bytes
+    Image.DecompressionBombError,
+    SyntaxError,  # Pillow's "broken PNG file" and friends
+    UnicodeDecodeError,
+    tarfile.TarError,  # tar read errors
+    EOFError,  # truncated tar or image
+    zlib.error,
+    OSError,  # truncated image data, missing shard file, connection reset
+)
+"""Exception types that mean "this data is bad": skipped and counted, never a crash."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+        wide = np.asarray(image, dtype=np.int64)
+        shift = 8 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 0
+        image = Image.fromarray((wide >> shift).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Image bytes -> upright RGB image.
+
+    ``draft_size``: let a JPEG decode at a reduced scale whose sides stay >= ``draft_size``
+    (libjpeg's DCT scaling: 1/2, 1/4, 1/8; a no-op below 2× the target). Images with more than
+    ``max_pixels`` pixels are refused from their header, before any decoding.
+
+    Raises:
+        SampleError: empty, undecodable or truncated data, or too many pixels.
+    """
+    if not data:
+        raise SampleError("zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SampleError(f"image {width}x{height} is over the pixel limit {max_pixels}")
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            if image.getexif().get(_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except SampleError:
+        raise
+    except DATA_ERRORS as error:
+        raise SampleError(f"undecodable image: {error!r}") from error
+
+
+def decode_caption(data: bytes) -> str:
+    """Caption bytes -> stripped text.
+
+    Raises:
+        SampleError: not UTF-8, or empty after stripping.
+    """
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise SampleError(f"caption is not UTF-8: {error}") from error
+    if not text:
+        raise SampleError("empty caption")
+    return text
