@@ -5,8 +5,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# open_clip's own trainer (benchmarks/data_throughput.py's peer) needs webdataset<=0.2.86 and
+# pandas, which conflict with ours: it gets a virtual environment of its own.
+PEER := .venv-openclip
+PEER_STAMP := $(PEER)/.installed
+PEER_PINS := torch==2.14.1 torchvision==0.29.1 "open_clip_torch[training]==3.3.0" "webdataset<=0.2.86"
 
-.PHONY: demo test lint typecheck pytest bench clean-venv
+.PHONY: demo test lint typecheck pytest bench bench-peer clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +35,18 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+$(PEER_STAMP):
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER)/bin/python -m pip install --quiet $(PEER_PINS)
+	touch $(PEER_STAMP)
+
+bench-peer: $(PEER_STAMP)
+
+bench: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/contrastive_loss.py
+	$(BIN)/python benchmarks/data_throughput.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEER)

@@ -84,7 +84,7 @@ def vlp_stepper(
         config,
         model,
         create_objective("clip"),
-        lambda start: iter(()),
+        (),
         accelerator=create_accelerator(out_dir, log_with=None),
         model_info={},
     )

@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (about 9459 × 9459)."""
 
+IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+"""Member suffixes that hold a sample's image, in the order a reader looks for them."""
+
 _ORIENTATION = 0x0112
 
 
@@ -80,7 +83,7 @@ def decode_image(
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
             if image.getexif().get(_ORIENTATION, 1) != 1:
-                image = ImageOps.exif_transpose(image)
+                return _to_rgb(ImageOps.exif_transpose(image))
             return _to_rgb(image)
     except SampleError:
         raise

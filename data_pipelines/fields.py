@@ -7,9 +7,11 @@ message naming the shard and the missing field, not at step 5000 inside webdatas
 from __future__ import annotations
 
 import json
-import tarfile
 
-import fsspec
+import webdataset as wds
+
+from data_pipelines.decode import DATA_ERRORS
+from data_pipelines.tario import iter_samples
 
 IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp"})
 
@@ -19,28 +21,21 @@ def first_sample_fields(url: str) -> set[str]:
 
     An image member of any supported type also yields the field ``image``.
     """
-    fields: set[str] = set()
-    key = None
     try:
-        with fsspec.open(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if key is None:
-                    key = base
-                elif base != key:
-                    break
-                fields.add(ext.lower())
-                if ext.lower() == "json":
-                    payload = tar.extractfile(member)
-                    data = json.loads(payload.read()) if payload is not None else {}
-                    if isinstance(data, dict):
-                        fields.update(data)
-    except (OSError, tarfile.TarError) as error:
+        with wds.gopen(url) as stream:
+            first = next(iter_samples(stream, url), None)
+    except DATA_ERRORS as error:
         raise ValueError(f"shard '{url}' cannot be read as a tar file: {error}") from error
-    if key is None:
+    if first is None:
         raise ValueError(f"shard '{url}' holds no samples")
+    fields = set(first.members)
+    if "json" in first.members:
+        try:
+            meta = json.loads(first.members["json"])
+        except ValueError as error:
+            raise ValueError(f"shard '{url}' sample {first.key}: bad json: {error}") from error
+        if isinstance(meta, dict):
+            fields.update(meta)
     if fields & IMAGE_FIELDS:
         fields.add("image")
     return fields

@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Sequence
 
 import braceexpand
+import webdataset as wds
 
 Urls = str | os.PathLike[str] | Sequence[str]
 
@@ -21,11 +22,12 @@ def _local_path(url: str) -> str:
     return url.removeprefix("file://")
 
 
-def expand_urls(urls: Urls) -> list[str]:
+def expand_patterns(urls: Urls) -> list[str]:
     """Expand shard URLs: brace patterns, a list of them, or a directory (all its ``*.tar``).
 
-    Raises ``FileNotFoundError`` naming the pattern when nothing matches or a local shard is
-    missing, so a typo fails at construction instead of as an empty (hanging) stream.
+    Unlike :func:`expand_urls` this does not check that the shards exist, so that a validator
+    can report a missing shard as one problem among others. Raises ``FileNotFoundError`` naming
+    the pattern when nothing matches.
     """
     if isinstance(urls, os.PathLike):
         urls = os.fspath(urls)
@@ -38,12 +40,54 @@ def expand_urls(urls: Urls) -> list[str]:
             result.extend(braceexpand.braceexpand(pattern))
     if not result:
         raise FileNotFoundError(f"no shards match {urls!r}")
+    return result
+
+
+def expand_urls(urls: Urls) -> list[str]:
+    """Expand shard URLs like :func:`expand_patterns`, and check that local shards exist.
+
+    Raises ``FileNotFoundError`` naming the pattern when nothing matches or a local shard is
+    missing, so a typo fails at construction instead of as an empty (hanging) stream.
+    """
+    result = expand_patterns(urls)
     missing = [u for u in result if _is_local(u) and not os.path.exists(_local_path(u))]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(result)} shards from {urls!r} do not exist, e.g. {missing[0]}"
         )
     return result
+
+
+def split_sources(
+    urls: Urls, weights: Sequence[float] | None = None
+) -> tuple[list[str], list[float]]:
+    """Expand ``::``-joined sources (open_clip's syntax) into shards and per-shard weights.
+
+    Each shard gets the weight of its source (``weights``: one per source, default 1 each), so
+    resampling draws a source's shards in proportion to its weight, as open_clip's upsampling
+    factors do. A list (or path) is one source.
+
+    Raises:
+        ValueError: a weight count that differs from the number of sources, or a weight <= 0.
+    """
+    if isinstance(urls, str):
+        sources: list[Urls] = [part for part in urls.split("::") if part]
+    else:
+        sources = [urls]
+    if weights is None:
+        weights = [1.0] * len(sources)
+    if len(weights) != len(sources) or any(w <= 0 for w in weights):
+        raise ValueError(
+            f"data.train_weights needs one positive weight per '::' source: {len(sources)} "
+            f"sources, weights {list(weights)}"
+        )
+    shards: list[str] = []
+    per_shard: list[float] = []
+    for source, weight in zip(sources, weights, strict=True):
+        expanded = expand_urls(source)
+        shards.extend(expanded)
+        per_shard.extend([float(weight)] * len(expanded))
+    return shards, per_shard
 
 
 def _count_tar_samples(path: str) -> int:
@@ -56,22 +100,48 @@ def _count_tar_samples(path: str) -> int:
     return len(keys)
 
 
+def _sizes_table(folder: str, *, local: bool) -> dict[str, int]:
+    """``sizes.json`` of a shard folder (local or remote, through webdataset's openers)."""
+    path = f"{folder}/sizes.json" if folder else "sizes.json"
+    try:
+        if local:
+            if not os.path.exists(path):
+                return {}
+            with open(path, "rb") as f:
+                table = json.load(f)
+        else:
+            with wds.gopen(path) as f:
+                table = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {str(k): int(v) for k, v in table.items()}
+
+
+def listed_sizes(urls: Sequence[str]) -> list[int | None]:
+    """Each shard's count in the ``sizes.json`` next to it; None where it is not listed."""
+    tables: dict[str, dict[str, int]] = {}
+    listed: list[int | None] = []
+    for url in urls:
+        folder, name = os.path.split(_local_path(url))
+        if folder not in tables:
+            tables[folder] = _sizes_table(folder, local=_is_local(url))
+        listed.append(tables[folder].get(name))
+    return listed
+
+
+def listed_shards(folder: str) -> list[str]:
+    """Paths of the shards that a local folder's ``sizes.json`` lists, present or not."""
+    return [os.path.join(folder, name) for name in _sizes_table(folder, local=True)]
+
+
 def shard_sizes(urls: Urls) -> list[int]:
     """Samples per shard, in ``expand_urls`` order: from ``sizes.json`` next to the shards when
     it lists them, else by reading the tar headers (local shards only)."""
     expanded = expand_urls(urls)
-    tables: dict[str, dict[str, int]] = {}
     sizes = []
-    for url in expanded:
-        folder, name = os.path.split(_local_path(url))
-        if folder not in tables:
-            path = os.path.join(folder, "sizes.json")
-            tables[folder] = {}
-            if _is_local(url) and os.path.exists(path):
-                with open(path) as f:
-                    tables[folder] = {str(k): int(v) for k, v in json.load(f).items()}
-        if name in tables[folder]:
-            sizes.append(tables[folder][name])
+    for url, listed in zip(expanded, listed_sizes(expanded), strict=True):
+        if listed is not None:
+            sizes.append(listed)
         elif _is_local(url):
             sizes.append(_count_tar_samples(_local_path(url)))
         else:

@@ -1,88 +1,125 @@
 """Write samples into tar shards in img2dataset's layout (DESIGN §5).
 
 Layout: ``%05d.tar`` shards whose members are ``<key>.jpg|png|webp``, ``<key>.txt``,
-``<key>.json`` and (when the sample has a class) ``<key>.cls``; next to them one
-``%05d_stats.json`` per shard and a ``sizes.json`` mapping shard basename -> sample count, which
-the stream uses to count samples without opening the tars.
+``<key>.json``, (when the sample has a class) ``<key>.cls`` and the sample's extra members
+(``<key>.summary.txt``, ``<key>.objects.json``); next to them one ``%05d_stats.json`` per shard
+and a ``sizes.json`` mapping shard basename -> sample count, which the stream uses to count
+samples without opening the tars. The output may be a local folder or any fsspec URL. The
+per-sample work (read, check, shrink, encode the image) is :mod:`data_pipelines.prepare`'s;
+this module runs it, in parallel if asked, and lays the results out.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import json
+import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+import posixpath
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from typing import Any
 
+import fsspec
 import webdataset as wds
-from PIL import Image
+from fsspec import AbstractFileSystem
 
-IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+from data_pipelines.decode import SampleError
+from data_pipelines.prepare import IMAGE_FORMATS, Skipped, prepare_sample
 
-
-def encode_image(image: Image.Image, image_format: str = "jpg", quality: int = 95) -> bytes:
-    """Encode a PIL image to bytes in ``image_format`` (jpg, png or webp)."""
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(
-            f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}"
-        )
-    fmt = IMAGE_FORMATS[image_format]
-    opts: dict[str, Any] = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=fmt, **opts)
-    return buf.getvalue()
+Prepared = dict[str, Any] | Skipped
+_BATCH = 16
 
 
-def _tar_member_dict(sample: dict[str, Any], image_format: str, quality: int) -> dict[str, Any]:
-    """Turn one sample into the bytes TarWriter stores, member suffix -> bytes."""
-    key = sample.get("key")
-    if not isinstance(key, str) or not key or "." in key or "/" in key:
-        raise ValueError(f"sample key must be a non-empty string without '.' or '/', got {key!r}")
-    if "image" not in sample or "txt" not in sample:
-        raise ValueError(f"sample {key}: needs 'image' and 'txt', has {sorted(sample)}")
-    image = sample["image"]
-    img_bytes = image if isinstance(image, bytes) else encode_image(image, image_format, quality)
-    meta = dict(sample.get("json") or {})
-    meta["key"] = key
-    out: dict[str, Any] = {
-        "__key__": key,
-        image_format: img_bytes,
-        "txt": str(sample["txt"]).encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-    }
-    if sample.get("cls") is not None:
-        out["cls"] = str(int(sample["cls"])).encode("ascii")
-    return out
+def _prepared(
+    samples: Iterable[dict[str, Any]], prepare: Callable[[dict[str, Any]], Prepared], workers: int
+) -> Iterator[Prepared]:
+    """``prepare`` mapped over ``samples`` in input order, in ``workers`` processes when > 1.
+
+    Batches are collected in the order they were submitted with a few in flight ahead of the
+    writer, so memory stays bounded and the shards do not depend on the worker count. Workers
+    are spawned, not forked (the parent may hold threads: torch, fsspec's event loop); a worker
+    that dies breaks the pool with an error instead of hanging the write.
+    """
+    if workers <= 1:
+        yield from map(prepare, samples)
+        return
+    stream = iter(samples)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # Executor.map submits a whole batch at once and yields its results in order.
+        in_flight: deque[Iterator[Prepared]] = deque()
+        while batch := list(islice(stream, _BATCH)):
+            in_flight.append(pool.map(prepare, batch, chunksize=4))
+            if len(in_flight) > 2 * workers:
+                yield from in_flight.popleft()
+        while in_flight:
+            yield from in_flight.popleft()
 
 
 def _write_shard(
-    samples: Iterator[dict[str, Any]], path: str, n: int, image_format: str, quality: int
-) -> int:
-    """Write up to ``n`` samples to ``path`` via a temporary name; return how many (0: none)."""
+    fs: AbstractFileSystem,
+    items: Iterator[Prepared],
+    path: str,
+    n: int,
+    on_skip: Callable[[Skipped], None] | None,
+) -> tuple[int, dict[str, int]]:
+    """Write up to ``n`` samples to ``path`` via a temporary name.
+
+    Returns how many were written (0: none, and no file) and the skips per stage.
+    """
     tmp = f"{path}.tmp"
     count = 0
+    failed = {"read": 0, "decode": 0}
     try:
         # Fixed mtime: the same samples give byte-identical shards.
-        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
-            for sample in islice(samples, n):
-                writer.write(_tar_member_dict(sample, image_format, quality))
+        with fs.open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
+            for item in items:
+                if isinstance(item, Skipped):
+                    if on_skip is None:
+                        raise SampleError(f"{item.where}: {item.reason}")
+                    on_skip(item)
+                    failed[item.stage] += 1
+                    continue
+                writer.write(item)
                 count += 1
+                if count == n:
+                    break
     except BaseException:
-        os.remove(tmp)
+        if fs.exists(tmp):
+            fs.rm(tmp)
         raise
     if count == 0:
-        os.remove(tmp)
+        fs.rm(tmp)
     else:
-        os.replace(tmp, path)
-    return count
+        fs.mv(tmp, path)
+    return count, failed
 
 
-def _write_json(path: str, obj: Any) -> None:
+def _write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    fs.mv(tmp, path)
+
+
+def _prepare_output(fs: AbstractFileSystem, root: str, out: str, overwrite: bool) -> None:
+    """Create the output folder; refuse a non-empty one unless ``overwrite`` (then clear it)."""
+    if fs.exists(root) and not fs.isdir(root):
+        raise NotADirectoryError(f"write_shards: {out} exists and is not a directory")
+    fs.makedirs(root, exist_ok=True)
+    existing = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"write_shards: output folder {out} is not empty ({len(existing)} entries, e.g. "
+            f"{existing[0]!r}); choose an empty folder or overwrite it (overwrite=True, "
+            "vlp shards write --overwrite)"
+        )
+    for name in existing:
+        if name.endswith((".tar", "_stats.json", ".tmp")) or name == "sizes.json":
+            fs.rm(posixpath.join(root, name))
 
 
 def write_shards(
@@ -93,14 +130,24 @@ def write_shards(
     image_format: str = "jpg",
     quality: int = 95,
     overwrite: bool = False,
+    max_side: int | None = None,
+    workers: int = 1,
+    on_skip: Callable[[Skipped], None] | None = None,
 ) -> list[str]:
-    """Write ``samples`` (dicts with ``key, image, txt`` and optional ``json, cls``) to shards.
+    """Write ``samples`` to shards in ``out_dir`` (a folder or an fsspec URL); return their paths.
 
-    Returns the shard paths in order. Each shard is written under a temporary name and renamed
-    once complete, so a crash never leaves a truncated ``.tar`` that looks valid. ``out_dir``
-    must be empty or absent unless ``overwrite`` (which removes the old shards and sidecars
-    first), because mixing two datasets' shards in one folder silently corrupts ``sizes.json``.
-    ``image`` may be a PIL image or already-encoded bytes in ``image_format``.
+    A sample is a dict with ``key, image, txt`` and optional ``json, cls`` and extra members
+    (see :func:`data_pipelines.prepare.prepare_sample`). Each shard is written under a temporary
+    name and renamed once complete, so a crash never leaves a truncated ``.tar`` that looks
+    valid. ``out_dir`` must be empty or absent unless ``overwrite`` (which removes the old
+    shards and sidecars first), because mixing two datasets' shards in one folder silently
+    corrupts ``sizes.json``.
+
+    ``max_side`` shrinks larger images (aspect kept) and re-encodes them. ``workers`` > 1 reads,
+    decodes and encodes images in that many processes; the shards are byte-identical whatever
+    the count. An image file that cannot be read or decoded is passed to ``on_skip`` and left
+    out (counted in the shard's ``_stats.json``); without ``on_skip`` it raises
+    ``SampleError``. Image bytes are stored as given unless ``max_side`` is set.
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
@@ -108,36 +155,36 @@ def write_shards(
         raise ValueError(
             f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}"
         )
+    if max_side is not None and max_side <= 0:
+        raise ValueError(f"max_side must be > 0, got {max_side}")
     out = os.fspath(out_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"write_shards: {out} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
-    existing = sorted(os.listdir(out))
-    if existing:
-        if not overwrite:
-            raise FileExistsError(
-                f"write_shards: output folder {out} is not empty ({len(existing)} entries, e.g. "
-                f"{existing[0]!r}); choose an empty folder or pass overwrite=True"
-            )
-        for name in existing:
-            if name.endswith((".tar", "_stats.json", ".tmp")) or name == "sizes.json":
-                os.remove(os.path.join(out, name))
+    fs, root = fsspec.core.url_to_fs(out)
+    _prepare_output(fs, root, out, overwrite)
 
+    prepare = functools.partial(
+        prepare_sample, image_format=image_format, quality=quality, max_side=max_side
+    )
+    items = _prepared(samples, prepare, workers)
     paths: list[str] = []
     sizes: dict[str, int] = {}
-    stream = iter(samples)
     while True:
-        name = f"{len(paths):05d}.tar"
-        count = _write_shard(
-            stream, os.path.join(out, name), samples_per_shard, image_format, quality
+        index = len(paths)
+        name = f"{index:05d}.tar"
+        count, failed = _write_shard(
+            fs, items, posixpath.join(root, name), samples_per_shard, on_skip
         )
         if count == 0:
             break
-        stats = {"count": count, "successes": count, "failed_to_download": 0}
-        _write_json(os.path.join(out, f"{len(paths):05d}_stats.json"), stats)
+        stats = {
+            "count": count + sum(failed.values()),
+            "successes": count,
+            "failed_to_download": failed["read"],
+            "failed_to_resize": failed["decode"],
+        }
+        _write_json(fs, posixpath.join(root, f"{index:05d}_stats.json"), stats)
         sizes[name] = count
-        paths.append(os.path.join(out, name))
+        paths.append(posixpath.join(out, name))
         if count < samples_per_shard:
             break
-    _write_json(os.path.join(out, "sizes.json"), sizes)
+    _write_json(fs, posixpath.join(root, "sizes.json"), sizes)
     return paths

@@ -1,8 +1,12 @@
-"""The `vlp` command: `vlp demo`, `vlp train [--check]` — thin shells over tested functions."""
+"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect` —
+thin shells over tested functions."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import posixpath
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +40,126 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+    from launch.run import StartupError
+
+    return (ConfigError, StartupError)
+
+
+def _shards_errors() -> tuple[type[Exception], ...]:
+    from data_pipelines.decode import SampleError
+    from data_pipelines.sources import SourceError
+
+    return (SourceError, SampleError, FileExistsError, FileNotFoundError, NotADirectoryError)
+
+
+def _shards_write(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from data_pipelines.prepare import Skipped
+    from data_pipelines.sources import DEFAULT_TEMPLATE, class_names, read_source
+    from data_pipelines.write import write_shards
+
+    skipped: list[Skipped] = []
+    samples = read_source(
+        args.source,
+        templates=args.caption_template or [DEFAULT_TEMPLATE],
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        on_skip=skipped.append,
+    )
+    paths = write_shards(
+        samples,
+        args.out,
+        samples_per_shard=args.samples_per_shard,
+        image_format=args.image_format,
+        quality=args.quality,
+        overwrite=args.overwrite,
+        max_side=args.max_side,
+        workers=args.workers,
+        on_skip=skipped.append,
+    )
+    with fsspec.open(posixpath.join(args.out, "sizes.json"), "rt") as f:
+        written = sum(json.load(f).values())
+    print(f"wrote {written} samples in {len(paths)} shards to {args.out}")
+    if os.path.isdir(args.source):
+        names = class_names(args.source)
+        print(f"classes (cls 0..{len(names) - 1}): {json.dumps(names)}")
+    if skipped:
+        print(f"skipped {len(skipped)} samples:")
+        for item in skipped[:20]:
+            print(f"  {item.where}: {item.reason}")
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more")
+    return 0 if written else 1
+
+
+def _shards_validate(args: argparse.Namespace) -> int:
+    from data_pipelines.validate import format_report, validate_shards
+
+    report = validate_shards(args.shards, caption_key=args.caption_key)
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from data_pipelines.preview import describe, first_samples, write_grid
+
+    previews = first_samples(args.shards, args.n, caption_key=args.caption_key)
+    print(describe(previews))
+    print(f"grid: {write_grid(previews, args.grid)}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_shards(commands: argparse._SubParsersAction) -> None:
+    shards = commands.add_parser("shards", help="write, validate and inspect webdataset shards")
+    sub = shards.add_subparsers(dest="shards_command", required=True)
+
+    write = sub.add_parser(
+        "write",
+        help="write img2dataset-layout shards from a class folder or a csv/tsv/parquet/jsonl",
+    )
+    write.add_argument("source", help="folder of class subfolders, or .csv/.tsv/.parquet/.jsonl")
+    write.add_argument("out", help="output folder or fsspec URL (must be empty)")
+    write.add_argument("--samples-per-shard", type=_positive, default=1000)
+    write.add_argument("--max-side", type=_positive, help="shrink larger images to this side")
+    write.add_argument("--workers", type=_positive, default=1, help="image worker processes")
+    write.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
+    write.add_argument("--quality", type=_positive, default=95, help="jpg/webp quality")
+    write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    write.add_argument(
+        "--caption-template",
+        action="append",
+        help="folder sources: caption with {c} for the class name; repeat to use several in "
+        "turn (default: 'a photo of a {c}.')",
+    )
+    write.add_argument("--image-column", default="image", help="tables: image path/URL column")
+    write.add_argument("--caption-column", default="caption", help="tables: caption column")
+    write.set_defaults(func=_shards_write, user_errors=_shards_errors)
+
+    validate = sub.add_parser(
+        "validate", help="read every sample; exit 1 if anything is wrong, 0 if clean"
+    )
+    validate.add_argument("shards", help="shard folder, brace pattern or URL")
+    validate.add_argument("--json", action="store_true", help="print a machine-readable report")
+    validate.add_argument("--caption-key", default="txt", help="caption member (default: txt)")
+    validate.set_defaults(func=_shards_validate, user_errors=_shards_errors)
+
+    inspect = sub.add_parser("inspect", help="print the first samples and draw them in a PNG")
+    inspect.add_argument("shards", help="shard folder, brace pattern or URL")
+    inspect.add_argument("-n", type=_positive, default=16, help="samples to show (default: 16)")
+    inspect.add_argument("--grid", default="shards_inspect.png", help="PNG to write")
+    inspect.add_argument("--caption-key", default="txt", help="caption member (default: txt)")
+    inspect.set_defaults(func=_shards_inspect, user_errors=_shards_errors)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `vlp` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="vlp", description=__doc__)
@@ -47,23 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML run config (e.g. launch/configs/demo.yaml)")
     train.add_argument("--check", action="store_true", help="validate, run one step, print plan")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, user_errors=_run_errors)
 
     demo = commands.add_parser("demo", help="write synthetic shards, train a tiny CLIP, evaluate")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, user_errors=_run_errors)
+
+    _add_shards(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `vlp` with ``argv``; user errors print one line and return 2, no traceback."""
-    from launch.run import StartupError
+    """Run `vlp` with ``argv``; user errors print one line and return 2, no traceback.
 
+    Each command names its user errors lazily (``user_errors``), so that `vlp shards` does not
+    pay the seconds `launch.run` takes to import.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, StartupError) as error:
+    except Exception as error:
+        if not isinstance(error, args.user_errors()):
+            raise
         print(f"vlp: error: {error}", file=sys.stderr)
         return 2
 

@@ -11,15 +11,19 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 
 from data_pipelines.fields import missing_fields
-from data_pipelines.shards import expand_urls
+from data_pipelines.remote import register_remote_openers
+from data_pipelines.shards import split_sources
 from data_pipelines.stream import make_train_stream
+from data_pipelines.transforms import fast_transforms_for_model
 from evals.datasets import load_labelled_shards
 from evals.heldout import HeldoutEvaluator
 from evals.plots import plot_loss_curve
@@ -70,19 +74,21 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         root.addHandler(file)
 
 
-def shard_urls(urls: str, what: str) -> list[str]:
-    """Expanded shard URLs, or a StartupError naming which shards (``what``) are missing."""
+def shard_urls(urls: str, what: str, weights: list[float] | None = None) -> list[str]:
+    """Expanded shard URLs (``::`` sources), or a StartupError naming what is wrong."""
     try:
-        return expand_urls(urls)
+        return split_sources(urls, weights)[0]
     except FileNotFoundError as error:
         raise StartupError(f"{what} shards not found: {error}") from None
+    except ValueError as error:
+        raise StartupError(str(error)) from None
 
 
 def check_data(config: Config, required: frozenset[str]) -> list[str]:
     """Expand the shard URLs and check that the first shard carries the objective's fields."""
     if not config.data.train_shards:
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
-    urls = shard_urls(config.data.train_shards, "training")
+    urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
     try:
         missing = missing_fields(urls[0], required)
     except ValueError as error:
@@ -115,6 +121,23 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         "preprocess_cfg": preprocess_config(model),
     }
     return model, preprocess_train, preprocess_val, tokenizer, info
+
+
+def train_transforms(
+    model: Any, preprocess_train: Any
+) -> tuple[Any, int | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(per-sample transform, JPEG draft size, on-device normalisation) for the train stream.
+
+    The fast path (``data_pipelines.transforms``: uint8 crops from workers, JPEG draft decoding,
+    normalisation on the device) reproduces open_clip's train preprocessing; where the model's
+    preprocessing has something it does not reproduce, open_clip's own transform is used.
+    """
+    try:
+        fast = fast_transforms_for_model(model)
+    except ValueError as reason:
+        logger.info("open_clip's train preprocessing in the workers (fast path: %s)", reason)
+        return preprocess_train, None, None
+    return fast.train, fast.draft_size, fast.normalize
 
 
 def build_evaluators(
@@ -155,6 +178,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         objective = create_objective(config.objective.name, **config.objective.kwargs)
     except (ValueError, TypeError) as error:
         raise StartupError(f"objective: {error}") from None
+    register_remote_openers(config.data.remote_timeout, config.data.remote_retries)
     urls = check_data(config, objective_class(config.objective.name).requires)
     run_config = config
     scratch = None
@@ -176,28 +200,37 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
 
-    def make_batches(start_step: int) -> Any:
-        # Until exact stream resume exists, a resumed run draws a fresh seeded stream so that
-        # it does not replay the batches of the steps already taken.
-        return make_train_stream(
-            urls,
-            preprocess=preprocess_train,
-            tokenizer=tokenizer,
-            batch_size=config.data.batch_size,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            workers=config.data.workers,
-            seed=config.train.seed + 1_000_003 * start_step,
-            resampled=config.data.resampled,
-            shuffle_buffer=config.data.shuffle_buffer,
-        )
+    train_transform, draft_size, normalize = train_transforms(model, preprocess_train)
+    batches = make_train_stream(
+        config.data.train_shards,
+        preprocess=train_transform,
+        draft_size=draft_size,
+        tokenizer=tokenizer,
+        batch_size=config.data.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        workers=config.data.workers,
+        seed=config.train.seed,
+        resampled=config.data.resampled,
+        shuffle_buffer=config.data.shuffle_buffer,
+        weights=config.data.train_weights,
+        image_keys=config.data.image_keys,
+        text_key=config.data.text_key,
+        caption_field=config.data.caption_field,
+        prefetch_factor=config.data.prefetch_factor,
+        timeout=config.data.batch_timeout,
+        max_skip_fraction=config.data.max_skip_fraction,
+        remote_timeout=config.data.remote_timeout,
+        remote_retries=config.data.remote_retries,
+    )
 
     trainer = Trainer(
         run_config,
         model,
         objective,
-        make_batches,
+        batches,
         accelerator=accelerator,
+        image_transform=normalize,
         model_info=info,
         evaluators=evaluators,
     )

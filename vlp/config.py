@@ -43,15 +43,33 @@ class DataConfig:
     """The training stream."""
 
     train_shards: str = ""
-    """Shard URLs: a folder, brace pattern or list joined with ``::``."""
+    """Shard URLs: a folder, brace pattern or fsspec URL; several sources joined with ``::``."""
+    train_weights: list[float] | None = None
+    """One weight per ``::`` source (open_clip's upsampling factors); resampled mode only."""
     batch_size: int = 64
     """Samples per rank per micro-step."""
     workers: int = 2
     """DataLoader worker processes per rank."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
     resampled: bool = True
     """Sample shards with replacement (an infinite stream); False = epochs over disjoint shards."""
     shuffle_buffer: int = 1000
     """Seeded sample shuffle buffer size."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Sample members tried, in order, for the image."""
+    text_key: str = "txt"
+    """Sample member holding the caption."""
+    caption_field: str | None = None
+    """Take the caption from this field of the sample's ``json`` instead of ``text_key``."""
+    max_skip_fraction: float = 0.1
+    """Stop the run when more than this fraction of samples was skipped as bad data."""
+    batch_timeout: float = 600.0
+    """Seconds to wait for one batch before the run stops with an error (never hang)."""
+    remote_timeout: float = 60.0
+    """Seconds one read of a remote shard may take before it is retried."""
+    remote_retries: int = 3
+    """Re-opens of a stalled remote shard before the run stops with an error."""
 
 
 @dataclass
@@ -233,6 +251,11 @@ def validate_config(config: Config) -> None:
     checks = [
         (config.data.batch_size > 0, "data.batch_size must be > 0"),
         (config.data.workers >= 0, "data.workers must be >= 0"),
+        (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+        (0 <= config.data.max_skip_fraction <= 1, "data.max_skip_fraction must be in [0, 1]"),
+        (config.data.batch_timeout > 0, "data.batch_timeout must be > 0"),
+        (config.data.remote_timeout > 0, "data.remote_timeout must be > 0"),
+        (config.data.remote_retries >= 0, "data.remote_retries must be >= 0"),
         (config.train.steps > 0, "train.steps must be > 0"),
         (config.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
         (

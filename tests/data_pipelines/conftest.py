@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision import transforms
@@ -24,6 +28,17 @@ def fake_tokenizer(texts: list[str]) -> torch.Tensor:
 def preprocess() -> transforms.Compose:
     """A minimal image transform: resize to 32 px and convert to a float tensor."""
     return transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A shard written member by member (bad bytes included), in the given order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

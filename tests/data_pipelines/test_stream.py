@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -10,12 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data_pipelines.stream import count_samples, expand_urls, make_train_stream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import CTX, fake_tokenizer, preprocess
+from .conftest import CTX, fake_tokenizer, preprocess, write_tar
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def _stream(urls: str | list[str], **kw):  # type: ignore[no-untyped-def]
@@ -124,14 +132,14 @@ def test_too_few_shards_for_ranks_and_workers(shard_dir: str) -> None:
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
-    samples = list(generate_samples(8, seed=0))
-    samples[3]["image"] = b"this is not a jpeg"
-    write_shards(samples, tmp_path, samples_per_shard=8)
-    loader = _stream(str(tmp_path), resampled=False, batch_size=1)
-    keys = {k for b in loader for k in b["__key__"]}
-    assert keys == {s["key"] for s in samples} - {"000000003"}
-    assert loader.skips.total == 1
-    assert list(loader.skips.by_shard) == [str(tmp_path / "00000.tar")]
+    samples = [(f"{i:09d}", {"jpg": _jpeg(), "txt": b"a star"}) for i in range(8)]
+    samples[3][1]["jpg"] = b"this is not a jpeg"
+    url = write_tar(tmp_path / "00000.tar", samples)
+    loader = _stream(url, resampled=False, batch_size=1, shuffle_buffer=1)
+    keys = [k for b in loader for k in b["__key__"]]  # 7 good samples, then the next epoch's
+    assert keys[:7] == [key for key, _ in samples if key != "000000003"]
+    assert loader.skips.total == 1 and loader.skips.ok == 8
+    assert list(loader.skips.by_shard) == [url]
 
 
 def test_truncated_shard_is_skipped_and_counted(tmp_path: Path) -> None:
@@ -145,10 +153,9 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_all_corrupt_stops_instead_of_spinning(tmp_path: Path) -> None:
-    samples = [{"key": f"{i:09d}", "image": b"garbage", "txt": "a star"} for i in range(10)]
-    write_shards(samples, tmp_path)
-    with pytest.raises(RuntimeError, match="consecutive samples failed"):
-        next(iter(_stream(str(tmp_path))))
+    url = write_tar(tmp_path / "00000.tar", [(f"{i:09d}", {"jpg": b"x", "txt": b"a"}) for i in range(10)])  # fmt: skip
+    with pytest.raises(RuntimeError, match="200 consecutive samples or shards failed.*00000.tar"):
+        next(iter(_stream(url)))
 
 
 def test_resampled_with_two_workers_is_deterministic(shard_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""Shard writing: img2dataset layout, sidecars, atomic names, refusal to mix datasets."""
+"""Shard writing: img2dataset layout, sidecars, atomic names, refusal to mix datasets, extra
+members, image shrinking, worker processes, skipped images and fsspec output URLs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 from PIL import Image
 
+from data_pipelines.decode import SampleError
+from data_pipelines.prepare import Skipped
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
@@ -88,3 +93,94 @@ def test_bad_arguments_raise(tmp_path: Path) -> None:
         write_shards(generate_samples(1, seed=0), tmp_path / "y", samples_per_shard=0)
     with pytest.raises(ValueError, match="key"):
         write_shards([{"key": "a.b", "image": b"", "txt": ""}], tmp_path / "z")
+
+
+def test_extra_members_are_written(tmp_path: Path) -> None:
+    sample: dict[str, Any] = {
+        "key": "000000000",
+        "image": Image.new("RGB", (8, 8)),
+        "txt": "a dot",
+        "summary.txt": "dot",
+        "objects.json": [{"tag": "dot", "box": [0, 0, 1, 1]}],
+        "seg.png": b"\x89PNG raw",
+    }
+    (path,) = write_shards([sample], tmp_path / "out")
+    members = _members(path)
+    assert members["000000000.summary.txt"] == b"dot"
+    assert json.loads(members["000000000.objects.json"]) == sample["objects.json"]
+    assert members["000000000.seg.png"] == b"\x89PNG raw"
+    with pytest.raises(ValueError, match="cannot be a member suffix"):
+        write_shards([{**sample, "png": b"x"}], tmp_path / "bad")
+
+
+def test_max_side_shrinks_and_keeps_small_encoded_images(tmp_path: Path) -> None:
+    big = io.BytesIO()
+    Image.new("RGB", (64, 40), (10, 200, 10)).save(big, format="PNG")
+    small = io.BytesIO()
+    Image.new("RGB", (16, 10), (10, 200, 10)).save(small, format="JPEG")
+    samples: list[dict[str, Any]] = [
+        {"key": "000000000", "image": big.getvalue(), "txt": "big png"},
+        {"key": "000000001", "image": small.getvalue(), "txt": "small jpg"},
+        {"key": "000000002", "image": Image.new("RGB", (10, 64)), "txt": "tall PIL"},
+    ]
+    (path,) = write_shards(samples, tmp_path, max_side=32)
+    members = _members(path)
+    sizes = [Image.open(io.BytesIO(members[f"00000000{i}.jpg"])).size for i in range(3)]
+    assert sizes == [(32, 20), (16, 10), (5, 32)]
+    assert members["000000001.jpg"] == small.getvalue()  # right format and size: not re-encoded
+    skipped: list[Skipped] = []
+    write_shards(
+        [{**samples[0], "image": b"junk"}], tmp_path / "b", max_side=32, on_skip=skipped.append
+    )
+    assert [(s.where, s.stage) for s in skipped] == [("sample 000000000", "decode")]
+
+
+def test_worker_count_does_not_change_the_bytes(tmp_path: Path) -> None:
+    samples = list(generate_samples(70, seed=3, image_size=24))
+    one = write_shards(samples, tmp_path / "one", samples_per_shard=30, max_side=16)
+    two = write_shards(samples, tmp_path / "two", samples_per_shard=30, max_side=16, workers=2)
+    assert [os.path.basename(p) for p in two] == ["00000.tar", "00001.tar", "00002.tar"]
+    for a, b in zip(one, two, strict=True):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    assert (tmp_path / "one/sizes.json").read_bytes() == (tmp_path / "two/sizes.json").read_bytes()
+
+
+def test_unreadable_images_are_skipped_counted_or_raised(tmp_path: Path) -> None:
+    good = Image.new("RGB", (8, 8))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    samples: list[dict[str, Any]] = [
+        {"key": "000000000", "image": good, "txt": "ok"},
+        {"key": "000000001", "image": str(tmp_path / "missing.jpg"), "txt": "gone"},
+        {"key": "000000002", "image": str(tmp_path / "broken.jpg"), "txt": "broken"},
+        {"key": "000000003", "image": good, "txt": "ok"},
+    ]
+    skipped: list[Skipped] = []
+    (path,) = write_shards(samples, tmp_path / "out", on_skip=skipped.append)
+    assert [(s.where, s.stage) for s in skipped] == [
+        (str(tmp_path / "missing.jpg"), "read"),
+        (str(tmp_path / "broken.jpg"), "decode"),
+    ]
+    assert sorted(m for m in _members(path) if m.endswith(".txt")) == [
+        "000000000.txt",
+        "000000003.txt",
+    ]
+    stats = json.loads((tmp_path / "out/00000_stats.json").read_text())
+    assert stats == {"count": 4, "successes": 2, "failed_to_download": 1, "failed_to_resize": 1}
+    with pytest.raises(SampleError, match="missing.jpg: cannot read image"):
+        write_shards(samples, tmp_path / "strict")
+
+
+def test_fsspec_output_url(tmp_path: Path) -> None:
+    url = f"memory://{tmp_path.name}/shards"
+    fs = fsspec.filesystem("memory")
+    try:
+        paths = write_shards(generate_samples(5, seed=0), url, samples_per_shard=3)
+        assert paths == [f"{url}/00000.tar", f"{url}/00001.tar"]
+        with fsspec.open(f"{url}/sizes.json", "rt") as f:
+            assert json.load(f) == {"00000.tar": 3, "00001.tar": 2}
+        with fsspec.open(paths[1], "rb") as f, tarfile.open(fileobj=f) as tar:
+            assert len(tar.getnames()) == 8
+        with pytest.raises(FileExistsError, match="not empty"):
+            write_shards(generate_samples(1, seed=0), url)
+    finally:
+        fs.rm(f"/{tmp_path.name}", recursive=True)

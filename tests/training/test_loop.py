@@ -19,7 +19,7 @@ def _trainer(tmp_path, **train):
         config,
         model,
         create_objective("clip"),
-        lambda start: iter(()),
+        (),
         accelerator=create_accelerator(tmp_path, log_with=None),
         model_info={},
     )

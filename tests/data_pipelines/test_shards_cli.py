@@ -1,0 +1,99 @@
+"""`vlp shards write | validate | inspect` through `main(argv)`: output, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from launch.cli import main
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """Two classes with spaces in their names, three 40x24 PNGs each, one broken file."""
+    root = tmp_path / "src"
+    for c, name in enumerate(("snow leopard", "red fox")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 24), (60 * i, 100 * c, 90)).save(root / name / f"{i}.png")
+    (root / "red fox" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_write_validate_inspect(
+    class_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "shards"
+    argv = ["shards", "write", str(class_folder), str(out), "--samples-per-shard", "4"]
+    assert main([*argv, "--max-side", "16", "--caption-template", "a photo of the {c}."]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 6 samples in 2 shards" in text
+    assert 'classes (cls 0..1): ["red fox", "snow leopard"]' in text
+    assert f"skipped 1 samples:\n  {class_folder}/red fox/broken.jpg: undecodable image" in text
+    with tarfile.open(out / "00000.tar") as tar:
+        assert tar.extractfile("000000000.txt").read() == b"a photo of the red fox."  # type: ignore[union-attr]
+        assert tar.extractfile("000000000.cls").read() == b"0"  # type: ignore[union-attr]
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("vlp: error: write_shards: output folder")
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+
+    assert main(["shards", "validate", str(out)]) == 0
+    assert capsys.readouterr().out.endswith("2 shards, 6 samples, no problems\n")
+    grid = tmp_path / "grid.png"
+    assert main(["shards", "inspect", str(out), "-n", "3", "--grid", str(grid)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("    caption: ") == 3 and "'a photo of a red fox.'" in text
+    assert Image.open(grid).format == "PNG"
+
+
+def test_validate_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "t.jsonl"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    rows = [
+        {"image": "a.png", "caption": "one", "summary": "s"},
+        {"image": "a.png", "caption": "2"},
+    ]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "shards"
+    assert main(["shards", "write", str(table), str(out), "--workers", "2"]) == 0
+    capsys.readouterr()
+
+    shard = out / "00000.tar"
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    shard.write_bytes(shard.read_bytes()[:end])  # cut after the last member: no end-of-archive
+    assert main(["shards", "validate", str(out), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["problems"] == {"truncated_shard": 1}
+    assert main(["shards", "validate", str(tmp_path / "00009.tar")]) == 1
+    assert "00009.tar: 0 samples, 1 problems\n  unreadable_shard: does not open" in (
+        capsys.readouterr().out
+    )
+    (tmp_path / "empty").mkdir()
+    assert main(["shards", "validate", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith("vlp: error: no shards match")
+    with pytest.raises(SystemExit, match="2"):
+        main(["shards", "validate"])
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("data.txt", "not a folder and not a .csv, .tsv, .parquet, .jsonl file"),
+        ("missing.csv", "missing.csv: no such file"),
+    ],
+)
+def test_write_usage_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, message: str
+) -> None:
+    assert main(["shards", "write", str(tmp_path / source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

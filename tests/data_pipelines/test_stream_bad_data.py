@@ -1,0 +1,177 @@
+"""Bad data is skipped and counted per shard (only data errors); the stream never hangs."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from data_pipelines.remote import RemoteShardError
+from data_pipelines.stream import make_train_stream
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+
+from .conftest import fake_tokenizer, write_tar
+from .http_server import serve
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _stream(urls, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("batch_size", 1)
+    kw.setdefault("shuffle_buffer", 1)
+    kw.setdefault("resampled", False)
+    kw.setdefault("preprocess", transforms.ToTensor())
+    return make_train_stream(urls, tokenizer=fake_tokenizer, **kw)
+
+
+RGB = Image.new("RGB", (24, 16), (200, 30, 30))
+
+
+def _bad_and_good() -> tuple[list[tuple[str, dict[str, bytes]]], set[str]]:
+    jpeg = _encode(RGB, "JPEG")
+    rotated = Image.new("RGB", (24, 16))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated by 90°
+    good = {
+        "good": {"jpg": jpeg, "txt": b"a red box"},
+        "alpha_png": {
+            "png": _encode(Image.new("RGBA", (24, 16), (0, 0, 0, 0)), "PNG"),
+            "txt": b"x",
+        },
+        "palette_png": {"png": _encode(Image.new("P", (24, 16)), "PNG"), "txt": b"x"},
+        "png16": {
+            "png": _encode(Image.fromarray(np.full((16, 24), 60000, np.uint16)), "PNG"),
+            "txt": b"x",
+        },  # fmt: skip
+        "cmyk": {"jpg": _encode(Image.new("CMYK", (24, 16)), "JPEG"), "txt": b"x"},
+        "gray": {"jpg": _encode(Image.new("L", (24, 16)), "JPEG"), "txt": b"x"},
+        "exif_rotated": {"jpg": _encode(rotated, "JPEG", exif=exif), "txt": b"x"},
+    }
+    bad = {
+        "corrupt_jpeg": {"jpg": jpeg[: len(jpeg) // 3], "txt": b"x"},
+        "zero_bytes": {"jpg": b"", "txt": b"x"},
+        "not_an_image": {"jpg": b"hello", "txt": b"x"},
+        "too_many_pixels": {"png": _encode(Image.new("L", (200, 100)), "PNG"), "txt": b"x"},
+        "no_caption": {"jpg": jpeg},
+        "empty_caption": {"jpg": jpeg, "txt": b"  \n"},
+        "latin1_caption": {"jpg": jpeg, "txt": "caf\xe9".encode("latin-1")},
+        "no_image": {"txt": b"a caption without an image"},
+    }
+    samples = [(f"{i:09d}_{name}", m) for i, (name, m) in enumerate({**good, **bad}.items())]
+    samples.append(("000000000_good", {"jpg": jpeg, "txt": b"a duplicate key"}))
+    good_keys = {key for key, _ in samples if not any(b in key for b in bad)}
+    return samples, good_keys
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path: Path) -> None:
+    samples, good_keys = _bad_and_good()
+    url = write_tar(tmp_path / "00000.tar", samples)
+    stream = _stream(url, max_pixels=10_000, max_skip_fraction=1.0)
+    batches = [b for _, b in zip(range(len(good_keys) + 1), stream, strict=False)]
+    keys = [b["__key__"][0] for b in batches]
+    assert set(keys[: len(good_keys) + 1]) == good_keys  # the duplicate key is used twice
+    assert keys.count("000000000_good") == 2
+    assert stream.skips.by_shard == {url: 8} and stream.skips.total == 8
+    by_key = {b["__key__"][0]: b["image"][0] for b in batches}
+    assert by_key["000000006_exif_rotated"].shape == (3, 24, 16)  # upright: 16 wide, 24 high
+    assert by_key["000000001_alpha_png"].min() == 1.0  # transparent -> white, not black
+    assert by_key["000000003_png16"].min() > 0.9  # 60000/65535, not clipped to 255/255 garbage
+
+
+def test_a_truncated_shard_keeps_its_good_head_and_counts_the_rest(tmp_path: Path) -> None:
+    paths = write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[: len(data) // 2 + 100])
+    stream = _stream(str(tmp_path), batch_size=1, preprocess=transforms.ToTensor())
+    keys = [b["__key__"][0] for _, b in zip(range(20), stream, strict=False)]
+    assert {f"{i:09d}" for i in range(10)} <= set(keys)
+    assert paths[1] in stream.skips.by_shard
+
+
+def test_a_bug_is_raised_not_skipped(tmp_path: Path) -> None:
+    samples, _ = _bad_and_good()
+    url = write_tar(tmp_path / "00000.tar", samples)
+
+    def buggy(image: Image.Image) -> torch.Tensor:
+        raise ZeroDivisionError("a bug in the transform")
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        next(iter(_stream(url, preprocess=buggy)))
+
+
+def test_too_many_skips_stop_the_run(tmp_path: Path) -> None:
+    samples, _ = _bad_and_good()  # 8 of 16 samples are bad
+    url = write_tar(tmp_path / "00000.tar", samples)
+    with pytest.raises(RuntimeError, match=r"samples skipped \(.*> data.max_skip_fraction=0.1\)"):
+        for _ in _stream(url, max_pixels=10_000, max_skip_fraction=0.1, resampled=True):
+            pass
+
+
+def test_a_key_that_matches_nothing_stops_within_seconds(tmp_path: Path) -> None:
+    write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="50 consecutive samples or shards failed.*'caption'"):
+        next(iter(_stream(str(tmp_path), text_key="caption", max_consecutive_errors=50, workers=1)))
+    assert time.monotonic() - started < 30
+
+
+def _die_on_fifth(image: Image.Image) -> torch.Tensor:
+    _die_on_fifth.calls = getattr(_die_on_fifth, "calls", 0) + 1  # type: ignore[attr-defined]
+    if _die_on_fifth.calls == 5:  # type: ignore[attr-defined]
+        os._exit(3)  # a worker killed mid-epoch (OOM killer, segfault in a codec)
+    return transforms.functional.to_tensor(image)
+
+
+def test_a_dead_worker_is_an_error_within_seconds(tmp_path: Path) -> None:
+    write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
+        for _ in _stream(str(tmp_path), preprocess=_die_on_fifth, workers=1, resampled=True):
+            pass
+    assert time.monotonic() - started < 30
+
+
+def test_remote_shards_over_http_match_local_ones(tmp_path: Path) -> None:
+    write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    local = _stream(f"{tmp_path}/{{00000..00001}}.tar", shuffle_buffer=5, batch_size=4)
+    expected = [b["__key__"] for _, b in zip(range(4), local, strict=False)]
+    with serve(tmp_path) as base:
+        remote = _stream(f"{base}/{{00000..00001}}.tar", shuffle_buffer=5, batch_size=4)
+        assert [b["__key__"] for _, b in zip(range(4), remote, strict=False)] == expected
+
+
+def test_a_missing_remote_shard_is_skipped_and_counted(tmp_path: Path) -> None:
+    write_shards(generate_samples(10, seed=0), tmp_path, samples_per_shard=10)
+    with serve(tmp_path) as base:
+        stream = _stream(f"{base}/{{00000..00001}}.tar", resampled=True, max_skip_fraction=1)
+        keys = [b["__key__"][0] for _, b in zip(range(12), stream, strict=False)]
+    assert len(keys) == 12 and stream.skips.by_shard.get(f"{base}/00001.tar", 0) >= 1
+
+
+def test_a_silent_server_is_an_error_within_seconds_naming_the_shard(tmp_path: Path) -> None:
+    write_shards(generate_samples(10, seed=0), tmp_path, samples_per_shard=10)
+    started = time.monotonic()
+    with serve(tmp_path, stall=True) as base:
+        stream = _stream(
+            f"{base}/00000.tar",
+            remote_timeout=1.0,
+            remote_retries=1,
+            workers=1,
+            resampled=True,
+            batch_size=10,
+        )
+        with pytest.raises(RemoteShardError, match=rf"shard {base}/00000.tar: no data within 1 s"):
+            next(iter(stream))
+    assert time.monotonic() - started < 20

@@ -1,0 +1,112 @@
+"""Exact resume: a stream restored from ``state_dict()`` continues with the very batches an
+uninterrupted stream yields, with prefetching workers, across epochs, at bounded cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import transforms
+
+import data_pipelines.stream as stream_module
+from data_pipelines.stream import make_train_stream
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+
+from .conftest import fake_tokenizer
+
+
+def _augment() -> transforms.Compose:
+    """Random crops: equal images after a resume need the per-sample RNG seeding."""
+    return transforms.Compose(
+        [transforms.RandomResizedCrop(16, scale=(0.3, 1.0)), transforms.ToTensor()]
+    )
+
+
+def _stream(urls: str, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("shuffle_buffer", 10)
+    kw.setdefault("prefetch_factor", 3)
+    return make_train_stream(urls, preprocess=_augment(), tokenizer=fake_tokenizer, **kw)
+
+
+def _take(stream, n: int, *, into: list | None = None) -> list:  # type: ignore[no-untyped-def]
+    """n batches, starting a new epoch (a new ``iter``) whenever one ends."""
+    out = [] if into is None else into
+    while len(out) < n:
+        for batch in stream:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def _same(a: list, b: list) -> None:  # type: ignore[type-arg]
+    assert [x["__key__"] for x in a] == [y["__key__"] for y in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
+
+
+@pytest.mark.parametrize(
+    "workers,resampled,stop",
+    [(2, True, 3), (2, True, 4), (2, False, 5), (2, False, 11), (0, True, 3), (3, True, 7)],
+)
+def test_resume_sees_exactly_the_uninterrupted_batches(shard_dir, workers, resampled, stop):
+    """Stops at steps that are and are not multiples of the workers, inside and past the
+    first epoch (epoch mode has 10 batches per epoch here), with 3 batches prefetched per
+    worker that the interrupted run never consumed."""
+    total = 14
+    options = {"workers": workers, "resampled": resampled, "seed": 4}
+    uninterrupted = _take(_stream(shard_dir, **options), total)
+    first = _stream(shard_dir, **options)
+    head = _take(first, stop)
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive JSON
+    second = _stream(shard_dir, **options)
+    second.load_state_dict(state)
+    _same(head + _take(second, total - stop), uninterrupted)
+
+
+def test_resume_decodes_nothing_twice_and_rereads_little(tmp_path: Path, monkeypatch) -> None:
+    """Restoring re-reads the shards that hold the buffered samples plus the current one and
+    decodes no image before the first new batch's samples."""
+    write_shards(generate_samples(60, seed=1), tmp_path, samples_per_shard=10)
+    first = _stream(str(tmp_path), shuffle_buffer=8, workers=0)
+    _take(first, 5)
+    state = first.state_dict()
+    buffered = {tuple(ref[:2]) for ref in state["positions"]["0"]["buffer"]}
+    opened: list[str] = []
+    decoded: list[int] = []
+    real_gopen, real_decode = stream_module.wds.gopen, stream_module.decode_image
+    monkeypatch.setattr(stream_module.wds, "gopen", lambda url, *a, **k: opened.append(url) or real_gopen(url, *a, **k))  # fmt: skip
+    monkeypatch.setattr(stream_module, "decode_image", lambda data, **k: decoded.append(1) or real_decode(data, **k))  # fmt: skip
+    second = _stream(str(tmp_path), shuffle_buffer=8, workers=0)
+    second.load_state_dict(state)
+    next(iter(second))
+    assert len(decoded) == 4  # one batch: four images, nothing decoded to restore
+    assert len(opened) <= len(buffered) + 2  # buffered shards, the current one, maybe the next
+
+
+def test_resume_refuses_another_world_size_worker_count_or_config(shard_dir: str) -> None:
+    stream = _stream(shard_dir, workers=2)
+    _take(stream, 3)
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="workers=2.*data.workers"):
+        _stream(shard_dir, workers=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="world_size=1.*world_size=2"):
+        _stream(shard_dir, workers=2, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="another stream configuration"):
+        _stream(shard_dir, workers=2, seed=9).load_state_dict(state)
+
+
+def test_skip_counts_survive_the_resume(tmp_path: Path) -> None:
+    samples = list(generate_samples(20, seed=0))
+    samples[2]["image"] = samples[12]["image"] = b"not an image"
+    write_shards(samples, tmp_path, samples_per_shard=10)
+    first = _stream(str(tmp_path), shuffle_buffer=1, resampled=False)
+    _take(first, 3)
+    second = _stream(str(tmp_path), shuffle_buffer=1, resampled=False)
+    second.load_state_dict(first.state_dict())
+    assert second.skips.total == first.skips.total >= 1
+    assert second.skips.by_shard == first.skips.by_shard

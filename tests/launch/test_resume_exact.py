@@ -1,0 +1,58 @@
+"""A resumed run sees exactly the batches, and so takes exactly the steps, of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+from launch.run import train
+from vlp.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(shards: Path, out: Path, **extra: object):  # type: ignore[no-untyped-def]
+    values = {
+        "data.train_shards": shards,
+        "data.batch_size": 8,
+        "data.workers": 2,
+        "data.prefetch_factor": 3,
+        "data.shuffle_buffer": 20,
+        "train.steps": 5,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "train.keep_checkpoints": 2,
+        "train.out_dir": out,
+        "optim.warmup_steps": 1,
+        **extra,
+    }
+    overrides = [f"{k}={v}" for k, v in values.items()]
+    return load_config(ROOT / "launch" / "configs" / "demo.yaml", overrides)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resume_from_step_3_of_5_repeats_steps_4_and_5_exactly(tmp_path: Path, resampled: bool):
+    """Step 3 is not a multiple of the 2 workers, and each worker has 3 batches prefetched
+    that the first run never consumed; epoch mode crosses an epoch (4 batches per epoch)."""
+    shards = tmp_path / "shards"
+    write_shards(generate_samples(40, seed=0), shards, samples_per_shard=5)
+    whole = tmp_path / "whole"
+    train(_config(shards, whole, **{"data.resampled": resampled}))
+    checkpoint = whole / "checkpoints" / "step_00000003"
+    assert (checkpoint / "data_rank0.json").is_file()
+    resumed = tmp_path / "resumed"
+    train(_config(shards, resumed, **{"data.resampled": resampled, "train.resume": checkpoint}))
+    expected, got = _losses(whole), _losses(resumed)
+    assert sorted(got) == [4, 5]
+    assert got == {step: expected[step] for step in (4, 5)}
+    assert json.loads((resumed / "data_skips_rank0.json").read_text())["skipped"] == 0
