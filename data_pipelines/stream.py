@@ -387,6 +387,12 @@ class _WorkerDataset(IterableDataset):
         )
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate for ready-made batches (its default walks every list element
+    of the position record: ~0.2 ms per sample)."""
+    return batch
+
+
 class TrainStream:
     """This rank's training batches, with ``state_dict``/``load_state_dict`` for exact resume.
 
@@ -438,6 +444,7 @@ class TrainStream:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             timeout=self.timeout if self.num_workers else 0,
             persistent_workers=False,
+            collate_fn=_as_is,
         )
         remaining = None if self.num_batches is None else self.num_batches - self._consumed
         if remaining is not None and remaining <= 0:
