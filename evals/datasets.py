@@ -1,13 +1,75 @@
-"""Labelled evaluation sets read from shards (``cls`` + image + ``txt`` per sample)."""
+"""Evaluation datasets: any supported layout by path, and small labelled shard sets in memory.
+
+:func:`open_eval_set` recognises CLIP_benchmark's webdataset layout (:mod:`evals.wds_layout`),
+a folder of class subfolders and a CSV/TSV table (:mod:`evals.file_sets`).
+:func:`load_labelled_shards` reads vlp's own held-out shards (``cls`` + image + ``txt``) into
+memory for the evaluators that run inside training.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import webdataset as wds
 from PIL import Image
+
+from data_pipelines.labelled_tables import SUFFIXES as TABLE_SUFFIXES
+from evals.eval_set import EvalDataError, EvalSet
+from evals.file_sets import open_csv, open_image_folder
+from evals.wds_layout import NSHARDS_FILE, is_clip_benchmark_wds, open_clip_benchmark_wds
+
+
+def open_eval_set(
+    path: str | os.PathLike[str],
+    *,
+    split: str = "test",
+    classnames: Sequence[str] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
+) -> EvalSet:
+    """Open the dataset at ``path``, recognising its layout.
+
+    ``split`` selects the split of a CLIP_benchmark webdataset root. ``classnames`` replace the
+    dataset's own (its ``classnames.txt`` or folder names); CSV labels are looked up in them.
+    The column names only apply to CSV tables.
+
+    Raises EvalDataError naming the path when it is no supported dataset.
+    """
+    text = os.fspath(path)
+    if "://" in text or os.path.isdir(text):
+        if is_clip_benchmark_wds(text, split):
+            eval_set = open_clip_benchmark_wds(text, split)
+        elif "://" in text or any(
+            os.path.isfile(os.path.join(text, entry, NSHARDS_FILE)) for entry in os.listdir(text)
+        ):
+            raise EvalDataError(f"{text}: CLIP_benchmark webdataset without a '{split}' split")
+        else:
+            eval_set = open_image_folder(text)
+    elif os.path.isfile(text) and text.lower().endswith(TABLE_SUFFIXES):
+        return open_csv(
+            text,
+            classnames=classnames,
+            image_column=image_column,
+            label_column=label_column,
+            caption_column=caption_column,
+        )
+    else:
+        raise EvalDataError(
+            f"'{text}' is not a dataset: expected a CLIP_benchmark webdataset root "
+            f"({split}/{NSHARDS_FILE}), a folder of class subfolders, or a .csv/.tsv table"
+        )
+    if classnames is not None:
+        if eval_set.classnames is not None and len(eval_set.classnames) != len(classnames):
+            raise EvalDataError(
+                f"{len(classnames)} class names were given but {text} has "
+                f"{len(eval_set.classnames)} classes; the class names and the labels disagree"
+            )
+        eval_set.classnames = list(classnames)
+    return eval_set
 
 
 @dataclass

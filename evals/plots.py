@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from evals.zeroshot import average_precision_per_class
+
 _RECALL_KEY = re.compile(r"^(image|text)_retrieval_recall@(\d+)$")
 _MAX_ANNOTATED_CLASSES = 20
 _MAX_LABELLED_CLASSES = 60
@@ -102,6 +104,54 @@ def plot_confusion_matrix(
                 )
     figure.tight_layout()
     return _save(figure, path)
+
+
+def plot_per_class(
+    values: Sequence[float],
+    classnames: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    ylabel: str,
+    title: str | None = None,
+) -> Path:
+    """Plot one value per class (recall, average precision) as bars, worst class first.
+
+    Why sorted: with many classes (where a confusion matrix is unreadable) the classes that
+    fail are what a person looks for. Class names label the bars up to 60 classes.
+    """
+    if len(values) != len(classnames) or len(values) == 0:
+        raise ValueError(f"{len(values)} values for {len(classnames)} class names")
+    order = sorted(range(len(values)), key=lambda i: float(values[i]))
+    figure = Figure(figsize=(min(4.0 + 0.2 * len(values), 24.0), 4.5))
+    axes = figure.add_subplot()
+    axes.bar(range(len(order)), [float(values[i]) for i in order], color="tab:blue")
+    if len(values) <= _MAX_LABELLED_CLASSES:
+        axes.set_xticks(range(len(order)), labels=[classnames[i] for i in order], rotation=90)
+    else:
+        axes.set_xlabel(f"{len(values)} classes, sorted")
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(0.0, 1.02)
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.set_title(title or f"{ylabel} per class")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_classification(
+    logits: Tensor, targets: Tensor, classnames: Sequence[str], path: str | os.PathLike[str]
+) -> Path:
+    """The figure that suits a classification result: per-class average precision for
+    multilabel targets [N, C], a confusion matrix up to 60 classes, else per-class recall.
+    """
+    if targets.ndim == 2:
+        ap = average_precision_per_class(logits.float().cpu(), targets.cpu()).nan_to_num(0.0)
+        return plot_per_class(ap.tolist(), classnames, path, ylabel="average precision")
+    if len(classnames) <= _MAX_LABELLED_CLASSES:
+        return plot_confusion_matrix(logits, targets, classnames, path)
+    predictions = logits.argmax(dim=1).cpu()
+    counts = confusion_matrix(predictions, targets.cpu(), len(classnames)).double()
+    recall = counts.diagonal() / counts.sum(dim=1).clamp(min=1)
+    return plot_per_class(recall.tolist(), classnames, path, ylabel="recall")
 
 
 def plot_recall_at_k(

@@ -53,11 +53,14 @@ def result_filename(
     """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``.
 
     As CB does: a ``wds/`` prefix is dropped and ``/`` in the dataset becomes ``_``; a
-    ``pretrained`` that is an existing file contributes its basename only.
+    ``pretrained`` that is an existing file contributes its basename only. Unlike CB, a ``/``
+    left in ``pretrained`` or ``model`` (a checkpoint directory, ``local-dir:PATH``) also becomes
+    ``_``: CB would write into (possibly missing) subfolders named after the path.
     """
     dataset_slug = dataset.removeprefix("wds/").replace("/", "_")
     pretrained_slug = os.path.basename(pretrained) if os.path.isfile(pretrained) else pretrained
-    return f"{dataset_slug}_{pretrained_slug}_{model}_{language}_{task}.json"
+    model_slug = model.replace("/", "_")
+    return f"{dataset_slug}_{pretrained_slug.replace('/', '_')}_{model_slug}_{language}_{task}.json"
 
 
 def write_result(
@@ -69,12 +72,15 @@ def write_result(
     task: str,
     metrics: Mapping[str, Any],
     language: str = "en",
+    **extra: Any,
 ) -> Path:
     """Write one result JSON atomically (temp file in the same folder, fsync, rename).
 
     Why atomic: a reader (a results table, a sweep's skip-existing check) never sees a half
     written file, even if the job is killed mid-write. Metrics are coerced to plain numbers;
     NaN is written as ``NaN`` like ``json.dump``'s default (see the module docstring).
+    ``extra`` keywords add JSON-able top-level keys after CB's (as CB's ``classnames`` dump
+    does), e.g. how many images were left out.
     Returns the path written; parent folders are created.
     """
     target = Path(path)
@@ -86,6 +92,7 @@ def write_result(
         "metrics": {k: _metric_value(k, v) for k, v in metrics.items()},
         "language": language,
     }
+    record.update(extra)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -7,18 +7,21 @@ multilabel targets, ``mean_average_precision``.
 
 Example::
 
-    clf = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], DEFAULT_TEMPLATES,
-                                        preprocess=preprocess)
-    metrics = classification_metrics(clf.logits(images), targets)
+    clf = ZeroShotClassifier.from_pretrained("runs/demo", ["cat", "dog"])  # or an export, a name
+    metrics = classification_metrics(clf.logits(["cat.jpg", "dog.png"]), torch.tensor([0, 1]))
+    clf.save("classifiers/pets")  # class embeddings + names: safetensors + JSON, no pickle
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +36,8 @@ from evals._model import (
 )
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
+EMBEDDINGS_FILE = "class_embeddings.safetensors"
+NAMES_FILE = "classifier.json"
 
 #: Either generic templates containing ``{c}`` or, CuPL style, classname -> full prompts.
 Templates = Sequence[str] | Mapping[str, Sequence[str]]
@@ -111,6 +116,7 @@ class ZeroShotClassifier:
     ``preprocess`` (PIL image -> [3, H, W] tensor) is only needed for PIL images or file paths,
     and should be the one stored with the checkpoint (DESIGN §7). ``tokenizer`` is kept so the
     classifier can be rebuilt for new classes. ``amp_dtype`` autocasts the image tower.
+    ``classnames`` (one per row) and ``templates`` are recorded for ``save`` and for reports.
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class ZeroShotClassifier:
         *,
         batch_size: int = 256,
         amp_dtype: torch.dtype | None = None,
+        classnames: Sequence[str] | None = None,
+        templates: Templates | None = None,
     ) -> None:
         if class_embeddings.ndim != 2 or class_embeddings.shape[0] == 0:
             raise ValueError(
@@ -129,12 +137,18 @@ class ZeroShotClassifier:
             )
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if classnames is not None and len(classnames) != class_embeddings.shape[0]:
+            raise ValueError(
+                f"{len(classnames)} class names for {class_embeddings.shape[0]} class embeddings"
+            )
         self.class_embeddings = class_embeddings.float()
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
+        self.classnames = list(classnames) if classnames is not None else None
+        self.templates = templates
 
     @classmethod
     def from_model(
@@ -162,7 +176,98 @@ class ZeroShotClassifier:
             amp_dtype=amp_dtype,
         )
         return cls(
-            weights, model, preprocess, tokenizer, batch_size=batch_size, amp_dtype=amp_dtype
+            weights,
+            model,
+            preprocess,
+            tokenizer,
+            batch_size=batch_size,
+            amp_dtype=amp_dtype,
+            classnames=classnames,
+            templates=templates,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike[str],
+        classnames: Sequence[str],
+        templates: Templates | None = None,
+        pretrained: str | None = None,
+        *,
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+    ) -> ZeroShotClassifier:
+        """Load a model and build its classifier for ``classnames``.
+
+        ``path_or_name``: a vlp run directory (its newest complete checkpoint), a checkpoint
+        or export directory, or an open_clip model name with ``pretrained`` (a tag or weights
+        file); see :mod:`evals.loading`. Images are preprocessed with the preprocessing stored
+        with the weights. ``templates`` default to ``DEFAULT_TEMPLATES`` ("a photo of a {c}.").
+        """
+        from evals.loading import load_model
+
+        model, preprocess, tokenizer, _ = load_model(path_or_name, pretrained, device=device)
+        return cls.from_model(
+            model,
+            tokenizer,
+            classnames,
+            DEFAULT_TEMPLATES if templates is None else templates,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            device=device,
+            amp_dtype=amp_dtype,
+        )
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the class embeddings (safetensors) and class names/templates (JSON).
+
+        Why not pickle: a classifier file may travel between users; safetensors and JSON
+        cannot run code when read. Returns ``directory``.
+        """
+        from safetensors.torch import save_file
+
+        if self.classnames is None:
+            raise ValueError("this classifier has no class names to save; pass classnames=")
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"class_embeddings": self.class_embeddings.cpu().contiguous()}, folder / EMBEDDINGS_FILE
+        )
+        templates = self.templates
+        if templates is not None:
+            templates = dict(templates) if isinstance(templates, Mapping) else list(templates)
+        record = {"classnames": self.classnames, "templates": templates}
+        (folder / NAMES_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        model: nn.Module,
+        preprocess: Preprocess | None = None,
+        tokenizer: Tokenizer | None = None,
+        *,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> ZeroShotClassifier:
+        """Read what :meth:`save` wrote; the embeddings go to ``device`` (default: the model's)."""
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
+        record = json.loads((folder / NAMES_FILE).read_text())
+        weights = load_file(folder / EMBEDDINGS_FILE)["class_embeddings"]
+        return cls(
+            weights.to(model_device(model, device)),
+            model,
+            preprocess,
+            tokenizer,
+            batch_size=batch_size,
+            amp_dtype=amp_dtype,
+            classnames=record["classnames"],
+            templates=record.get("templates"),
         )
 
     @property
@@ -213,7 +318,14 @@ class ZeroShotClassifier:
                 self.device,
                 self.amp_dtype,
             )
-        return 100.0 * features @ self.class_embeddings.T
+        return self.logits_from_features(features)
+
+    def logits_from_features(self, features: Tensor) -> Tensor:
+        """Logits [N, C] of image features [N, d] that are already L2-normalised (float32).
+
+        Why: evaluations that stream a dataset encode it once and reuse the features.
+        """
+        return 100.0 * features.to(self.device, torch.float32) @ self.class_embeddings.T
 
     def predict(self, images: Images) -> Tensor:
         """Return the argmax class index of each image, LongTensor [N]."""
@@ -225,21 +337,26 @@ class ZeroShotClassifier:
 
 
 def topk_accuracy(logits: Tensor, targets: Tensor, k: int) -> float:
-    """Fraction of rows whose target is among the ``k`` largest logits (``torch.topk``, as CB)."""
+    """Fraction of rows whose target is among the ``k`` largest logits (``torch.topk``, as CB).
+
+    Hits are counted and divided in Python (float64), as CB does, so values match it exactly.
+    """
     top = logits.topk(k, dim=1, largest=True, sorted=True).indices
-    return (top == targets[:, None]).any(dim=1).float().mean().item()
+    return int((top == targets[:, None]).any(dim=1).sum()) / targets.shape[0]
 
 
 def mean_per_class_recall(predictions: Tensor, targets: Tensor) -> float:
     """Balanced accuracy: recall of each class present in ``targets``, averaged over them.
 
     Same as sklearn's ``balanced_accuracy_score`` (what CLIP_benchmark calls), which ignores
-    classes that only appear among the predictions.
+    classes that only appear among the predictions; recalls in float64 averaged by NumPy, like
+    sklearn, so values match it exactly.
     """
-    recalls = [
-        (predictions[targets == c] == c).float().mean() for c in torch.unique(targets).tolist()
-    ]
-    return torch.stack(recalls).mean().item()
+    recalls = []
+    for c in torch.unique(targets).tolist():
+        members = targets == c
+        recalls.append(int((predictions[members] == c).sum()) / int(members.sum()))
+    return float(np.mean(recalls))
 
 
 def average_precision_per_class(scores: Tensor, targets: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect` —
-thin shells over tested functions."""
+"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect`,
+`vlp eval zeroshot|retrieval|linear-probe`, `vlp export` — thin shells over tested functions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
+from launch.evaluate import add_eval_commands, add_export_command
 from vlp.config import ConfigError, load_config
 
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo, user_errors=_run_errors)
 
     _add_shards(commands)
+    add_eval_commands(commands)
+    add_export_command(commands)
     return parser
 
 

@@ -24,7 +24,9 @@ from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import split_sources
 from data_pipelines.stream import make_train_stream
 from data_pipelines.transforms import fast_transforms_for_model
-from evals.datasets import load_labelled_shards
+from evals.dataset_evaluator import DatasetEvaluator
+from evals.datasets import load_labelled_shards, open_eval_set
+from evals.eval_set import EvalDataError
 from evals.heldout import HeldoutEvaluator
 from evals.plots import plot_loss_curve
 from vlp.config import Config
@@ -142,25 +144,43 @@ def train_transforms(
 
 def build_evaluators(
     config: Config, preprocess_val: Any, tokenizer: Any, out_dir: Path
-) -> list[HeldoutEvaluator]:
-    """Evaluators from the ``eval`` section (held-out shards with class labels)."""
-    if not config.eval.zeroshot_shards:
-        return []
-    if not config.eval.classnames:
-        raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
-    dataset = load_labelled_shards(shard_urls(config.eval.zeroshot_shards, "eval"), preprocess_val)
-    return [
-        HeldoutEvaluator(
-            "heldout",
-            dataset,
-            config.eval.classnames,
-            config.eval.templates,
-            tokenizer,
-            out_dir,
-            model_name=config.model.name,
-            batch_size=config.eval.batch_size,
+) -> list[Callable[[Any, int], dict[str, float]]]:
+    """Evaluators from the ``eval`` section: held-out labelled shards, and ``eval.datasets``."""
+    evaluators: list[Callable[[Any, int], dict[str, float]]] = []
+    if config.eval.zeroshot_shards:
+        if not config.eval.classnames:
+            raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
+        urls = shard_urls(config.eval.zeroshot_shards, "eval")
+        evaluators.append(
+            HeldoutEvaluator(
+                "heldout",
+                load_labelled_shards(urls, preprocess_val),
+                config.eval.classnames,
+                config.eval.templates,
+                tokenizer,
+                out_dir,
+                model_name=config.model.name,
+                batch_size=config.eval.batch_size,
+            )
         )
-    ]
+    for name, path in config.eval.datasets.items():
+        try:
+            eval_set = open_eval_set(path)
+        except EvalDataError as error:
+            raise StartupError(f"eval.datasets.{name}: {error}") from None
+        evaluators.append(
+            DatasetEvaluator(
+                name,
+                eval_set,
+                preprocess_val,
+                tokenizer,
+                config.eval.templates,
+                out_dir,
+                model_name=config.model.name,
+                batch_size=config.eval.batch_size,
+            )  # fmt: skip
+        )
+    return evaluators
 
 
 def train(config: Config) -> TrainResult:

@@ -130,6 +130,9 @@ class EvalConfig:
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
     batch_size: int = 256
+    datasets: dict[str, str] = field(default_factory=dict)
+    """More eval sets, name -> path: a CLIP_benchmark webdataset root, a folder of class
+    subfolders or a CSV table (as ``vlp eval`` reads them); logged as ``eval/<name>/<metric>``."""
 
 
 @dataclass

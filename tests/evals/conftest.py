@@ -1,6 +1,10 @@
-"""Fixtures for the evals tests: a real open_clip tokenizer, a fake and a tiny real CLIP."""
+"""Fixtures for the evals tests: a real open_clip tokenizer, a fake and a tiny real CLIP, and a
+run directory with vlp-tiny-vit checkpoints."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -68,3 +72,61 @@ def tiny_clip() -> nn.Module:
             "layers": 1,
         },
     )
+
+
+def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module, model_name: str) -> Path:
+    """Save ``model`` in vlp's run layout, as the trainer would (``checkpoints/step_N``)."""
+    from safetensors.torch import save_file
+
+    from vlp.models import model_config, preprocess_config
+
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    checkpoint.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(checkpoint / "model.safetensors"))
+    info = {
+        "model_name": model_name,
+        "model_cfg": model_config(model_name),
+        "preprocess_cfg": preprocess_config(model),
+    }
+    (checkpoint / "model_config.json").write_text(json.dumps(info))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """A run directory holding randomly initialised vlp-tiny-vit weights at steps 5 and 10.
+
+    Returns the run directory and the model saved at step 10 (the newest checkpoint).
+    """
+    from vlp.models import create_model
+
+    run_dir = tmp_path_factory.mktemp("run")
+    for step, seed in ((5, 1), (10, 2)):
+        torch.manual_seed(seed)
+        model = create_model("vlp-tiny-vit")[0].eval()
+        save_run_checkpoint(run_dir, step, model, "vlp-tiny-vit")
+    return run_dir, model
+
+
+def write_image_folder(
+    root: Path, per_class: int = 3, classes: int = 3, seed: int = 0
+) -> list[str]:
+    """Synthetic shapes as ``root/<shape> shape/<key>.png`` for the first ``classes`` shapes.
+
+    Class names contain a space (as real folder names may). Returns them, sorted.
+    """
+    from data_pipelines.synthetic import CLASSNAMES, generate_samples
+
+    counts = dict.fromkeys(range(classes), 0)
+    for sample in generate_samples(40 * per_class * classes, seed=seed):
+        cls = sample["cls"]
+        if cls < classes and counts[cls] < per_class:
+            folder = root / f"{CLASSNAMES[cls]} shape"
+            folder.mkdir(parents=True, exist_ok=True)
+            sample["image"].save(folder / f"{sample['key']}.png")
+            counts[cls] += 1
+        if all(count == per_class for count in counts.values()):
+            break
+    return sorted(f"{CLASSNAMES[c]} shape" for c in range(classes))

@@ -9,8 +9,10 @@ import torch
 
 from evals.plots import (
     confusion_matrix,
+    plot_classification,
     plot_confusion_matrix,
     plot_loss_curve,
+    plot_per_class,
     plot_recall_at_k,
 )
 
@@ -81,3 +83,21 @@ def test_plot_loss_curve(tmp_path) -> None:
     assert_png(plot_loss_curve(steps, losses, tmp_path / "loss_log.png", log_y=True))
     with pytest.raises(ValueError, match="differ in length"):
         plot_loss_curve([0, 1], [1.0], tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("case", ["few classes", "many classes", "multilabel"])
+def test_plot_classification_picks_a_readable_figure(tmp_path, case) -> None:
+    generator = torch.Generator().manual_seed(0)
+    classes = 80 if case == "many classes" else 4
+    logits = torch.randn(200, classes, generator=generator)
+    if case == "multilabel":
+        targets = (torch.rand(200, classes, generator=generator) < 0.3).long()
+    else:
+        targets = torch.randint(0, classes, (200,), generator=generator)
+    names = [f"class {i}" for i in range(classes)]
+    assert_png(plot_classification(logits, targets, names, tmp_path / "figure.png"))
+
+
+def test_plot_per_class_checks_its_input(tmp_path) -> None:
+    with pytest.raises(ValueError, match="2 values for 3 class names"):
+        plot_per_class([0.5, 0.7], ["a", "b", "c"], tmp_path / "x.png", ylabel="recall")

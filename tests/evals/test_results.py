@@ -98,3 +98,26 @@ def test_package_import_is_light() -> None:
         "import sys, evals; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_result_filename_flattens_paths_in_model_and_pretrained() -> None:
+    name = result_filename(
+        dataset="wds/shapes",
+        model="local-dir:/exports/tiny",
+        pretrained="runs/demo/checkpoints/step_00000600",
+        task="zeroshot_classification",
+    )
+    assert "/" not in name
+    assert name == (
+        "shapes_runs_demo_checkpoints_step_00000600_local-dir:_exports_tiny_en_"
+        "zeroshot_classification.json"
+    )
+
+
+def test_extra_keys_follow_clip_benchmarks(tmp_path) -> None:
+    path = write_result(
+        tmp_path / "r.json", **FIELDS, metrics={"acc1": 0.5}, images_skipped=2, images_evaluated=8
+    )
+    record = read_result(path)
+    assert list(record)[:6] == ["dataset", "model", "pretrained", "task", "metrics", "language"]
+    assert record["images_skipped"] == 2 and record["images_evaluated"] == 8

@@ -1,4 +1,4 @@
-"""A resumed run sees exactly the batches, and so takes exactly the steps, of an uninterrupted one."""
+"""Single-process training runs end to end: exact resume, and eval datasets inside training."""
 
 from __future__ import annotations
 
@@ -56,3 +56,28 @@ def test_resume_from_step_3_of_5_repeats_steps_4_and_5_exactly(tmp_path: Path, r
     assert sorted(got) == [4, 5]
     assert got == {step: expected[step] for step in (4, 5)}
     assert json.loads((resumed / "data_skips_rank0.json").read_text())["skipped"] == 0
+
+
+@pytest.mark.slow
+def test_eval_datasets_run_inside_training(tmp_path: Path) -> None:
+    """eval.datasets: a CLIP_benchmark-layout set (written from a class folder) is evaluated
+    every eval.every steps, logged as eval/<name>/<metric>, with CLIP_benchmark-shaped JSON."""
+    from data_pipelines.clip_benchmark_layout import write_clip_benchmark_layout
+
+    folder = tmp_path / "folder"
+    for sample in generate_samples(12, seed=3):
+        (folder / f"class {sample['cls']}").mkdir(parents=True, exist_ok=True)
+        sample["image"].save(folder / f"class {sample['cls']}" / f"{sample['key']}.png")
+    write_clip_benchmark_layout(folder, tmp_path / "wds", image_format="png")
+    shards = tmp_path / "shards"
+    write_shards(generate_samples(40, seed=0), shards, samples_per_shard=10)
+    out = tmp_path / "run"
+    overrides = {
+        "train.steps": 2,
+        "eval.every": 1,
+        "eval.datasets": f"{{shapes: {tmp_path / 'wds'}}}",
+    }
+    result = train(_config(shards, out, **overrides))
+    assert 0 <= result.eval_metrics["eval/shapes/acc1"] <= 1
+    saved = json.loads((out / "results" / "shapes_zeroshot_classification.json").read_text())
+    assert saved["task"] == "zeroshot_classification" and "acc1" in saved["metrics"]

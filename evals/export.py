@@ -1,0 +1,94 @@
+"""`vlp export`: write a run's model in open_clip's hub layout, loadable as ``local-dir:OUT``.
+
+The layout is what ``open_clip.push_to_hf_hub`` uploads and what open_clip's ``local-dir:``
+and ``hf-hub:`` loaders read:
+
+- ``open_clip_config.json``: ``{"model_cfg": ..., "preprocess_cfg": ..., "vlp": {...}}``; the
+  preprocessing is the one stored with the weights, and ``vlp`` records where the weights came
+  from and which tokenizer goes with them (open_clip ignores the block);
+- ``open_clip_model.safetensors``: the state dict (no pickle);
+- tokenizer files when the tokenizer is not open_clip's bundled BPE: a Hugging Face tokenizer
+  is saved next to the weights (open_clip loads it from there); a SentencePiece ``.model`` is
+  copied as ``sentencepiece.model`` (vlp loads it; open_clip cannot, and the export says so).
+
+Example::
+
+    export_run("runs/demo", "exports/demo")
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:exports/demo")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from evals.loading import CONFIG_NAME, load_model
+
+WEIGHTS_NAME = "open_clip_model.safetensors"
+SENTENCEPIECE_NAME = "sentencepiece.model"
+
+logger = logging.getLogger(__name__)
+
+
+def _save_tokenizer(tokenizer: Any, tokenizer_file: Path | None, folder: Path) -> dict[str, str]:
+    """Write what open_clip (or vlp) needs to rebuild the tokenizer; describe it for the config."""
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / SENTENCEPIECE_NAME)
+        logger.warning(
+            "the model uses a SentencePiece tokenizer (%s): vlp loads the export with it, but "
+            "open_clip's local-dir loader does not know it and would use its default tokenizer",
+            tokenizer_file,
+        )
+        return {"tokenizer": "sentencepiece", "tokenizer_file": SENTENCEPIECE_NAME}
+    if hasattr(tokenizer, "save_pretrained"):  # open_clip's HFTokenizer / SigLipTokenizer
+        tokenizer.save_pretrained(str(folder))
+    return {"tokenizer": type(tokenizer).__name__}
+
+
+def export_run(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Export the newest complete checkpoint of ``run_dir`` (or any model reference that
+    :func:`evals.loading.load_model` accepts) to ``out``; return ``out``.
+
+    The export is assembled in a temporary sibling folder and renamed into place, so ``out``
+    is never half written. ``out`` must not exist, or be empty, unless ``overwrite``.
+
+    Raises:
+        evals.loading.ModelLoadError: ``run_dir`` is not a model.
+        FileExistsError: ``out`` exists, is not empty and ``overwrite`` is False.
+    """
+    target = Path(out)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"export folder '{target}' exists and is not empty; pass overwrite")
+    model, _, tokenizer, info = load_model(run_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME))
+        vlp_block = {
+            "model_name": info.name,
+            "exported_from": info.pretrained,
+            **_save_tokenizer(tokenizer, info.tokenizer_file, staging),
+        }
+        config = {
+            "model_cfg": info.model_cfg,
+            "preprocess_cfg": info.preprocess_cfg,
+            "vlp": vlp_block,
+        }
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,275 @@
+"""`vlp eval zeroshot|retrieval|linear-probe` and `vlp export`: thin shells over :mod:`evals`.
+
+Each eval command loads a model reference (a run, checkpoint or export directory, or an
+open_clip name with ``--pretrained``), opens a dataset (CLIP_benchmark's webdataset root, a
+folder of class subfolders, or a CSV), runs one CLIP_benchmark task and writes into ``--out``
+the CLIP_benchmark-shaped JSON, named as CLIP_benchmark names it, plus a PNG with the same
+stem. Images that do not decode are reported, counted and left out; the JSON says how many.
+Problems a user can fix raise :class:`launch.run.StartupError`, which `vlp` prints as one line.
+
+Register the commands on `vlp`'s parser with :func:`add_eval_commands` and
+:func:`add_export_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from launch.run import StartupError
+
+    return (StartupError,)
+
+
+def _as_startup_errors(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Turn the evals' user-facing errors into StartupError, so `vlp` prints one line."""
+
+    @wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from data_pipelines.sources import SourceError
+        from evals.eval_set import EvalDataError
+        from evals.loading import ModelLoadError
+        from launch.run import StartupError
+
+        try:
+            return command(args)
+        except (ModelLoadError, EvalDataError, SourceError, FileExistsError) as error:
+            raise StartupError(str(error)) from None
+
+    return run
+
+
+def _read_list_file(path: str, what: str) -> Any:
+    """A JSON file (list, or dict for templates) or a text file of non-empty stripped lines."""
+    from launch.run import StartupError
+
+    file = Path(path)
+    if not file.is_file():
+        raise StartupError(f"{what} file '{path}' does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise StartupError(f"{what} file '{path}' is not valid JSON: {error}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise StartupError(f"{what} file '{path}' is empty")
+    return lines
+
+
+def _classnames(args: argparse.Namespace) -> list[str] | None:
+    from launch.run import StartupError
+
+    if args.classnames is None:
+        return None
+    names = _read_list_file(args.classnames, "class names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StartupError(f"class names file '{args.classnames}' must list strings")
+    return names
+
+
+def _options(args: argparse.Namespace) -> Any:
+    import torch
+
+    from evals.tasks import EncodeOptions
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return EncodeOptions(args.batch_size, args.workers, device, dtypes[args.precision])
+
+
+def _write(args: argparse.Namespace, info: Any, dataset: str, result: Any) -> Path:
+    """Write the result JSON into ``--out`` (CB's name) and print the metrics; return it."""
+    from evals.batches import describe_skips
+    from evals.results import result_filename, write_result
+
+    names = {"dataset": dataset, "model": info.name, "pretrained": info.pretrained}
+    path = Path(args.out) / result_filename(**names, task=result.task)
+    extra = {"images_evaluated": result.images, **describe_skips(result.skipped), **result.extra}
+    write_result(path, **names, task=result.task, metrics=result.metrics, **extra)
+    print(f"{result.task} of {info.name} ({info.pretrained}) on {dataset}:")
+    for key, value in result.metrics.items():
+        print(f"  {key:<32} {value:.4f}" if isinstance(value, float) else f"  {key:<32} {value}")
+    print(f"  images: {result.images} evaluated, {len(result.skipped)} skipped (did not decode)")
+    print(f"results: {path}")
+    return path
+
+
+@_as_startup_errors
+def zeroshot_command(args: argparse.Namespace) -> int:
+    """`vlp eval zeroshot`: zero-shot classification, JSON + confusion-matrix PNG."""
+    from evals.datasets import open_eval_set
+    from evals.loading import load_model
+    from evals.tasks import zeroshot_classification
+    from evals.zeroshot import DEFAULT_TEMPLATES, expand_prompts
+    from launch.run import StartupError
+
+    options = _options(args)
+    eval_set = open_eval_set(args.dataset, split=args.split, classnames=_classnames(args))
+    if eval_set.kind == "retrieval":
+        raise StartupError(f"{args.dataset} is a retrieval dataset: use `vlp eval retrieval`")
+    if eval_set.classnames is None:
+        raise StartupError(f"{args.dataset} has no class names; give them with --classnames")
+    templates = _read_list_file(args.templates, "templates") if args.templates else None
+    templates = templates or eval_set.templates or list(DEFAULT_TEMPLATES)
+    try:
+        expand_prompts(eval_set.classnames, templates)
+    except ValueError as error:  # no {c}, a CuPL dict missing a class, ...
+        raise StartupError(f"templates: {error}") from None
+    model, preprocess, tokenizer, info = load_model(
+        args.model, args.pretrained, device=options.device
+    )
+    result = zeroshot_classification(
+        model, preprocess, tokenizer, eval_set, eval_set.classnames, templates, options
+    )
+    path = _write(args, info, eval_set.name, result)
+    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    return 0
+
+
+@_as_startup_errors
+def retrieval_command(args: argparse.Namespace) -> int:
+    """`vlp eval retrieval`: image-text retrieval, JSON + recall@k PNG."""
+    from evals.datasets import open_eval_set
+    from evals.loading import load_model
+    from evals.tasks import zeroshot_retrieval
+
+    options = _options(args)
+    eval_set = open_eval_set(args.dataset, split=args.split)
+    model, preprocess, tokenizer, info = load_model(
+        args.model, args.pretrained, device=options.device
+    )
+    result = zeroshot_retrieval(model, preprocess, tokenizer, eval_set, args.recall_k, options)
+    path = _write(args, info, eval_set.name, result)
+    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    return 0
+
+
+@_as_startup_errors
+def linear_probe_command(args: argparse.Namespace) -> int:
+    """`vlp eval linear-probe`: logistic regression on frozen features, JSON + PNG."""
+    from evals.datasets import open_eval_set
+    from evals.loading import load_model
+    from evals.tasks import linear_probe_task
+    from evals.wds_layout import is_clip_benchmark_wds
+    from launch.run import StartupError
+
+    if args.train_dataset is None and not is_clip_benchmark_wds(args.dataset, args.train_split):
+        raise StartupError(
+            f"{args.dataset} has no '{args.train_split}' split to train the probe on; "
+            "give the training set with --train-dataset"
+        )
+    options = _options(args)
+    classnames = _classnames(args)
+    test_set = open_eval_set(args.dataset, split=args.split, classnames=classnames)
+    train_set = open_eval_set(
+        args.train_dataset or args.dataset, split=args.train_split, classnames=classnames
+    )
+    model, preprocess, _, info = load_model(args.model, args.pretrained, device=options.device)
+    result = linear_probe_task(
+        model,
+        preprocess,
+        train_set,
+        test_set,
+        fewshot_k=args.fewshot_k,
+        validation_fraction=args.val_fraction,
+        seed=args.seed,
+        options=options,
+    )
+    path = _write(args, info, test_set.name, result)
+    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    return 0
+
+
+@_as_startup_errors
+def export_command(args: argparse.Namespace) -> int:
+    """`vlp export RUN_DIR OUT`: open_clip hub layout, loadable as ``local-dir:OUT``."""
+    from evals.export import export_run
+
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} to {out}")
+    print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="run directory (newest checkpoint), checkpoint or export directory, or open_clip "
+        "model name",
+    )
+    parser.add_argument("--pretrained", help="open_clip pretrained tag or weights file")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="CLIP_benchmark webdataset root, folder of class subfolders, or .csv/.tsv",
+    )
+    parser.add_argument("--split", default="test", help="split of a webdataset root")
+    parser.add_argument("--out", required=True, help="folder for the result JSON and PNG")
+    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype")
+
+
+def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `vlp eval zeroshot|retrieval|linear-probe` on `vlp`'s subcommand parsers."""
+    evaluate = subparsers.add_parser(
+        "eval", help="zero-shot classification, retrieval or linear probe, as CLIP_benchmark"
+    )
+    tasks = evaluate.add_subparsers(dest="eval_command", required=True)
+
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification from class prompts")
+    _common(zeroshot)
+    zeroshot.add_argument("--classnames", help="one class name per line, or a JSON list")
+    zeroshot.add_argument(
+        "--templates",
+        help="one template with {c} per line, a JSON list, or a JSON object class -> prompts "
+        "(CuPL); default: the dataset's, else 'a photo of a {c}.'",
+    )
+    zeroshot.set_defaults(func=zeroshot_command, user_errors=_user_errors)
+
+    retrieval = tasks.add_parser("retrieval", help="image<->text retrieval recall@k")
+    _common(retrieval)
+    retrieval.add_argument("--recall-k", type=_positive, nargs="+", default=[1, 5, 10])
+    retrieval.set_defaults(func=retrieval_command, user_errors=_user_errors)
+
+    probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
+    _common(probe)
+    probe.add_argument(
+        "--train-dataset", help="training set (default: --dataset, split --train-split)"
+    )
+    probe.add_argument("--train-split", default="train", help="split of a webdataset root")
+    probe.add_argument("--classnames", help="one class name per line, or a JSON list")
+    probe.add_argument("--fewshot-k", type=_positive, help="train on k images per class")
+    probe.add_argument("--val-fraction", type=float, default=0.2, help="for the decay sweep")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.set_defaults(func=linear_probe_command, user_errors=_user_errors)
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `vlp export RUN_DIR OUT` on `vlp`'s subcommand parsers."""
+    export = subparsers.add_parser(
+        "export", help="write a run's newest checkpoint in open_clip's hub layout"
+    )
+    export.add_argument("run_dir", help="run directory (or checkpoint / export / model name)")
+    export.add_argument("out", help="output folder (must be empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    export.set_defaults(func=export_command, user_errors=_user_errors)
