@@ -44,7 +44,8 @@ class Batch:
     an exception raised inside a DataLoader worker would reach the user wrapped in a traceback)."""
 
 
-def _decode(sample: RawSample) -> Image.Image:
+def decode_sample(sample: RawSample) -> Image.Image:
+    """The sample's image, decoded with the training stream's rules."""
     if isinstance(sample.image, bytes):
         return decode_image(sample.image)
     with open(sample.image, "rb") as handle:
@@ -76,7 +77,7 @@ class _Batches(IterableDataset):
                     continue
                 self.eval_set.check_target(sample)
                 try:
-                    image = _decode(sample)
+                    image = decode_sample(sample)
                 except DATA_ERRORS as error:
                     skipped.append((sample.where, str(error)))
                     continue

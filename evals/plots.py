@@ -189,6 +189,31 @@ def plot_recall_at_k(
     return _save(figure, path)
 
 
+def plot_retrieval_grid(
+    queries: Sequence[tuple[str, Sequence[tuple[object, bool]]]],
+    path: str | os.PathLike[str],
+) -> Path:
+    """A row per text query: its caption, then its top retrieved images (PIL), the correct
+    ones framed in green and the others in red."""
+    if not queries:
+        raise ValueError("no retrieval queries to draw")
+    columns = max(len(images) for _, images in queries)
+    figure = Figure(figsize=(1.8 * columns, 2.1 * len(queries)))
+    for row, (caption, images) in enumerate(queries):
+        for column, (image, correct) in enumerate(images):
+            axes = figure.add_subplot(len(queries), columns, row * columns + column + 1)
+            axes.imshow(image)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            for spine in axes.spines.values():
+                spine.set_edgecolor("green" if correct else "red")
+                spine.set_linewidth(3)
+            if column == 0:
+                axes.set_title(caption[:60], loc="left", fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def plot_loss_curve(
     steps: Sequence[float],
     losses: Sequence[float],

@@ -18,11 +18,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from evals._model import Tokenizer
-from evals.batches import EncodedSet, encode_eval_set
+from evals.batches import EncodedSet, decode_sample, encode_eval_set
 from evals.eval_set import EvalDataError, EvalSet
 from evals.fewshot import few_shot_indices
 from evals.linear_probe import linear_probe
-from evals.plots import plot_classification, plot_recall_at_k
+from evals.plots import plot_classification, plot_recall_at_k, plot_retrieval_grid
 from evals.retrieval import encode_captions, retrieval_metrics
 from evals.zeroshot import Templates, ZeroShotClassifier, classification_metrics
 
@@ -63,12 +63,18 @@ class TaskResult:
     logits: Tensor | None = None
     targets: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """JSON-ready facts written next to the metrics."""
+    queries: list[tuple[str, list[tuple[Image.Image, bool]]]] | None = None
+    """Retrieval: a few captions with their top images (correct or not), for the grid PNG."""
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """The result's PNG: a classification figure (see ``plot_classification``) when
-        there are logits, else the recall@k curve."""
+        there are logits, else the recall@k curve (and ``<name>_top_images.png`` beside it)."""
         if self.logits is not None and self.targets is not None and self.classnames is not None:
             return plot_classification(self.logits, self.targets, self.classnames, path)
+        if self.queries:  # retrieval: a grid of top images beside the curve
+            grid = Path(path)
+            plot_retrieval_grid(self.queries, grid.with_name(f"{grid.stem}_top_images.png"))
         return plot_recall_at_k(self.metrics, path)
 
 
@@ -132,13 +138,37 @@ def zeroshot_retrieval(
         amp_dtype=options.amp_dtype,
     )
     metrics = retrieval_metrics(encoded.features, text_features, index, recall_k)
+    captions = [caption for per_image in encoded.captions() for caption in per_image]
     return TaskResult(
         "zeroshot_retrieval",
         metrics,
         len(encoded.samples),
         encoded.skipped,
         extra={"captions": int(text_features.shape[0])},
+        queries=_top_images(encoded, text_features, index, captions),
     )
+
+
+def _top_images(
+    encoded: EncodedSet,
+    text_features: Tensor,
+    index: Tensor,
+    captions: Sequence[str],
+    queries: int = 4,
+    top: int = 5,
+) -> list[tuple[str, list[tuple[Image.Image, bool]]]]:
+    """For the first few captions: the best-scoring images, and whether each is the caption's
+    own (for :func:`evals.plots.plot_retrieval_grid`)."""
+    count = min(queries, len(captions))
+    scores = text_features[:count].float() @ encoded.features.T
+    best = scores.topk(min(top, scores.shape[1]), dim=1).indices
+    return [
+        (
+            captions[q],
+            [(decode_sample(encoded.samples[i]), i == int(index[q])) for i in best[q].tolist()],
+        )
+        for q in range(count)
+    ]
 
 
 def linear_probe_task(

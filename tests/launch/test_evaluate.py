@@ -110,6 +110,7 @@ def test_retrieval_on_a_csv(run_dir, tmp_path) -> None:
         >= result["metrics"]["image_retrieval_recall@1"]
     )
     assert path.with_suffix(".png").is_file()
+    assert path.with_name(f"{path.stem}_top_images.png").is_file()
 
 
 @pytest.mark.parametrize("layout", ["folders", "wds splits"])
