@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy vlp
+	$(BIN)/mypy vlp data_pipelines evals launch
 
 pytest: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor
 
 from evals.zeroshot import average_precision_per_class
@@ -190,7 +191,7 @@ def plot_recall_at_k(
 
 
 def plot_retrieval_grid(
-    queries: Sequence[tuple[str, Sequence[tuple[object, bool]]]],
+    queries: Sequence[tuple[str, Sequence[tuple[Image.Image, bool]]]],
     path: str | os.PathLike[str],
 ) -> Path:
     """A row per text query: its caption, then its top retrieved images (PIL), the correct
