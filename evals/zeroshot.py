@@ -380,9 +380,9 @@ def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     """CLIP_benchmark's zero-shot classification metrics as plain Python floats.
 
     ``targets`` [N] of class indices: ``acc1``, ``acc5`` (NaN with fewer than 5 classes) and
-    ``mean_per_class_recall``. ``targets`` [N, C] of 0/1 (multilabel): ``mean_average_precision``,
-    the mean over classes with at least one positive (CB also averages in a 0 for classes
-    without positives; on its multilabel datasets every class has positives).
+    ``mean_per_class_recall``. ``targets`` [N, C] of 0/1 (multilabel): ``mean_average_precision``
+    over all C classes; as in CLIP_benchmark, a class without positives counts as AP 0 (it
+    lowers the mean: evaluate on sets where every class occurs).
     """
     logits = logits.detach().float().cpu()
     targets = targets.detach().cpu()
@@ -393,9 +393,8 @@ def classification_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
             raise ValueError(
                 f"multilabel targets {tuple(targets.shape)} must match logits {tuple(logits.shape)}"
             )
-        ap = average_precision_per_class(logits, targets)
-        valid = ap[~ap.isnan()]
-        return {"mean_average_precision": valid.mean().item() if len(valid) else math.nan}
+        ap = average_precision_per_class(logits, targets).nan_to_num(0.0)
+        return {"mean_average_precision": ap.mean().item()}
     if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
         raise ValueError(
             f"targets must be [N] (or [N, C] multilabel) with N={logits.shape[0]}, "

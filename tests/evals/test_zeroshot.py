@@ -216,13 +216,14 @@ def test_multilabel_mean_average_precision(empty_class) -> None:
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]])
     # class 0 ranked: pos, neg, pos, neg -> AP = (1/1 + 2/3) / 2; class 1: pos, pos -> AP = 1
-    if empty_class:  # a class without positives is left out of the mean
+    if empty_class:  # a class without positives counts as AP 0 (CLIP_benchmark's mean)
         scores = torch.cat([scores, torch.rand(4, 1)], dim=1)
         targets = torch.cat([targets, torch.zeros(4, 1, dtype=torch.long)], dim=1)
     metrics = classification_metrics(scores, targets)
     assert set(metrics) == {"mean_average_precision"}
     assert type(metrics["mean_average_precision"]) is float
-    assert metrics["mean_average_precision"] == pytest.approx((5 / 6 + 1) / 2)
+    expected = (5 / 6 + 1) / 3 if empty_class else (5 / 6 + 1) / 2
+    assert metrics["mean_average_precision"] == pytest.approx(expected)
 
 
 def test_accuracy_matches_clip_benchmark_reference() -> None:
