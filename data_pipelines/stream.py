@@ -449,19 +449,32 @@ class TrainStream:
         remaining = None if self.num_batches is None else self.num_batches - self._consumed
         if remaining is not None and remaining <= 0:
             self._consumed, remaining = 0, self.num_batches
-        for batch in loader:
-            meta = batch.pop("__stream__")
-            self._positions[meta["worker"]] = meta["position"]
-            self._next_worker = (meta["worker"] + 1) % self.spec.workers
-            self.skips.add(meta["counts"])
-            self._check_skips()
-            self._consumed += 1
-            yield batch
-            if remaining is not None:
-                remaining -= 1
-                if remaining == 0:
-                    self._consumed = 0
-                    return
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                meta = batch.pop("__stream__")
+                self._positions[meta["worker"]] = meta["position"]
+                self._next_worker = (meta["worker"] + 1) % self.spec.workers
+                self.skips.add(meta["counts"])
+                self._check_skips()
+                self._consumed += 1
+                yield batch
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        self._consumed = 0
+                        return
+        except (ConnectionError, EOFError) as error:
+            if not self.num_workers:
+                raise
+            # A worker that dies while its batch is being received shows up as a broken pipe
+            # before the DataLoader's own "exited unexpectedly" check runs.
+            raise RuntimeError(
+                f"a DataLoader worker of rank {self.spec.rank} exited unexpectedly (receiving "
+                f"its batch failed: {error!r}); its own log lines above say why"
+            ) from error
+        finally:
+            del batches  # shuts the workers down now, so no late SIGCHLD error escapes
 
     def _check_skips(self) -> None:
         seen = self.skips.ok + self.skips.skipped
