@@ -10,7 +10,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-from launch.evaluate import add_eval_commands, add_export_command
+from launch.evaluate import add_eval_commands, add_export_command, positive_int
 from vlp.config import ConfigError, load_config
 
 
@@ -112,13 +112,6 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def _add_shards(commands: argparse._SubParsersAction) -> None:
     shards = commands.add_parser("shards", help="write, validate and inspect webdataset shards")
     sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -129,11 +122,11 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
     )
     write.add_argument("source", help="folder of class subfolders, or .csv/.tsv/.parquet/.jsonl")
     write.add_argument("out", help="output folder or fsspec URL (must be empty)")
-    write.add_argument("--samples-per-shard", type=_positive, default=1000)
-    write.add_argument("--max-side", type=_positive, help="shrink larger images to this side")
-    write.add_argument("--workers", type=_positive, default=1, help="image worker processes")
+    write.add_argument("--samples-per-shard", type=positive_int, default=1000)
+    write.add_argument("--max-side", type=positive_int, help="shrink larger images to this side")
+    write.add_argument("--workers", type=positive_int, default=1, help="image worker processes")
     write.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
-    write.add_argument("--quality", type=_positive, default=95, help="jpg/webp quality")
+    write.add_argument("--quality", type=positive_int, default=95, help="jpg/webp quality")
     write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     write.add_argument(
         "--caption-template",
@@ -155,7 +148,7 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
 
     inspect = sub.add_parser("inspect", help="print the first samples and draw them in a PNG")
     inspect.add_argument("shards", help="shard folder, brace pattern or URL")
-    inspect.add_argument("-n", type=_positive, default=16, help="samples to show (default: 16)")
+    inspect.add_argument("-n", type=positive_int, default=16, help="samples to show (default: 16)")
     inspect.add_argument("--grid", default="shards_inspect.png", help="PNG to write")
     inspect.add_argument("--caption-key", default="txt", help="caption member (default: txt)")
     inspect.set_defaults(func=_shards_inspect, user_errors=_shards_errors)

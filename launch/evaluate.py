@@ -201,7 +201,8 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
@@ -223,7 +224,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test", help="split of a webdataset root")
     parser.add_argument("--out", required=True, help="folder for the result JSON and PNG")
-    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype")
@@ -248,7 +249,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
 
     retrieval = tasks.add_parser("retrieval", help="image<->text retrieval recall@k")
     _common(retrieval)
-    retrieval.add_argument("--recall-k", type=_positive, nargs="+", default=[1, 5, 10])
+    retrieval.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10])
     retrieval.set_defaults(func=retrieval_command, user_errors=_user_errors)
 
     probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
@@ -258,7 +259,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     probe.add_argument("--train-split", default="train", help="split of a webdataset root")
     probe.add_argument("--classnames", help="one class name per line, or a JSON list")
-    probe.add_argument("--fewshot-k", type=_positive, help="train on k images per class")
+    probe.add_argument("--fewshot-k", type=positive_int, help="train on k images per class")
     probe.add_argument("--val-fraction", type=float, default=0.2, help="for the decay sweep")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(func=linear_probe_command, user_errors=_user_errors)
