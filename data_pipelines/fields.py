@@ -10,10 +10,10 @@ import json
 
 import webdataset as wds
 
-from data_pipelines.decode import DATA_ERRORS
+from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
 from data_pipelines.tario import iter_samples
 
-IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp"})
+IMAGE_FIELDS = frozenset(IMAGE_MEMBERS)
 
 
 def first_sample_fields(url: str) -> set[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-import data_pipelines.stream as stream_module
+import data_pipelines.worker_stream as stream_module
 from data_pipelines.stream import make_train_stream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards

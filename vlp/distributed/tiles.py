@@ -37,9 +37,29 @@ def _exact(like: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=like.device.type, enabled=False)
 
 
-def _tiles(length: int, tile: int) -> Iterator[slice]:
-    for start in range(0, length, tile):
-        yield slice(start, min(start + tile, length))
+def _tile_pairs(rows: int, columns: int, tile: int) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) of every tile of a rows × columns block."""
+    for start_c in range(0, columns, tile):
+        for start_r in range(0, rows, tile):
+            yield (
+                slice(start_r, min(start_r + tile, rows)),
+                slice(start_c, min(start_c + tile, columns)),
+            )
+
+
+def _ring_chunks(
+    columns: torch.Tensor, ring: RingShift, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(owner rank, its chunk in ``dtype``) for every rank of the ring, this rank's first.
+
+    The next chunk is already on its way while the caller works on the current one.
+    """
+    chunk = columns
+    for step in range(ring.size):
+        arriving = ring.start([chunk]) if step < ring.size - 1 else None
+        yield (ring.rank - step) % ring.size, chunk.to(dtype)
+        if arriving is not None:
+            chunk = arriving()[0]
 
 
 def ring_forward(
@@ -49,17 +69,10 @@ def ring_forward(
 
     ``rows`` is in the compute dtype; ``columns`` (this rank's chunk) travels in its own dtype.
     """
-    chunk = columns
     with _exact(rows):
-        for step in range(ring.size):
-            owner = (ring.rank - step) % ring.size
-            arriving = ring.start([chunk]) if step < ring.size - 1 else None
-            work = chunk.to(rows.dtype)
-            for cs in _tiles(work.shape[0], tile):
-                for rs in _tiles(rows.shape[0], tile):
-                    visit(owner, rs, cs, rows[rs] @ work[cs].T)
-            if arriving is not None:
-                chunk = arriving()[0]
+        for owner, work in _ring_chunks(columns, ring, rows.dtype):
+            for rs, cs in _tile_pairs(rows.shape[0], work.shape[0], tile):
+                visit(owner, rs, cs, rows[rs] @ work[cs].T)
 
 
 def ring_backward(
@@ -71,19 +84,12 @@ def ring_backward(
     sees every column): it travels with the chunk and is delivered to the chunk's owner.
     """
     d_rows = torch.zeros_like(rows)
-    chunk = columns
     d_chunk = torch.zeros(columns.shape, dtype=rows.dtype, device=rows.device)
     with _exact(rows):
-        for step in range(ring.size):
-            owner = (ring.rank - step) % ring.size
-            arriving = ring.start([chunk]) if step < ring.size - 1 else None
-            work = chunk.to(rows.dtype)
-            for cs in _tiles(work.shape[0], tile):
-                for rs in _tiles(rows.shape[0], tile):
-                    d_raw = grad(owner, rs, cs, rows[rs] @ work[cs].T)
-                    d_rows[rs] += d_raw @ work[cs]
-                    d_chunk[cs] += d_raw.T @ rows[rs]
+        for owner, work in _ring_chunks(columns, ring, rows.dtype):
+            for rs, cs in _tile_pairs(rows.shape[0], work.shape[0], tile):
+                d_raw = grad(owner, rs, cs, rows[rs] @ work[cs].T)
+                d_rows[rs] += d_raw @ work[cs]
+                d_chunk[cs] += d_raw.T @ rows[rs]
             d_chunk = ring.start([d_chunk])()[0]
-            if arriving is not None:
-                chunk = arriving()[0]
     return d_rows, d_chunk
