@@ -87,7 +87,7 @@ def clip_benchmark_zeroshot(
     from clip_benchmark.metrics import zeroshot_classification
     from clip_benchmark.models import load_clip
 
-    from evals.clip_benchmark_ref import numpy_scalar_fix
+    from evals.clip_benchmark_cli import numpy_scalar_fix
 
     model, transform, tokenizer = load_clip("open_clip", f"local-dir:{export}", "none", None, "cpu")
     model.eval()
@@ -108,8 +108,9 @@ def clip_benchmark_zeroshot(
 
 def retrieval_probe(kind: str, images: int, per_image: int, dim: int) -> dict[str, Any]:
     """Run in a fresh process: one retrieval evaluation, its peak RSS growth and time."""
-    from evals import clip_benchmark_ref
+    sys.path.insert(0, str(ROOT))  # CLIP_benchmark on given features lives with the tests
     from evals.retrieval import retrieval_metrics
+    from tests.evals.clip_benchmark_reference import zeroshot_retrieval
     from vlp.profiling import peak_rss_growth
 
     generator = torch.Generator().manual_seed(0)
@@ -121,9 +122,7 @@ def retrieval_probe(kind: str, images: int, per_image: int, dim: int) -> dict[st
     def work() -> dict[str, float]:
         if kind == "ours":
             return retrieval_metrics(image_features, text_features, index, RECALL_K)
-        return clip_benchmark_ref.zeroshot_retrieval(
-            image_features, text_features, index.tolist(), RECALL_K
-        )
+        return zeroshot_retrieval(image_features, text_features, index.tolist(), RECALL_K)
 
     started = time.perf_counter()
     metrics, grown = peak_rss_growth(work)

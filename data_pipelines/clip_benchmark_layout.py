@@ -46,9 +46,16 @@ class WrittenLayout:
 
 
 def _table_samples(
-    source: str, classnames: Sequence[str] | None
+    source: str, classnames: Sequence[str] | None, columns: tuple[str | None, ...]
 ) -> tuple[LabelledTable, Iterator[dict[str, Any]]]:
-    table = read_labelled_table(source, classnames=classnames)
+    image_column, label_column, caption_column = columns
+    table = read_labelled_table(
+        source,
+        classnames=classnames,
+        image_column=image_column,
+        label_column=label_column,
+        caption_column=caption_column,
+    )
     samples: Iterator[dict[str, Any]]
     if table.kind == "retrieval":
         samples = (
@@ -86,13 +93,17 @@ def write_clip_benchmark_layout(
     max_side: int | None = None,
     workers: int = 1,
     overwrite: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
 ) -> WrittenLayout:
     """Write ``source`` (a folder of class subfolders, or a CSV/TSV) to ``out`` for ``split``.
 
     ``templates`` go to ``zeroshot_classification_templates.txt`` (classification only).
     Images already in ``image_format`` are stored byte for byte; others are re-encoded (jpg and
     webp at ``quality``, so lossy: use png to keep a folder of PNGs exact).
-    ``classnames`` name a CSV's class indices (or fix the order of its class-name labels).
+    ``classnames`` name a CSV's class indices (or fix the order of its class-name labels);
+    its columns are guessed unless named (:mod:`data_pipelines.columns`).
     Images that cannot be read or decoded are left out and listed in the result's
     ``skipped``. Other splits already in ``out`` are kept; the split itself must be empty
     unless ``overwrite``.
@@ -109,7 +120,8 @@ def write_clip_benchmark_layout(
         kind, names = "classification", class_names(text)
         samples: Iterable[dict[str, Any]] = read_folder(text, [DEFAULT_TEMPLATE])
     else:
-        table, samples = _table_samples(text, classnames)
+        columns = (image_column, label_column, caption_column)
+        table, samples = _table_samples(text, classnames, columns)
         kind, names = table.kind, table.classnames
     skipped: list[Skipped] = []
     split_dir = root / split

@@ -2,10 +2,10 @@
 
 A table has an image column (a path, relative to the table's folder unless absolute) and either
 a label column (classification) or a caption column (retrieval; rows naming the same image give
-it several captions, in order). Columns are found by name — image: ``path``, ``image``,
-``filepath``, ``filename``; label: ``label``, ``class``, ``cls``; caption: ``caption``,
-``title``, ``text`` — unless given. Labels are class names, or class indices when the class
-names are given. Rows are read with :func:`data_pipelines.sources.read_table`'s rules.
+it several captions, in order). Columns are found by the accepted names of
+:mod:`data_pipelines.columns` unless given; a table with both a label and a caption column is
+read as the ``kind`` asked for (classification when not said). Labels are class names, or class
+indices when the class names are given. Rows are read with :func:`data_pipelines.sources.read_table`'s rules.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from typing import Literal
 
 import fsspec
 
+from data_pipelines.columns import COLUMNS, ColumnError, find_column
 from data_pipelines.sources import SourceError, read_table
 
-IMAGE_COLUMNS = ("path", "image", "filepath", "filename")
-LABEL_COLUMNS = ("label", "class", "cls")
-CAPTION_COLUMNS = ("caption", "title", "text")
 SUFFIXES = (".csv", ".tsv")
 
 
@@ -50,12 +48,6 @@ def _header(source: str, delimiter: str) -> list[str]:
         return next(csv.reader(handle, delimiter=delimiter), [])
 
 
-def _pick(header: list[str], given: str | None, candidates: Sequence[str]) -> str | None:
-    if given is not None:
-        return given
-    return next((name for name in candidates if name in header), None)
-
-
 def _label_index(label: str, classnames: list[str], where: str) -> int:
     if label in classnames:
         return classnames.index(label)
@@ -73,8 +65,9 @@ def read_labelled_table(
     image_column: str | None = None,
     label_column: str | None = None,
     caption_column: str | None = None,
+    kind: Literal["classification", "retrieval"] | None = None,
 ) -> LabelledTable:
-    """Read a whole table (see the module docstring).
+    """Read a whole table (see the module docstring) as ``kind``, or as its columns say.
 
     Without ``classnames`` the class names are the distinct labels, sorted; labels that are
     all integers then need the names given. Raises SourceError naming the file, row or column.
@@ -83,15 +76,32 @@ def read_labelled_table(
     if suffix not in SUFFIXES:
         raise SourceError(f"{source}: expected a {' or '.join(SUFFIXES)} file")
     header = _header(source, "\t" if suffix == ".tsv" else ",")
-    image = _pick(header, image_column, IMAGE_COLUMNS)
-    label = _pick(header, label_column, LABEL_COLUMNS)
-    caption = _pick(header, caption_column, CAPTION_COLUMNS) if label is None else None
+    try:
+        image = find_column(header, "image", image_column, source)
+        label = (
+            None
+            if kind == "retrieval"
+            else find_column(header, "label", label_column, source, required=False)
+        )
+        caption = (
+            find_column(header, "caption", caption_column, source, required=kind == "retrieval")
+            if label is None
+            else None
+        )
+    except ColumnError as error:
+        raise SourceError(str(error)) from None
+    if kind == "classification" and label is None:
+        raise SourceError(
+            f"{source}: no label column for classification (expected one of "
+            f"{', '.join(COLUMNS['label'])}; columns: {', '.join(map(repr, header))}); name it "
+            "with --label-column"
+        )
     value = label if label is not None else caption
     if image is None or value is None:
         raise SourceError(
-            f"{source}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a label "
-            f"({', '.join(LABEL_COLUMNS)}) or caption ({', '.join(CAPTION_COLUMNS)}) column; "
-            f"it has {header}"
+            f"{source}: needs an image column and a label ({', '.join(COLUMNS['label'])}) or "
+            f"caption ({', '.join(COLUMNS['caption'])}) column; columns: "
+            f"{', '.join(map(repr, header))}"
         )
     records = list(read_table(source, image_column=image, caption_column=value))
     if label is None:

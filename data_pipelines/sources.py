@@ -7,7 +7,7 @@ Sources, told apart by their suffix (``vlp shards write``):
   caption comes from templates such as ``"a photo of a {c}."``;
 - a table, ``.csv``, ``.tsv``, ``.parquet`` or ``.jsonl``: one row per sample with an image
   column (a local path, relative to the table's folder unless absolute, or an fsspec URL) and a
-  caption column. Every other non-empty column becomes a member of the sample: text as
+  caption column, named by the caller or guessed (:mod:`data_pipelines.columns`). Every other non-empty column becomes a member of the sample: text as
   ``<column>.txt``, anything else (lists, objects, numbers) as ``<column>.json``.
 
 Images are not opened here: the writer reads them in its worker processes. Keys are the 9-digit
@@ -29,6 +29,7 @@ from typing import Any, Literal
 import fsspec
 import pyarrow.parquet as pq
 
+from data_pipelines.columns import ColumnError, find_column
 from data_pipelines.prepare import Skipped
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -101,6 +102,11 @@ def read_folder(folder: str, templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> 
     """
     _check_templates(templates)
     names = class_names(folder)
+    if not any(_images_under(os.path.join(folder, name)) for name in names):
+        raise SourceError(
+            f"{folder}: no images in its {len(names)} class subfolders (expected "
+            f"FOLDER/<class name>/<image> with suffix {', '.join(IMAGE_SUFFIXES)})"
+        )
     return _folder_samples(folder, names, templates)
 
 
@@ -219,34 +225,70 @@ def _jsonl_rows(source: str, columns: tuple[str, str]) -> Iterator[tuple[str, di
             yield where, record
 
 
+def _first_jsonl_keys(source: str) -> list[str]:
+    """The keys of a JSONL file's first record, to guess its columns from (none if unreadable)."""
+    with fsspec.open(source, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return []
+                return list(record) if isinstance(record, dict) else []
+    return []
+
+
+def _table_columns(
+    source: str, header: Sequence[str], image_column: str | None, caption_column: str | None
+) -> tuple[str, str]:
+    """The image and caption columns: given, else guessed from ``header`` (see columns.py)."""
+    try:
+        image = find_column(header, "image", image_column, source)
+        caption = find_column(header, "caption", caption_column, source)
+    except ColumnError as error:
+        raise SourceError(str(error)) from None
+    assert image is not None and caption is not None  # required=True
+    return image, caption
+
+
 def read_table(
     source: str,
     *,
-    image_column: str = "image",
-    caption_column: str = "caption",
+    image_column: str | None = None,
+    caption_column: str | None = None,
     on_skip: OnSkip = None,
 ) -> Iterator[Sample]:
     """Samples of a ``.csv``/``.tsv``/``.parquet``/``.jsonl`` table (local path or fsspec URL).
 
+    Without a column name, the column is guessed from the accepted names
+    (:data:`data_pipelines.columns.COLUMNS`; a JSONL file's first record stands for its header).
     The columns of CSV, TSV and Parquet files are checked before the first row is read; a
     JSONL record lacking one raises when it is reached. Without ``on_skip`` a row without
     image or caption raises :class:`SourceError`.
     """
     suffix = os.path.splitext(source)[1].lower()
-    columns = (image_column, caption_column)
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.isfile(path):
         raise FileNotFoundError(f"{source}: no such file")
     rows: Iterator[tuple[str, dict[str, Any]]]
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
-        _check_columns(source, _csv_header(source, delimiter), columns)
+        columns = _table_columns(
+            source, _csv_header(source, delimiter), image_column, caption_column
+        )
         rows = _csv_rows(source, delimiter)
     elif suffix == ".parquet":
         with fsspec.open(source, "rb") as f:
-            _check_columns(source, pq.ParquetFile(f).schema_arrow.names, columns)
+            names = pq.ParquetFile(f).schema_arrow.names
+        columns = _table_columns(source, names, image_column, caption_column)
         rows = _parquet_rows(source)
     elif suffix == ".jsonl":
+        keys = _first_jsonl_keys(source)
+        columns = (
+            _table_columns(source, keys, image_column, caption_column)
+            if keys
+            else (image_column or "image", caption_column or "caption")
+        )
         rows = _jsonl_rows(source, columns)
     else:
         raise SourceError(f"{source}: unknown table suffix {suffix!r}, expected {TABLE_SUFFIXES}")
@@ -269,8 +311,8 @@ def read_source(
     source: str,
     *,
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    image_column: str = "image",
-    caption_column: str = "caption",
+    image_column: str | None = None,
+    caption_column: str | None = None,
     on_skip: OnSkip = None,
 ) -> Iterator[Sample]:
     """Samples of ``source``: a class-folder tree (:func:`read_folder`, with ``templates``) or

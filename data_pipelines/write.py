@@ -4,7 +4,9 @@ Layout: ``%05d.tar`` shards whose members are ``<key>.jpg|png|webp``, ``<key>.tx
 ``<key>.json``, (when the sample has a class) ``<key>.cls`` and the sample's extra members
 (``<key>.summary.txt``, ``<key>.objects.json``); next to them one ``%05d_stats.json`` per shard
 and a ``sizes.json`` mapping shard basename -> sample count, which the stream uses to count
-samples without opening the tars. The output may be a local folder or any fsspec URL. The
+samples without opening the tars; when the class names are known (a folder of class
+subfolders), a ``classnames.txt`` (one per line, line i names ``cls`` i) that ``vlp eval``
+reads. The output may be a local folder or any fsspec URL. The
 per-sample work (read, check, shrink, encode the image) is :mod:`data_pipelines.prepare`'s;
 this module runs it, in parallel if asked, and lays the results out.
 """
@@ -17,7 +19,7 @@ import multiprocessing
 import os
 import posixpath
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from typing import Any
@@ -30,6 +32,8 @@ from data_pipelines.decode import SampleError
 from data_pipelines.prepare import IMAGE_FORMATS, Skipped, prepare_sample
 
 Prepared = dict[str, Any] | Skipped
+SIZES_FILE = "sizes.json"
+CLASSNAMES_FILE = "classnames.txt"
 _BATCH = 16
 
 
@@ -118,7 +122,7 @@ def _prepare_output(fs: AbstractFileSystem, root: str, out: str, overwrite: bool
             "vlp shards write --overwrite)"
         )
     for name in existing:
-        if name.endswith((".tar", "_stats.json", ".tmp")) or name == "sizes.json":
+        if name.endswith((".tar", "_stats.json", ".tmp")) or name in (SIZES_FILE, CLASSNAMES_FILE):
             fs.rm(posixpath.join(root, name))
 
 
@@ -133,6 +137,7 @@ def write_shards(
     max_side: int | None = None,
     workers: int = 1,
     on_skip: Callable[[Skipped], None] | None = None,
+    classnames: Sequence[str] | None = None,
 ) -> list[str]:
     """Write ``samples`` to shards in ``out_dir`` (a folder or an fsspec URL); return their paths.
 
@@ -148,6 +153,7 @@ def write_shards(
     the count. An image file that cannot be read or decoded is passed to ``on_skip`` and left
     out (counted in the shard's ``_stats.json``); without ``on_skip`` it raises
     ``SampleError``. Image bytes are stored as given unless ``max_side`` is set.
+    ``classnames`` (the names of ``cls`` 0, 1, ...) are written to ``classnames.txt``.
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
@@ -186,5 +192,8 @@ def write_shards(
         paths.append(posixpath.join(out, name))
         if count < samples_per_shard:
             break
-    _write_json(fs, posixpath.join(root, "sizes.json"), sizes)
+    if classnames is not None:
+        with fs.open(posixpath.join(root, CLASSNAMES_FILE), "w", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in classnames))
+    _write_json(fs, posixpath.join(root, SIZES_FILE), sizes)
     return paths

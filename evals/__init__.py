@@ -16,5 +16,5 @@ Modules (import them directly; this package imports nothing heavy on its own):
   counted; ``evals.tasks``: one function per CLIP_benchmark task.
 - ``evals.results``: CLIP_benchmark-shaped result JSON (``write_result`` / ``read_result``).
 - ``evals.plots``: confusion matrix, per-class, recall@k and loss-curve PNGs (Agg canvas).
-- ``evals.clip_benchmark_ref``: CLIP_benchmark's own code on given features (tests, benchmarks).
+- ``evals.clip_benchmark_cli``: CLIP_benchmark's command line under NumPy >= 2.4.
 """

@@ -7,6 +7,8 @@ and ``hf-hub:`` loaders read:
   preprocessing is the one stored with the weights, and ``vlp`` records where the weights came
   from and which tokenizer goes with them (open_clip ignores the block);
 - ``open_clip_model.safetensors``: the state dict (no pickle);
+- ``README.md``: a model card (:mod:`evals.model_card`): the run's config highlights, steps and
+  samples seen, the eval results in the run's ``results/``, and how to load the folder;
 - tokenizer files when the tokenizer is not open_clip's bundled BPE: a Hugging Face tokenizer
   is saved next to the weights (open_clip loads it from there); a SentencePiece ``.model`` is
   copied as ``sentencepiece.model`` (vlp loads it; open_clip cannot, and the export says so).
@@ -30,6 +32,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from evals.loading import CONFIG_NAME, load_model
+from evals.model_card import CARD_NAME, model_card
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 SENTENCEPIECE_NAME = "sentencepiece.model"
@@ -52,14 +55,33 @@ def _save_tokenizer(tokenizer: Any, tokenizer_file: Path | None, folder: Path) -
     return {"tokenizer": type(tokenizer).__name__}
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Give the export the modes a plain ``cp`` would: 0644 files, 0755 folders, less umask.
+
+    ``tempfile.mkdtemp`` makes the folder 0700 and safetensors writes its file 0600; an export
+    is meant to be shared (another user, a web server, the hub uploader), so both are widened.
+    """
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export_run(
     run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
     """Export the newest complete checkpoint of ``run_dir`` (or any model reference that
     :func:`evals.loading.load_model` accepts) to ``out``; return ``out``.
 
-    The export is assembled in a temporary sibling folder and renamed into place, so ``out``
-    is never half written. ``out`` must not exist, or be empty, unless ``overwrite``.
+    Beside the weights it writes a model card, ``README.md``. The export is assembled in a
+    temporary sibling folder and renamed into place, so ``out`` is never half written. ``out`` must not exist, or be empty, unless ``overwrite``.
 
     Raises:
         evals.loading.ModelLoadError: ``run_dir`` is not a model.
@@ -67,24 +89,26 @@ def export_run(
     """
     target = Path(out)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"export folder '{target}' exists and is not empty; pass overwrite")
+        raise FileExistsError(
+            f"export folder '{target}' exists and is not empty; pass --overwrite "
+            "(overwrite=True in Python) to replace it"
+        )
     model, _, tokenizer, info = load_model(run_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME))
-        vlp_block = {
-            "model_name": info.name,
-            "exported_from": info.pretrained,
-            **_save_tokenizer(tokenizer, info.tokenizer_file, staging),
-        }
+        tokenizer_block = _save_tokenizer(tokenizer, info.tokenizer_file, staging)
+        vlp_block = {"model_name": info.name, "exported_from": info.pretrained, **tokenizer_block}
         config = {
             "model_cfg": info.model_cfg,
             "preprocess_cfg": info.preprocess_cfg,
             "vlp": vlp_block,
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / CARD_NAME).write_text(model_card(info, str(target), tokenizer_block))
+        _normal_permissions(staging)
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staging, target)

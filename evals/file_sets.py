@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 from data_pipelines.labelled_tables import read_labelled_table
 from data_pipelines.sources import SourceError, class_names, read_folder
@@ -25,7 +26,11 @@ def open_image_folder(folder: str) -> EvalSet:
         raise EvalDataError(str(error)) from None
 
     def read() -> Iterator[RawSample]:
-        for sample in read_folder(folder):
+        try:
+            samples = read_folder(folder)
+        except SourceError as error:  # every class folder is empty
+            raise EvalDataError(str(error)) from None
+        for sample in samples:
             path = str(sample["image"])
             yield RawSample(sample["key"], path, path, int(sample["cls"]))
 
@@ -39,8 +44,12 @@ def open_csv(
     image_column: str | None = None,
     label_column: str | None = None,
     caption_column: str | None = None,
+    kind: Literal["classification", "retrieval"] | None = None,
 ) -> EvalSet:
-    """A CSV/TSV of images with labels (classification) or captions (retrieval)."""
+    """A CSV/TSV of images with labels (classification) or captions (retrieval).
+
+    ``kind`` picks the label or the caption column of a table that has both.
+    """
     try:
         table = read_labelled_table(
             source,
@@ -48,6 +57,7 @@ def open_csv(
             image_column=image_column,
             label_column=label_column,
             caption_column=caption_column,
+            kind=kind,
         )
     except (SourceError, FileNotFoundError) as error:
         raise EvalDataError(str(error)) from None

@@ -78,7 +78,11 @@ def _target(members: dict[str, bytes], kind: Kind, where: str) -> int | list[int
     return None
 
 
-def _samples(shards: list[str], kind: Kind) -> Iterator[RawSample]:
+def shard_samples(shards: list[str], kind: Kind) -> Iterator[RawSample]:
+    """The samples of ``shards`` in order, read for ``kind`` (see the module docstring).
+
+    Also reads vlp's own shards (:mod:`evals.img2dataset_layout`), whose members are the same.
+    """
     for url in shards:
         try:
             with fsspec.open(url, "rb") as stream:
@@ -126,5 +130,5 @@ def open_clip_benchmark_wds(root: str, split: str = "test") -> EvalSet:
         kind=kind,
         classnames=_lines(root, CLASSNAMES_FILE) if kind != "retrieval" else None,
         templates=_lines(root, TEMPLATES_FILE) if kind != "retrieval" else None,
-        read=lambda: _samples(shards, kind),
+        read=lambda: shard_samples(shards, kind),
     )

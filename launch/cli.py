@@ -1,5 +1,6 @@
 """The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect`,
-`vlp eval zeroshot|retrieval|linear-probe`, `vlp export` — thin shells over tested functions."""
+`vlp eval zeroshot|retrieval|linear-probe`, `vlp export`, `vlp watch` — thin shells over tested
+functions."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import json
 import os
 import posixpath
 import sys
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from data_pipelines.columns import COLUMNS
 from launch.evaluate import add_eval_commands, add_export_command, positive_int
+from launch.watch import add_watch_command
 from vlp.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from data_pipelines.prepare import Skipped
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -57,10 +65,11 @@ def _shards_errors() -> tuple[type[Exception], ...]:
 def _shards_write(args: argparse.Namespace) -> int:
     import fsspec
 
-    from data_pipelines.prepare import Skipped
     from data_pipelines.sources import DEFAULT_TEMPLATE, class_names, read_source
     from data_pipelines.write import write_shards
 
+    if args.layout == "clip_benchmark":
+        return _shards_write_clip_benchmark(args)
     skipped: list[Skipped] = []
     samples = read_source(
         args.source,
@@ -69,6 +78,7 @@ def _shards_write(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         on_skip=skipped.append,
     )
+    names = class_names(args.source) if os.path.isdir(args.source) else None
     paths = write_shards(
         samples,
         args.out,
@@ -79,20 +89,62 @@ def _shards_write(args: argparse.Namespace) -> int:
         max_side=args.max_side,
         workers=args.workers,
         on_skip=skipped.append,
+        classnames=names,
     )
     with fsspec.open(posixpath.join(args.out, "sizes.json"), "rt") as f:
         written = sum(json.load(f).values())
     print(f"wrote {written} samples in {len(paths)} shards to {args.out}")
-    if os.path.isdir(args.source):
-        names = class_names(args.source)
+    if names is not None:
         print(f"classes (cls 0..{len(names) - 1}): {json.dumps(names)}")
+    _print_skipped(skipped)
+    return 0 if written else 1
+
+
+def _print_skipped(skipped: Sequence[Skipped]) -> None:
     if skipped:
         print(f"skipped {len(skipped)} samples:")
         for item in skipped[:20]:
             print(f"  {item.where}: {item.reason}")
         if len(skipped) > 20:
             print(f"  ... and {len(skipped) - 20} more")
-    return 0 if written else 1
+
+
+def _shards_write_clip_benchmark(args: argparse.Namespace) -> int:
+    """`vlp shards write --layout clip_benchmark`: CLIP_benchmark's webdataset layout."""
+    from data_pipelines.clip_benchmark_layout import write_clip_benchmark_layout
+    from data_pipelines.sources import DEFAULT_TEMPLATE
+
+    try:
+        written = write_clip_benchmark_layout(
+            args.source,
+            args.out,
+            split=args.split,
+            templates=args.caption_template or [DEFAULT_TEMPLATE],
+            image_format=args.image_format,
+            quality=args.quality,
+            samples_per_shard=args.samples_per_shard,
+            max_side=args.max_side,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            caption_column=args.caption_column,
+        )
+    except ValueError as error:  # SourceError included: printed as one line by `vlp`
+        from data_pipelines.sources import SourceError
+
+        raise SourceError(str(error)) from None
+    print(
+        f"wrote {written.samples} samples in {written.shards} shards to "
+        f"{args.out}/{args.split} ({written.kind}, CLIP_benchmark layout)"
+    )
+    if written.classnames is not None:
+        print(f"classes: {json.dumps(written.classnames)}")
+    print(
+        f"evaluate: vlp eval ... --dataset {args.out} (clip_benchmark: --dataset_root {args.out})"
+    )
+    _print_skipped(written.skipped)
+    return 0
 
 
 def _shards_validate(args: argparse.Namespace) -> int:
@@ -118,11 +170,17 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
 
     write = sub.add_parser(
         "write",
-        help="write img2dataset-layout shards from a class folder or a csv/tsv/parquet/jsonl",
+        help="write img2dataset-layout shards (or CLIP_benchmark's layout, --layout) from a "
+        "class folder or a csv/tsv/parquet/jsonl",
     )
     write.add_argument("source", help="folder of class subfolders, or .csv/.tsv/.parquet/.jsonl")
     write.add_argument("out", help="output folder or fsspec URL (must be empty)")
-    write.add_argument("--samples-per-shard", type=positive_int, default=1000)
+    write.add_argument(
+        "--samples-per-shard",
+        type=positive_int,
+        default=1000,
+        help="samples per .tar (default: 1000)",
+    )
     write.add_argument("--max-side", type=positive_int, help="shrink larger images to this side")
     write.add_argument("--workers", type=positive_int, default=1, help="image worker processes")
     write.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
@@ -134,8 +192,21 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
         help="folder sources: caption with {c} for the class name; repeat to use several in "
         "turn (default: 'a photo of a {c}.')",
     )
-    write.add_argument("--image-column", default="image", help="tables: image path/URL column")
-    write.add_argument("--caption-column", default="caption", help="tables: caption column")
+    write.add_argument(
+        "--layout",
+        choices=("img2dataset", "clip_benchmark"),
+        default="img2dataset",
+        help="img2dataset: training shards (default); clip_benchmark: CLIP_benchmark's "
+        "webdataset layout for evaluation (class folder or csv/tsv; --caption-template gives "
+        "its zero-shot templates)",
+    )
+    write.add_argument("--split", default="test", help="clip_benchmark layout: the split")
+    for role in ("image", "caption", "label"):
+        write.add_argument(
+            f"--{role}-column",
+            help=f"tables: the {role} column (default: the one of {', '.join(COLUMNS[role])})"
+            + ("; clip_benchmark layout only" if role == "label" else ""),
+        )
     write.set_defaults(func=_shards_write, user_errors=_shards_errors)
 
     validate = sub.add_parser(
@@ -175,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(commands)
     add_eval_commands(commands)
     add_export_command(commands)
+    add_watch_command(commands)
     return parser
 
 
@@ -190,8 +262,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, args.user_errors()):
             raise
-        print(f"vlp: error: {error}", file=sys.stderr)
+        _report_user_error(error)
         return 2
+
+
+_QUIET_RANK_DELAY_S = 5.0
+
+
+def _report_user_error(error: Exception) -> None:
+    """Print ``error`` as one line, once per job: under ``accelerate launch`` every rank meets the
+    same config error, and only rank 0 (``RANK`` from torchrun) prints it. The other ranks wait a
+    moment before they exit with the same status, so that the launcher, which stops every worker
+    as soon as one fails, does not stop rank 0 before it has printed."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(_QUIET_RANK_DELAY_S)
+        return
+    print(f"vlp: error: {error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def write_demo_data(data_dir: Path, *, image_size: int = 32) -> tuple[Path, Path
             folder,
             samples_per_shard=1000,
             overwrite=True,
+            classnames=CLASSNAMES,
         )
     return train_dir, heldout_dir
 

@@ -1,10 +1,11 @@
 """`vlp eval zeroshot|retrieval|linear-probe` and `vlp export`: thin shells over :mod:`evals`.
 
 Each eval command loads a model reference (a run, checkpoint or export directory, or an
-open_clip name with ``--pretrained``), opens a dataset (CLIP_benchmark's webdataset root, a
-folder of class subfolders, or a CSV), runs one CLIP_benchmark task and writes into ``--out``
-the CLIP_benchmark-shaped JSON, named as CLIP_benchmark names it, plus a PNG with the same
-stem. Images that do not decode are reported, counted and left out; the JSON says how many.
+open_clip name with ``--pretrained``), opens each ``--dataset`` (CLIP_benchmark's webdataset
+root, vlp's own shards, a folder of class subfolders, or a CSV), runs one CLIP_benchmark task on
+each and writes into ``--out`` a CLIP_benchmark-shaped JSON per dataset, named as
+CLIP_benchmark names it, plus a PNG with the same stem; then it prints a summary table
+(:mod:`launch.eval_summary`). Images that do not decode are reported, counted and left out; the JSON says how many.
 Problems a user can fix raise :class:`launch.run.StartupError`, which `vlp` prints as one line.
 
 Register the commands on `vlp`'s parser with :func:`add_eval_commands` and
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -84,11 +86,39 @@ def _options(args: argparse.Namespace) -> Any:
 
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return EncodeOptions(args.batch_size, args.workers, device, dtypes[args.precision])
+    workers = default_workers() if args.workers is None else args.workers
+    return EncodeOptions(args.batch_size, workers, device, dtypes[args.precision])
+
+
+def default_workers() -> int:
+    """Image decoding processes by default: 4, or fewer on a machine with fewer usable cores
+    (more would only make torch's DataLoader warn and the processes compete)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, cores or 1)
+
+
+def _open(
+    args: argparse.Namespace,
+    dataset: str,
+    task: Literal["classification", "retrieval"],
+    **kwargs: Any,
+) -> Any:
+    """``open_eval_set`` for ``task`` with the column flags."""
+    from evals.datasets import open_eval_set
+
+    return open_eval_set(
+        dataset,
+        split=args.split,
+        task=task,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
+        **kwargs,
+    )
 
 
 def _write(args: argparse.Namespace, info: Any, dataset: str, result: Any) -> Path:
-    """Write the result JSON into ``--out`` (CB's name) and print the metrics; return it."""
+    """Write the result JSON into ``--out`` (CB's name) and say where; return its path."""
     from evals.batches import describe_skips
     from evals.results import result_filename, write_result
 
@@ -97,60 +127,74 @@ def _write(args: argparse.Namespace, info: Any, dataset: str, result: Any) -> Pa
     extra = {"images_evaluated": result.images, **describe_skips(result.skipped), **result.extra}
     write_result(path, **names, task=result.task, metrics=result.metrics, **extra)
     print(f"{result.task} of {info.name} ({info.pretrained}) on {dataset}:")
-    for key, value in result.metrics.items():
-        print(f"  {key:<32} {value:.4f}" if isinstance(value, float) else f"  {key:<32} {value}")
     print(f"  images: {result.images} evaluated, {len(result.skipped)} skipped (did not decode)")
-    print(f"results: {path}")
+    print(f"  results: {path}")
+    print(f"  plot:    {result.plot(path.with_suffix('.png'))}")
     return path
+
+
+def _print_summary(results: list[tuple[str, Any]]) -> None:
+    from launch.eval_summary import summary_table
+
+    print()
+    print(summary_table([(name, result.metrics) for name, result in results]))
 
 
 @_as_startup_errors
 def zeroshot_command(args: argparse.Namespace) -> int:
-    """`vlp eval zeroshot`: zero-shot classification, JSON + confusion-matrix PNG."""
-    from evals.datasets import open_eval_set
+    """`vlp eval zeroshot`: zero-shot classification per dataset, JSON + confusion-matrix PNG."""
     from evals.loading import load_model
     from evals.tasks import zeroshot_classification
     from evals.zeroshot import DEFAULT_TEMPLATES, expand_prompts
     from launch.run import StartupError
 
     options = _options(args)
-    eval_set = open_eval_set(args.dataset, split=args.split, classnames=_classnames(args))
-    if eval_set.kind == "retrieval":
-        raise StartupError(f"{args.dataset} is a retrieval dataset: use `vlp eval retrieval`")
-    if eval_set.classnames is None:
-        raise StartupError(f"{args.dataset} has no class names; give them with --classnames")
-    templates = _read_list_file(args.templates, "templates") if args.templates else None
-    templates = templates or eval_set.templates or list(DEFAULT_TEMPLATES)
-    try:
-        expand_prompts(eval_set.classnames, templates)
-    except ValueError as error:  # no {c}, a CuPL dict missing a class, ...
-        raise StartupError(f"templates: {error}") from None
+    classnames = _classnames(args)
+    given = _read_list_file(args.templates, "templates") if args.templates else None
+    jobs = []
+    for dataset in args.dataset:  # every dataset is checked before the model loads
+        eval_set = _open(args, dataset, "classification", classnames=classnames)
+        if eval_set.kind == "retrieval":
+            raise StartupError(f"{dataset} is a retrieval dataset: use `vlp eval retrieval`")
+        if eval_set.classnames is None:
+            raise StartupError(f"{dataset} has no class names; give them with --classnames")
+        templates = given or eval_set.templates or list(DEFAULT_TEMPLATES)
+        try:
+            expand_prompts(eval_set.classnames, templates)
+        except ValueError as error:  # no {c}, a CuPL dict missing a class, ...
+            raise StartupError(f"templates: {error}") from None
+        jobs.append((eval_set, templates))
     model, preprocess, tokenizer, info = load_model(
         args.model, args.pretrained, device=options.device
     )
-    result = zeroshot_classification(
-        model, preprocess, tokenizer, eval_set, eval_set.classnames, templates, options
-    )
-    path = _write(args, info, eval_set.name, result)
-    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    results = []
+    for eval_set, templates in jobs:
+        result = zeroshot_classification(
+            model, preprocess, tokenizer, eval_set, eval_set.classnames, templates, options
+        )
+        _write(args, info, eval_set.name, result)
+        results.append((eval_set.name, result))
+    _print_summary(results)
     return 0
 
 
 @_as_startup_errors
 def retrieval_command(args: argparse.Namespace) -> int:
-    """`vlp eval retrieval`: image-text retrieval, JSON + recall@k PNG."""
-    from evals.datasets import open_eval_set
+    """`vlp eval retrieval`: image-text retrieval per dataset, JSON + recall@k PNG."""
     from evals.loading import load_model
     from evals.tasks import zeroshot_retrieval
 
     options = _options(args)
-    eval_set = open_eval_set(args.dataset, split=args.split)
+    eval_sets = [_open(args, dataset, "retrieval") for dataset in args.dataset]
     model, preprocess, tokenizer, info = load_model(
         args.model, args.pretrained, device=options.device
     )
-    result = zeroshot_retrieval(model, preprocess, tokenizer, eval_set, args.recall_k, options)
-    path = _write(args, info, eval_set.name, result)
-    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    results = []
+    for eval_set in eval_sets:
+        result = zeroshot_retrieval(model, preprocess, tokenizer, eval_set, args.recall_k, options)
+        _write(args, info, eval_set.name, result)
+        results.append((eval_set.name, result))
+    _print_summary(results)
     return 0
 
 
@@ -170,9 +214,15 @@ def linear_probe_command(args: argparse.Namespace) -> int:
         )
     options = _options(args)
     classnames = _classnames(args)
-    test_set = open_eval_set(args.dataset, split=args.split, classnames=classnames)
+    test_set = _open(args, args.dataset, "classification", classnames=classnames)
     train_set = open_eval_set(
-        args.train_dataset or args.dataset, split=args.train_split, classnames=classnames
+        args.train_dataset or args.dataset,
+        split=args.train_split,
+        classnames=classnames,
+        task="classification",
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
     )
     model, preprocess, _, info = load_model(args.model, args.pretrained, device=options.device)
     result = linear_probe_task(
@@ -185,8 +235,8 @@ def linear_probe_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         options=options,
     )
-    path = _write(args, info, test_set.name, result)
-    print(f"plot:    {result.plot(path.with_suffix('.png'))}")
+    _write(args, info, test_set.name, result)
+    _print_summary([(test_set.name, result)])
     return 0
 
 
@@ -209,7 +259,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, several: bool = True) -> None:
+    from data_pipelines.columns import COLUMNS
+
     parser.add_argument(
         "--model",
         required=True,
@@ -220,14 +272,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         required=True,
-        help="CLIP_benchmark webdataset root, folder of class subfolders, or .csv/.tsv",
+        action="append" if several else "store",
+        help="CLIP_benchmark webdataset root, vlp's shards (`vlp shards write`), folder of class "
+        "subfolders, or .csv/.tsv" + ("; repeat to evaluate several" if several else ""),
     )
     parser.add_argument("--split", default="test", help="split of a webdataset root")
     parser.add_argument("--out", required=True, help="folder for the result JSON and PNG")
     parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    parser.add_argument(
+        "--workers", type=int, help="image decoding processes (default: 4, at most the cores)"
+    )
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype")
+    for role in ("image", "caption", "label"):
+        parser.add_argument(
+            f"--{role}-column",
+            help=f"tables: the {role} column (default: the one of {', '.join(COLUMNS[role])})",
+        )
 
 
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -253,7 +314,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     retrieval.set_defaults(func=retrieval_command, user_errors=_user_errors)
 
     probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
-    _common(probe)
+    _common(probe, several=False)
     probe.add_argument(
         "--train-dataset", help="training set (default: --dataset, split --train-split)"
     )

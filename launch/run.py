@@ -31,9 +31,9 @@ from evals.heldout import HeldoutEvaluator
 from evals.plots import plot_loss_curve
 from vlp.config import Config
 from vlp.distributed import contrastive_group
-from vlp.models import create_model, model_config, preprocess_config
+from vlp.models import PretrainedError, create_model, model_config, preprocess_config
 from vlp.objectives import create_objective, objective_class
-from vlp.training import Trainer, TrainResult, create_accelerator
+from vlp.training import ResumeError, Trainer, TrainResult, create_accelerator, create_trackers
 
 logger = logging.getLogger("vlp")
 
@@ -114,6 +114,8 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
             tokenizer=config.model.tokenizer,
             model_kwargs=objective_class(config.objective.name).model_kwargs,
         )
+    except PretrainedError as error:
+        raise StartupError(f"model.pretrained='{config.model.pretrained}': {error}") from None
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise StartupError(f"model.name='{config.model.name}': {error}") from None
     info = {
@@ -210,7 +212,11 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
             eval=replace(config.eval, zeroshot_shards=None),
         )
     out_dir = Path(run_config.train.out_dir)
-    accelerator = create_accelerator(out_dir, log_with=None if check else "tensorboard")
+    try:
+        trackers = create_trackers(config.train.report_to, out_dir)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+    accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
     setup_logging(out_dir, accelerator.is_main_process)
     try:
         contrastive_group(config.train.group_size)  # made once here, reused by the trainer
@@ -254,7 +260,10 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         model_info=info,
         evaluators=evaluators,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ResumeError as error:
+        raise StartupError(str(error)) from None
     plan = RunPlan(
         world_size=accelerator.num_processes,
         global_batch=trainer.global_batch,
@@ -282,6 +291,7 @@ def plot_history(out_dir: Path) -> Path | None:
     by_step = {}
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        by_step[record["step"]] = record["train/loss"]
+        if "train/loss" in record:  # eval records carry eval/<dataset>/<metric> keys only
+            by_step[record["step"]] = record["train/loss"]
     steps = sorted(by_step)
     return plot_loss_curve(steps, [by_step[s] for s in steps], out_dir / "plots" / "loss_curve.png")

@@ -44,3 +44,22 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == config
     assert isinstance(again, Config)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 3\n data: [\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert f"config file '{path}' is not valid YAML" in message and "line 3" in message
+    assert "\n" not in message and "<unicode string>" not in message
+    with pytest.raises(ConfigError, match=r"override 'eval.classnames=\[a' is not valid YAML"):
+        load_config(None, ["eval.classnames=[a"])
+
+
+def test_type_errors_use_the_right_article():
+    with pytest.raises(ConfigError, match="'train.steps' needs an int, got 'abc'"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="'optim.lr' needs a float"):
+        load_config(None, ["optim.lr=fast"])

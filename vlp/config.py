@@ -115,6 +115,9 @@ class TrainConfig:
     resume: str | None = None
     """``latest`` or a checkpoint directory."""
     log_every: int = 10
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers (``tensorboard``, ``wandb``, ...; [] for none). wandb needs the
+    ``wandb`` package and its login, or ``WANDB_MODE=offline``."""
     max_nonfinite_steps: int = 5
     """Consecutive NaN/inf losses tolerated (each skipped) before the run stops."""
 
@@ -160,6 +163,18 @@ def _closest(name: str, options: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The problem and its line:column, without PyYAML's multi-line ``<unicode string>`` dump."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(error).replace("\n", " ")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -177,7 +192,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, origin):
-            raise ConfigError(f"config key '{key}' needs a {origin.__name__}, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' needs {_article(origin.__name__)} {origin.__name__}, "
+                f"got {value!r}"
+            )
         return value
     if hint is bool:
         if isinstance(value, str):
@@ -193,7 +211,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return hint(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"config key '{key}' needs a {hint.__name__}, got {value!r}"
+                f"config key '{key}' needs {_article(hint.__name__)} {hint.__name__}, got {value!r}"
             ) from None
     return value
 
@@ -220,7 +238,10 @@ def _parse_override(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form section.key=value")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{item}' is not valid YAML: {_yaml_problem(error)}") from None
     nested: dict[str, Any] = {}
     node = nested
     parts = dotted.strip().split(".")
@@ -239,7 +260,12 @@ def load_config(
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"config file '{file}' does not exist")
-        data = yaml.safe_load(file.read_text()) or {}
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"config file '{file}' is not valid YAML: {_yaml_problem(error)}"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{file}' must hold a mapping of sections")
         _apply(config, data, "")

@@ -97,3 +97,43 @@ def test_write_usage_errors_are_one_line(
     assert main(["shards", "write", str(tmp_path / source), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_write_from_a_class_folder_names_the_classes_beside_the_shards(
+    class_folder: Path, tmp_path: Path
+) -> None:
+    """`vlp eval` finds the class names of `cls` in classnames.txt, as CLIP_benchmark's layout."""
+    assert main(["shards", "write", str(class_folder), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "red fox\nsnow leopard\n"
+
+
+def test_write_clip_benchmark_layout(class_folder: Path, tmp_path: Path, capsys) -> None:
+    from evals.datasets import open_eval_set
+
+    out = tmp_path / "cb"
+    argv = ["shards", "write", str(class_folder), str(out), "--layout", "clip_benchmark",
+            "--split", "val", "--samples-per-shard", "4", "--caption-template", "a {c}."]  # fmt: skip
+    assert main(argv) == 0
+    assert "wrote 6 samples in 2 shards" in capsys.readouterr().out
+    assert (out / "val" / "nshards.txt").read_text() == "2\n"
+    assert sorted(p.name for p in (out / "val").iterdir()) == ["0.tar", "1.tar", "nshards.txt"]
+    assert (out / "zeroshot_classification_templates.txt").read_text() == "a {c}.\n"
+    eval_set = open_eval_set(out, split="val")
+    assert eval_set.classnames == ["red fox", "snow leopard"] and eval_set.name == "wds/cb"
+
+
+def test_write_guesses_table_columns_as_eval_does(tmp_path: Path, capsys) -> None:
+    """`filepath`/`text` are accepted names (shared with `vlp eval`); two image columns are not."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text("filepath,text\na.png,a black square\n")
+    assert main(["shards", "write", str(tmp_path / "t.csv"), str(tmp_path / "out")]) == 0
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert tar.extractfile("000000000.txt").read() == b"a black square"  # type: ignore[union-attr]
+
+    (tmp_path / "u.csv").write_text("image,filepath,text\na.png,a.png,a black square\n")
+    assert main(["shards", "write", str(tmp_path / "u.csv"), str(tmp_path / "out2")]) == 2
+    error = capsys.readouterr().err
+    assert "several image columns ('image', 'filepath'); choose one with --image-column" in error
+    argv = ["shards", "write", str(tmp_path / "u.csv"), str(tmp_path / "out2"),
+            "--image-column", "filepath"]  # fmt: skip
+    assert main(argv) == 0

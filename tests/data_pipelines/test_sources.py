@@ -132,9 +132,9 @@ def test_jsonl_extra_fields_and_skipped_rows(tmp_path: Path) -> None:
 
 def test_table_errors_name_file_line_and_column(tmp_path: Path) -> None:
     csv_path = tmp_path / "t.csv"
-    csv_path.write_text("path,caption\nx.png,hi\n")
+    csv_path.write_text("picture,caption\nx.png,hi\n")
     with pytest.raises(
-        SourceError, match=r"t.csv: no column 'image' \(columns: 'path', 'caption'\)"
+        SourceError, match=r"t.csv: no image column .*columns: 'picture', 'caption'.*--image-column"
     ):
         read_source(str(csv_path))
     jsonl = tmp_path / "t.jsonl"
@@ -155,3 +155,16 @@ def test_parquet_image_column_must_hold_paths(tmp_path: Path) -> None:
     skipped: list[Skipped] = []
     assert list(read_source(str(tmp_path / "t.parquet"), on_skip=skipped.append)) == []
     assert skipped[0].stage == "read" and "holds no image path or URL" in skipped[0].reason
+
+
+def test_only_empty_class_folders_stop_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    from launch.cli import main
+
+    for name in ("cat", "dog"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+    with pytest.raises(SourceError, match="no images in its 2 class subfolders"):
+        read_source(str(tmp_path / "src"))
+    assert main(["shards", "write", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no images in its 2 class subfolders" in error[0], error
+    assert not (tmp_path / "out" / "sizes.json").exists()

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("clip_benchmark")
 
-from evals import clip_benchmark_ref  # noqa: E402
+from evals.clip_benchmark_cli import numpy_scalar_fix  # noqa: E402
 from evals.retrieval import retrieval_metrics  # noqa: E402
 from evals.zeroshot import ZeroShotClassifier, classification_metrics  # noqa: E402
+from tests.evals import clip_benchmark_reference as clip_benchmark_ref  # noqa: E402
 
 
 def features(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -101,5 +102,5 @@ def test_clip_benchmark_accuracy_still_needs_the_numpy_fix() -> None:
     logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     with pytest.raises(TypeError, match="0-dimensional"):
         accuracy(logits, targets)
-    with clip_benchmark_ref.numpy_scalar_fix():
+    with numpy_scalar_fix():
         assert accuracy(logits, targets)[0] == classification_metrics(logits, targets)["acc1"]

@@ -113,7 +113,7 @@ def test_given_class_names_must_match_the_class_count(folder) -> None:
 
 def test_empty_and_undecodable_datasets(tmp_path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
-    with pytest.raises(EvalDataError, match="the dataset is empty"):
+    with pytest.raises(EvalDataError, match="no images in its 1 class subfolders"):
         encode_eval_set(FakeClip(dim=4), open_eval_set(tmp_path / "empty"), PREPROCESS)
     (tmp_path / "empty" / "cat" / "x.jpg").write_bytes(b"")
     with pytest.raises(EvalDataError, match="1 did not decode"):

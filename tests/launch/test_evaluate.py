@@ -175,7 +175,7 @@ def test_linear_probe_never_trains_on_the_test_set(run_dir, tmp_path) -> None:
 
 def test_an_empty_dataset_is_a_startup_error(run_dir, tmp_path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
-    with pytest.raises(StartupError, match="the dataset is empty"):
+    with pytest.raises(StartupError, match="no images in its 1 class subfolders"):
         run(["eval", "zeroshot", *common(run_dir, tmp_path / "empty", tmp_path / "out")])
 
 
@@ -185,7 +185,7 @@ def test_clip_benchmark_cli_agrees_with_vlp_eval_zeroshot(run_dir, tmp_path) -> 
 
     CB runs with ``--no_amp`` (its default autocast changes the embeddings on the CPU) and
     ``--output FILE`` (its default file name embeds the raw ``local-dir:PATH`` string), through
-    ``python -m evals.clip_benchmark_ref`` (its CLI under the NumPy 2.4 fix).
+    ``python -m evals.clip_benchmark_cli`` (its CLI under the NumPy 2.4 fix).
     """
     pytest.importorskip("clip_benchmark")
     write_image_folder(tmp_path / "folder", per_class=4, classes=6)
@@ -201,7 +201,7 @@ def test_clip_benchmark_cli_agrees_with_vlp_eval_zeroshot(run_dir, tmp_path) -> 
 
     theirs_path = tmp_path / "theirs.json"
     command = [
-        sys.executable, "-m", "evals.clip_benchmark_ref", "eval",
+        sys.executable, "-m", "evals.clip_benchmark_cli", "eval",
         "--dataset", "wds/shapes", "--dataset_root", str(root),
         "--task", "zeroshot_classification",
         "--model_type", "open_clip", "--model", f"local-dir:{export}", "--pretrained", "none",
@@ -215,3 +215,107 @@ def test_clip_benchmark_cli_agrees_with_vlp_eval_zeroshot(run_dir, tmp_path) -> 
         assert ours[key] == theirs[key], key
     assert ours["metrics"] == theirs["metrics"]
     assert ours["images_evaluated"] == 24
+
+
+def cli(argv: list[str]) -> int:
+    """`vlp ...` as a user runs it: one-line errors on stderr, exit code 2."""
+    from launch.cli import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def own_shards(tmp_path_factory):
+    """`vlp shards write` of a 3-class folder (with classnames.txt), and the demo's held-out
+    shards (cls, no class names)."""
+    base = tmp_path_factory.mktemp("own")
+    write_image_folder(base / "folder", per_class=2, classes=3)
+    assert cli(["shards", "write", str(base / "folder"), str(base / "shards"),
+                "--samples-per-shard", "4"]) == 0  # fmt: skip
+    from data_pipelines.synthetic import generate_samples
+    from data_pipelines.write import write_shards
+
+    write_shards(generate_samples(6, seed=1), base / "heldout", samples_per_shard=4)
+    return base
+
+
+def test_own_shards_evaluate_by_zeroshot_and_retrieval(run_dir, own_shards, tmp_path) -> None:
+    shards = own_shards / "shards"
+    assert cli(["eval", "zeroshot", *common(run_dir, shards, tmp_path / "z")]) == 0
+    [path] = (tmp_path / "z").glob("*.json")
+    result = read_result(path)
+    assert result["dataset"] == "shards" and result["images_evaluated"] == 6
+    assert cli(["eval", "retrieval", *common(run_dir, shards, tmp_path / "r")]) == 0
+    [path] = (tmp_path / "r").glob("*_zeroshot_retrieval.json")
+    assert read_result(path)["captions"] == 6
+
+
+def test_demo_heldout_shards_need_class_names(run_dir, own_shards, tmp_path, capsys) -> None:
+    heldout = own_shards / "heldout"
+    assert cli(["eval", "zeroshot", *common(run_dir, heldout, tmp_path / "a")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "class labels (cls) but there are no class names; give them with --classnames" in line
+    from data_pipelines.synthetic import CLASSNAMES
+
+    (tmp_path / "names.txt").write_text("\n".join(CLASSNAMES))
+    argv = [*common(run_dir, heldout, tmp_path / "b"), "--classnames", str(tmp_path / "names.txt")]
+    assert cli(["eval", "zeroshot", *argv]) == 0
+    assert cli(["eval", "retrieval", *common(run_dir, heldout, tmp_path / "c")]) == 0
+
+
+def test_shards_without_labels_are_not_classified(run_dir, tmp_path, capsys) -> None:
+    write_image_folder(tmp_path / "folder", per_class=1, classes=2)
+    rows = [[str(p), "a shape"] for p in sorted(tmp_path.glob("folder/*/*.png"))]
+    with (tmp_path / "t.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "caption"], *rows])
+    assert cli(["shards", "write", str(tmp_path / "t.csv"), str(tmp_path / "shards")]) == 0
+    assert cli(["eval", "zeroshot", *common(run_dir, tmp_path / "shards", tmp_path / "o")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "no 'cls' class label" in line and "vlp eval retrieval" in line
+
+
+def test_several_datasets_in_one_call(run_dir, wds_root, own_shards, tmp_path, capsys) -> None:
+    argv = [*common(run_dir, wds_root, tmp_path), "--dataset", str(own_shards / "shards")]
+    assert cli(["eval", "zeroshot", *argv]) == 0
+    assert {read_result(p)["dataset"] for p in tmp_path.glob("*.json")} == {
+        "wds/shapes_wds",
+        "shards",
+    }
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "wds/shapes_wds", "shards"]
+    # 5 classes, then 3: acc5 is NaN for the second only, and the table says why.
+    assert "acc5 [1]" in out and "[1] acc5 is NaN where a dataset has fewer than 5" in out
+
+
+def test_retrieval_reads_the_captions_of_a_labelled_csv(run_dir, tmp_path, capsys) -> None:
+    write_image_folder(tmp_path / "folder", per_class=1, classes=2)
+    paths = sorted(tmp_path.glob("folder/*/*.png"))
+    with (tmp_path / "t.csv").open("w", newline="") as handle:
+        rows = [[str(p), p.parent.name, f"a {p.parent.name}"] for p in paths]
+        csv.writer(handle).writerows([["filepath", "label", "text"], *rows])
+    assert cli(["eval", "retrieval", *common(run_dir, tmp_path / "t.csv", tmp_path / "r")]) == 0
+    assert cli(["eval", "zeroshot", *common(run_dir, tmp_path / "t.csv", tmp_path / "z")]) == 0
+    with (tmp_path / "u.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["photo", "title", "caption"], [str(paths[0]), "x", "y"]])
+    argv = common(run_dir, tmp_path / "u.csv", tmp_path / "u")
+    assert cli(["eval", "retrieval", *argv]) == 2
+    assert "no image column (expected one of image, path" in capsys.readouterr().err
+    argv += ["--image-column", "photo"]
+    assert cli(["eval", "retrieval", *argv]) == 2
+    error = capsys.readouterr().err
+    assert "several caption columns ('caption', 'title'); choose one with --caption-column" in error
+    assert cli(["eval", "retrieval", *argv, "--caption-column", "title"]) == 0
+
+
+def test_workers_default_to_the_cores_available(monkeypatch) -> None:
+    """4 decoding processes on a 2-core machine made torch's DataLoader warn."""
+    from launch.evaluate import _options
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    args = parse(["eval", "zeroshot", "--model", "m", "--dataset", "d", "--out", "o"])
+    assert _options(args).workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert _options(args).workers == 4
+    assert _options(parse(["eval", "zeroshot", "--model", "m", "--dataset", "d", "--out", "o",
+                           "--workers", "3"])).workers == 3  # fmt: skip

@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
@@ -126,6 +129,99 @@ def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective
     assert ("init_logit_bias" in json.dumps(model_cfg)) == (objective == "siglip")
 
 
+@pytest.fixture(scope="module")
+def flat_shards(tmp_path_factory) -> Path:
+    """Two shards of 8 samples whose images are flat colours, one colour per sample.
+
+    The training crop is seeded per (rank, worker, sample count), so rank 1's crops differ
+    from those of the same samples in a 1-process run; every crop of a flat image is the same
+    image, which makes the batches of the two runs identical pixel for pixel.
+    """
+    out = tmp_path_factory.mktemp("flat_shards")
+
+    def flat(sample: dict) -> dict:
+        colour = np.random.default_rng(int(sample["key"])).integers(0, 256, 3)
+        return {**sample, "image": Image.new("RGB", sample["image"].size, tuple(map(int, colour)))}
+
+    write_shards(
+        map(flat, generate_samples(16, seed=1)), out, samples_per_shard=8, image_format="png"
+    )
+    return out
+
+
+def _exact_overrides(shards: Path, out: Path, **extra: object) -> list[str]:
+    """Epoch mode without shuffling: epoch 0's shard order is dealt to the ranks (rank r gets
+    shard r of the seeded order), so with one shard per rank, rank 0's and rank 1's first
+    samples are, in order, the first 16 samples a 1-process run reads."""
+    return _overrides(
+        shards, out, **{"data.resampled": False, "data.shuffle_buffer": 1, "train.steps": 1},
+        **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_first_loss(flat_shards, tmp_path_factory) -> float:
+    """Step 1's loss of one process on the 16-sample batch (same seed, so the same init)."""
+    from launch.run import check
+    from vlp.config import load_config
+
+    out = tmp_path_factory.mktemp("one_process")
+    config = load_config(DEMO, _exact_overrides(flat_shards, out, **{"data.batch_size": 16}))
+    loss = check(config).first_step_loss
+    assert loss is not None and math.isfinite(loss)
+    return loss
+
+
+@pytest.mark.slow
+def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
+    """The premise of the loss comparison below: the same samples, pixels and tokens."""
+    from data_pipelines.stream import make_train_stream
+    from launch.run import build_model, train_transforms
+    from vlp.config import load_config
+
+    config = load_config(DEMO, _exact_overrides(flat_shards, Path("unused")))
+    model, preprocess_train, _, tokenizer, _ = build_model(config)
+    transform, draft_size, _ = train_transforms(model, preprocess_train)
+
+    def first_batches(batch_size: int, rank: int, world_size: int, count: int) -> list[dict]:
+        stream = make_train_stream(
+            str(flat_shards), preprocess=transform, tokenizer=tokenizer, draft_size=draft_size,
+            batch_size=batch_size, rank=rank, world_size=world_size, resampled=False,
+            shuffle_buffer=1, seed=config.train.seed,
+        )  # fmt: skip
+        batches = iter(stream)
+        return [next(batches) for _ in range(count)]
+
+    (whole,) = first_batches(16, 0, 1, 1)
+    for batch_size, accum in ((8, 1), (4, 2)):
+        parts = [b for rank in (0, 1) for b in first_batches(batch_size, rank, 2, accum)]
+        assert whole["__key__"] == [k for b in parts for k in b["__key__"]]
+        assert torch.equal(whole["image"], torch.cat([b["image"] for b in parts]))
+        assert torch.equal(whole["text"], torch.cat([b["text"] for b in parts]))
+    assert len(set(whole["__key__"])) == 16
+    assert len({tuple(image[:, 0, 0].tolist()) for image in whole["image"]}) == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_two_process_loss_equals_the_one_process_loss_on_the_joined_batch(
+    flat_shards, one_process_first_loss, tmp_path, accum_steps
+):
+    """Two gloo ranks, one contrastive group (the default): the logged step-1 loss (the mean of
+    the ranks' losses) is the loss of one process on both ranks' samples, also when each rank
+    accumulates 2 micro-batches (GradCache). Every process seeds (``train.seed``) before it
+    builds the model, so both runs start from the same weights. Local negatives only, a group
+    per rank or a 1/N slip in the mean would each move it far beyond the tolerance."""
+    out = tmp_path / "run"
+    extra = {"data.batch_size": 8 // accum_steps, "train.accum_steps": accum_steps}
+    done = _accelerate(_exact_overrides(flat_shards, out, **extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 16 (contrastive groups of 2 ranks)" in (out / "train.log").read_text()
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 1
+    assert record["train/loss"] == pytest.approx(one_process_first_loss, rel=1e-5, abs=0)
+
+
 @pytest.mark.slow
 def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
@@ -164,6 +260,7 @@ def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
         ("train.stepz=3", "unknown config key 'train.stepz'"),
         ("train.accum_steps=0", "accum_steps"),
         ("train.group_size=2", "train.group_size=2 must be a positive divisor of the world size 1"),
+        ("train.report_to=[tensorbored]", "train.report_to: unknown tracker 'tensorbored'"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(shards, tmp_path, capsys, override, message):

@@ -1,12 +1,14 @@
 """Model creation: vlp's tiny configs, open_clip names, config JSON paths, locking, bad names."""
 
 import json
+import logging
+import time
 
 import open_clip
 import pytest
 import torch
 
-from vlp.models import create_model, model_config, preprocess_config
+from vlp.models import PretrainedError, create_model, model_config, preprocess_config
 
 
 def test_tiny_config_builds_and_returns_feature_dict():
@@ -58,3 +60,29 @@ def test_lock_towers():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'ViT-Q-99'"):
         create_model("ViT-Q-99")
+
+
+def test_from_scratch_model_does_not_warn_it_is_random(caplog):
+    with caplog.at_level(logging.WARNING):
+        create_model("vlp-tiny-vit")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    # scoped to that one call: the root logger keeps no filter of ours
+    assert not logging.getLogger().filters
+    with caplog.at_level(logging.WARNING):
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_pretrained_tag_not_in_cache_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(PretrainedError, match="not in the local Hugging Face cache and HF_HUB_"):
+        create_model("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.monotonic() - started < 5
+
+
+def test_bad_pretrained_names_the_tags_or_the_missing_file(tmp_path):
+    with pytest.raises(PretrainedError, match="'nope' is neither a weights file nor a pretrained"):
+        create_model("ViT-B-32", "nope")
+    with pytest.raises(PretrainedError, match="weights file .*missing.pt' does not exist"):
+        create_model("vlp-tiny-vit", str(tmp_path / "missing.pt"))

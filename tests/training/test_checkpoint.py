@@ -33,8 +33,10 @@ def test_rng_states_round_trip(tmp_path):
 def test_listing_ignores_temporaries_and_prunes(tmp_path):
     for step in (5, 10, 100):
         (tmp_path / ckpt.checkpoint_name(step)).mkdir()
-    (tmp_path / f".tmp-{ckpt.checkpoint_name(200)}").mkdir()
+    (tmp_path / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(200)}").mkdir()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)][-1] == "step_00000100"
     assert ckpt.resolve_resume("latest", tmp_path).name == "step_00000100"
     ckpt.prune_checkpoints(tmp_path, keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000100"]
+    # the temporary of an interrupted save is stale once pruning runs, and is removed with it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000100"]

@@ -2,7 +2,6 @@
 
 from vlp.distributed.checks import NonFiniteFeaturesError
 from vlp.distributed.collectives import (
-    all_gather_with_grad,
     all_reduce_mean,
     bytes_sent,
     is_distributed,
@@ -16,7 +15,6 @@ from vlp.distributed.siglip import sigmoid_loss
 
 __all__ = [
     "NonFiniteFeaturesError",
-    "all_gather_with_grad",
     "all_reduce_mean",
     "bytes_sent",
     "contrastive_group",

@@ -2,7 +2,8 @@
 
 A rank whose batch or width differs from the others' would otherwise hang (or crash) inside a
 point-to-point exchange; a NaN on one rank would silently poison every rank's loss. One all-gather
-of five integers per call lets every rank see every rank's shapes and take the same branch.
+of three integers per call (b, d, a non-finite flag) lets every rank see every rank's shapes and
+take the same branch.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""The only place vlp calls torch.distributed: rank helpers, counted collectives, the ring shift.
+"""The only place vlp moves data between ranks: rank helpers, counted collectives, the ring shift.
 
-Features are gathered with autograd so that each rank's loss sends gradients back to the rank
-that owns the features. ``accelerator.gather`` does not carry gradients and must not be used for
-features. The backward of a gather is a SUM over ranks (not a mean): DDP then averages parameter
-gradients over ranks, which together gives exactly the full-batch gradient (open_clip#616,
-lightly#1977 are the 1/N bugs this avoids).
+Process groups are made in :mod:`vlp.distributed.groups`, which sends nothing itself.
+
+None of these collectives carries autograd. Features are never gathered: the losses pass them
+around the group with :class:`RingShift` inside their own autograd functions
+(:mod:`vlp.distributed.tiles`), whose backward sends each column chunk's gradient around the ring
+with the chunk, so that it reaches the owning rank as the SUM of every rank's loss gradient (not a
+mean). DDP then averages parameter gradients over ranks, which together gives exactly the
+full-batch gradient (open_clip#616, lightly#1977 are the 1/N bugs this avoids).
+``accelerator.gather`` does not carry gradients and must not be used for features.
 
 Every collective here adds the bytes this rank sends to a per-process counter
 (:func:`bytes_sent`), so that tests and benchmarks can show what a loss communicates. The count is
@@ -84,32 +88,6 @@ def all_reduce_(
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
         _count(2 * (size - 1) / size * _nbytes(tensor))
     return tensor
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums the gradients of every rank's loss."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        ctx.group = group
-        ctx.rows = tensor.shape[0]
-        return torch.cat(all_gather(tensor, group), dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = all_reduce_(grad.contiguous(), group=ctx.group)
-        start = rank(ctx.group) * ctx.rows
-        return grad[start : start + ctx.rows], None
-
-
-def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank of ``group`` along dim 0, keeping autograd.
-
-    Every rank must pass the same shape. On one process it returns ``tensor`` unchanged.
-    """
-    if world_size(group) == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor, group)
 
 
 def all_reduce_mean(value: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:

@@ -8,18 +8,31 @@ gives a path to an open_clip model-config JSON; vlp registers its own tiny confi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import os
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import open_clip
 import torch
+from open_clip import pretrained as open_clip_pretrained
 from torch import nn
 
 from vlp.models.tokenizers import SentencePieceTokenizer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class PretrainedError(ValueError):
+    """``pretrained`` names weights that cannot be loaded: an unknown tag, a missing file, or a
+    download while the Hugging Face hub is offline or unreachable."""
 
 
 def register_vlp_configs() -> None:
@@ -80,10 +93,13 @@ def create_model(
     ``init_logit_bias``); record them with the config (``model_config(...) | model_kwargs``).
     """
     name = resolve_model_name(name_or_config)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, device=device, output_dict=True,
-        **(model_kwargs or {}),
-    )  # fmt: skip
+    if pretrained:
+        check_pretrained(name, pretrained)
+    with _quiet_random_init(not pretrained):
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, output_dict=True,
+            **(model_kwargs or {}),
+        )  # fmt: skip
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:
@@ -94,6 +110,77 @@ def create_model(
     sentencepiece = SentencePieceTokenizer(tokenizer, text_cfg.get("context_length", 77))
     sentencepiece.check_text_config(text_cfg)
     return model, preprocess_train, preprocess_val, sentencepiece
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Raise :class:`PretrainedError` now, not after a minute of download retries, when
+    ``pretrained`` is neither a local weights file nor an open_clip tag of ``name`` that is cached
+    or downloadable (``HF_HUB_OFFLINE=1`` or an unreachable hub make a download impossible)."""
+    if Path(pretrained).is_file() or ":" in name:  # hf-hub:/local-dir: bring their own weights
+        return
+    if os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        raise PretrainedError(f"weights file '{pretrained}' does not exist")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise PretrainedError(
+            f"'{pretrained}' is neither a weights file nor a pretrained tag of model '{name}' "
+            f"(its tags: {', '.join(tags) or 'none'})"
+        )
+    if "file" in cfg or not cfg.get("hf_hub") or _hub_weights_cached(cfg["hf_hub"]):
+        return
+    if _hub_offline():
+        why = "HF_HUB_OFFLINE=1 is set"
+    elif not _hub_reachable():
+        why = f"{huggingface_hub.constants.ENDPOINT} cannot be reached"
+    else:
+        return
+    raise PretrainedError(
+        f"pretrained weights '{pretrained}' of model '{name}' are not in the local Hugging Face "
+        f"cache and {why}; download them once with network access, or give a weights file path"
+    )
+
+
+def _hub_weights_cached(hf_hub: str) -> bool:
+    """Whether open_clip would find the weights of an ``org/repo/[file]`` entry in the cache."""
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or open_clip_pretrained.HF_WEIGHTS_NAME
+    names = [*open_clip_pretrained._get_safe_alternatives(filename), filename]
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, n), str) for n in names)
+
+
+def _hub_offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init(quiet: bool) -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning during
+    one model build that asked for no weights (a from-scratch run is random by design)."""
+    if not quiet:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def preprocess_config(model: nn.Module) -> dict[str, Any]:

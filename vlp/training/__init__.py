@@ -1,6 +1,13 @@
 """Training: the Accelerate loop, optimizer and schedule, checkpoints, provenance."""
 
-from vlp.training.accel import create_accelerator
-from vlp.training.loop import Evaluator, Trainer, TrainResult
+from vlp.training.accel import create_accelerator, create_trackers
+from vlp.training.loop import Evaluator, ResumeError, Trainer, TrainResult
 
-__all__ = ["Evaluator", "TrainResult", "Trainer", "create_accelerator"]
+__all__ = [
+    "Evaluator",
+    "ResumeError",
+    "TrainResult",
+    "Trainer",
+    "create_accelerator",
+    "create_trackers",
+]

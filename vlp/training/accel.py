@@ -4,16 +4,51 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import (
+    LOGGER_TYPE_TO_CLASS,
+    GeneralTracker,
+    TensorBoardTracker,
+    get_available_trackers,
+)
 from accelerate.utils import ProjectConfiguration
 
 logger = logging.getLogger(__name__)
 
 
-def create_accelerator(out_dir: str | Path, log_with: str | None = "tensorboard") -> Accelerator:
+def create_trackers(report_to: Sequence[str], out_dir: str | Path) -> list[GeneralTracker | str]:
+    """Accelerate trackers for ``train.report_to``; TensorBoard writes into ``OUT/tensorboard``.
+
+    Raises ValueError naming the tracker that is unknown or whose package is not installed, so
+    that a run stops at start-up rather than after its first logged step.
+    """
+    made: list[GeneralTracker | str] = []
+    for name in report_to:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"train.report_to: unknown tracker '{name}'; accelerate knows "
+                f"{sorted(LOGGER_TYPE_TO_CLASS)}"
+            )
+        if name == "tensorboard":
+            made.append(TensorBoardTracker("tensorboard", str(out_dir)))
+            continue
+        if name not in {str(t) for t in get_available_trackers()}:
+            # accelerate itself would drop it silently (a debug line) and log nothing
+            raise ValueError(
+                f"train.report_to: tracker '{name}' needs its package, which is not installed; "
+                f"pip install it or drop '{name}' from train.report_to"
+            )
+        made.append(name)
+    return made
+
+
+def create_accelerator(
+    out_dir: str | Path, log_with: Sequence[GeneralTracker | str] | None = None
+) -> Accelerator:
     """An Accelerator for a run writing into ``out_dir``.
 
     - ``cpu=True`` when there is no GPU: with accelerate's ``MULTI_GPU`` + ``use_cpu`` launch
@@ -36,7 +71,7 @@ def create_accelerator(out_dir: str | Path, log_with: str | None = "tensorboard"
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,
-        log_with=log_with,
+        log_with=list(log_with) if log_with else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir)),
         step_scheduler_with_optimizer=False,
     )

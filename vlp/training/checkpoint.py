@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -130,6 +131,12 @@ def _to_json(value: Any) -> Any:
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and stale temporaries."""
+    """Delete all but the newest ``keep`` complete checkpoints, and stale temporaries.
+
+    Called after a save has been renamed into place, so any ``.tmp-step_*`` left is from a save
+    that was interrupted (a crash or a kill) and will never complete.
+    """
     for old in list_checkpoints(checkpoint_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in Path(checkpoint_dir).glob(f"{TMP_PREFIX}{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlp.config import Config, validate_config
 from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive_group
@@ -39,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 Evaluator = Callable[[nn.Module, int], dict[str, float]]
 """``evaluate(unwrapped_model, step) -> {"eval/<dataset>/<metric>": value}``; run on rank 0."""
+
+
+class ResumeError(ValueError):
+    """``train.resume`` names a checkpoint this run cannot continue (another world size or
+    batch, another data configuration, not a checkpoint)."""
 
 
 @dataclass
@@ -73,6 +80,15 @@ class _StopFlag:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``3s``: an ETA a person reads at a glance."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -140,7 +156,10 @@ class Trainer:
         """Train to ``train.steps`` (resuming if asked); checkpoint on schedule and on SIGTERM."""
         acc, cfg = self.accelerator, self.config
         if cfg.train.resume:
-            path = ckpt.resolve_resume(cfg.train.resume, self.checkpoint_dir)
+            try:
+                path = ckpt.resolve_resume(cfg.train.resume, self.checkpoint_dir)
+            except FileNotFoundError as error:
+                raise ResumeError(str(error)) from None
             if path is None:
                 logger.info("train.resume=latest: no checkpoint yet, starting from step 0")
             else:
@@ -152,24 +171,39 @@ class Trainer:
             acc.num_processes, cfg.train.accum_steps, cfg.data.batch_size, self.global_batch,
             cfg.train.group_size or acc.num_processes,
         )  # fmt: skip
+        if cfg.optim.warmup_steps > cfg.train.steps and acc.is_main_process:
+            logger.warning(
+                "optim.warmup_steps=%d is more than train.steps=%d: the learning rate never "
+                "reaches optim.lr=%g; lower optim.warmup_steps",
+                cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.lr,
+            )  # fmt: skip
         self._iterator: Iterator[dict[str, Any]] = iter(self.batches)
+        # A bar only on a terminal: piped into a file its \r frames glue onto the log lines,
+        # which carry the same step, losses, samples/s and ETA.
         bar = tqdm(
-            total=cfg.train.steps, initial=self.step, disable=not acc.is_local_main_process,
-            desc="train", dynamic_ncols=True,
+            total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+            disable=not (acc.is_local_main_process and sys.stderr.isatty()),
         )  # fmt: skip
         losses: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         started, window_start, window_steps = time.time(), time.time(), 0
+        first_step = self.step
         interrupted = False
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, logging_redirect_tqdm():
             while self.step < cfg.train.steps and not interrupted:
                 parts, interrupted = self.train_step(self._next_batch(), stop.requested)
                 if parts is not None:
                     window_steps += 1
                     bar.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                        elapsed = max(time.time() - window_start, 1e-9)
-                        losses = self._log(parts, window_steps * self.global_batch / elapsed)
+                        now = time.time()
+                        elapsed = max(now - window_start, 1e-9)
+                        per_step = (now - started) / (self.step - first_step)
+                        losses = self._log(
+                            parts,
+                            window_steps * self.global_batch / elapsed,
+                            eta_s=per_step * (cfg.train.steps - self.step),
+                        )
                         bar.set_postfix(loss=f"{losses['train/loss']:.3f}")
                         window_start, window_steps = time.time(), 0
                     if cfg.eval.every and self.step % cfg.eval.every == 0:
@@ -307,21 +341,29 @@ class Trainer:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             ckpt.write_json(self.out_dir / "provenance.json", provenance(acc, self.global_batch))
         acc.wait_for_everyone()
-        acc.init_trackers("tensorboard")
+        acc.init_trackers("vlp")  # the trackers made by create_trackers (none for a check)
 
-    def _log(self, parts: dict[str, torch.Tensor], samples_per_s: float) -> dict[str, float]:
+    def _log(
+        self, parts: dict[str, torch.Tensor], samples_per_s: float, eta_s: float = 0.0
+    ) -> dict[str, float]:
         values = {f"train/{k}": float(all_reduce_mean(v.float())) for k, v in parts.items()}
         values["train/loss"] = sum(v for k, v in values.items() if k.endswith("_loss"))
         values["train/lr"] = self.scheduler.get_last_lr()[0]
         values["train/samples_per_s"] = samples_per_s
+        self._record(values)
+        if self.accelerator.is_main_process:
+            logger.info(
+                "step %d/%d %s eta=%s", self.step, self.config.train.steps,
+                " ".join(f"{k}={v:.4g}" for k, v in values.items()), _duration(eta_s),
+            )  # fmt: skip
+        return values
+
+    def _record(self, values: dict[str, float]) -> None:
+        """Send ``values`` to the trackers and append them to ``metrics.jsonl`` (main process)."""
         self.accelerator.log(values, step=self.step)
         if self.accelerator.is_main_process:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")
-            logger.info(
-                "step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items())
-            )
-        return values
 
     def evaluate(self) -> dict[str, float]:
         """Run every evaluator on the main process; other ranks wait."""
@@ -333,7 +375,7 @@ class Trainer:
             for evaluate in self.evaluators:
                 metrics.update(evaluate(model, self.step))
             model.train(was_training)
-            self.accelerator.log(metrics, step=self.step)
+            self._record(metrics)
             logger.info("eval at step %d: %s", self.step, metrics)
         self.accelerator.wait_for_everyone()
         return metrics
@@ -344,7 +386,7 @@ class Trainer:
         """Write ``checkpoints/step_N`` atomically (temp dir + rename) and prune old ones."""
         acc = self.accelerator
         name = ckpt.checkpoint_name(self.step)
-        tmp = self.checkpoint_dir / f".tmp-{name}"
+        tmp = self.checkpoint_dir / f"{ckpt.TMP_PREFIX}{name}"
         final = self.checkpoint_dir / name
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -404,9 +446,16 @@ class Trainer:
         acc = self.accelerator
         state = json.loads((path / "trainer_state.json").read_text())
         if state["world_size"] != acc.num_processes:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {state['world_size']} processes; this run has "
-                f"{acc.num_processes}. Resume with the same number of processes."
+            raise ResumeError(
+                f"train.resume: checkpoint {path} was written by {state['world_size']} processes; "
+                f"this run has {acc.num_processes}. Resume with the same number of processes."
+            )
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            raise ResumeError(
+                f"train.resume: checkpoint {path} was written with global batch "
+                f"{state['global_batch']}; this run has {self.global_batch} (data.batch_size x "
+                "train.accum_steps x processes). Resume with the same data.batch_size and "
+                "train.accum_steps, or start a new train.out_dir."
             )
         acc.unwrap_model(self.model).load_state_dict(load_file(str(path / "model.safetensors")))
         self.optimizer.load_state_dict(ckpt.load_state_parts(path, "optimizer"))
@@ -419,8 +468,11 @@ class Trainer:
         data_state = path / f"data_rank{acc.process_index}.json"
         if hasattr(self.batches, "load_state_dict"):
             if not data_state.is_file():
-                raise RuntimeError(f"checkpoint {path} has no data position ({data_state.name})")
-            self.batches.load_state_dict(json.loads(data_state.read_text()))
+                raise ResumeError(f"checkpoint {path} has no data position ({data_state.name})")
+            try:
+                self.batches.load_state_dict(json.loads(data_state.read_text()))
+            except ValueError as error:
+                raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
         self.step = self._saved_step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_steps"])
         logger.info("resumed from %s at step %d", path, self.step)

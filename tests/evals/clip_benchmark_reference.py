@@ -1,57 +1,24 @@
-"""CLIP_benchmark itself, run on given features: the reference our parity tests and benchmarks
-compare with. Needs the dev dependency ``clip-benchmark`` (pinned in requirements.txt).
+"""CLIP_benchmark itself, run on given features: the reference our parity tests and the eval
+benchmark compare with. Needs the dev dependency ``clip-benchmark`` (pinned in requirements.txt).
 
 CLIP_benchmark's metric code only takes a model, a dataloader and a tokenizer. To run it on
 exactly the features our functions see, :class:`FeatureModel` is a "model" whose images are
 feature vectors (``encode_image`` is the identity) and whose prompts are looked up in a table of
 text features (``encode_text``), with :class:`TableTokenizer` turning each prompt into its row.
-
-Two quirks of clip-benchmark 1.6.2 are handled here, and only here:
-
-- its ``accuracy`` calls ``float()`` on a 1-element NumPy array, which NumPy >= 2.4 refuses
-  ("only 0-dimensional arrays can be converted"); :func:`numpy_scalar_fix` lends its module a
-  ``float`` that accepts such arrays, for the duration of a call. The computation is unchanged.
-- its CLI imports ``requests`` without declaring it (the dev requirements pin it).
-
-``python -m evals.clip_benchmark_ref eval ...`` runs CLIP_benchmark's CLI under that fix.
+Its NumPy 2.4 crash is worked around by ``evals.clip_benchmark_cli.numpy_scalar_fix``.
 """
 
 from __future__ import annotations
 
 import builtins
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-
-def _float(value: Any) -> float:
-    """``float()`` that also takes a 1-element array (NumPy < 2.4 behaviour)."""
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return builtins.float(value.item())
-    return builtins.float(value)
-
-
-@contextmanager
-def numpy_scalar_fix() -> Iterator[None]:
-    """Let clip-benchmark 1.6.2's ``zeroshot_classification.accuracy`` run under NumPy 2.4."""
-    from clip_benchmark.metrics import zeroshot_classification as module
-
-    had = "float" in vars(module)
-    previous = vars(module).get("float")
-    module.float = _float
-    try:
-        yield
-    finally:
-        if had:
-            module.float = previous
-        else:
-            del module.float
+from evals.clip_benchmark_cli import numpy_scalar_fix
 
 
 class TableTokenizer:
@@ -156,15 +123,3 @@ def zeroshot_retrieval(
         recall_k_list=list(recall_k),
     )  # fmt: skip
     return {key: builtins.float(value) for key, value in metrics.items()}
-
-
-def main() -> None:
-    """CLIP_benchmark's command line, with :func:`numpy_scalar_fix` applied."""
-    from clip_benchmark import cli
-
-    with numpy_scalar_fix():
-        sys.exit(cli.main())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,122 @@
+"""What the terminal shows: log lines a file can hold, one line per user error, no false alarms."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+from launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "launch" / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(generate_samples(64, seed=0), out, samples_per_shard=32)
+    return out
+
+
+def _overrides(shards: Path, out: Path, **extra: object) -> list[str]:
+    values = {
+        "data.train_shards": shards,
+        "data.batch_size": 8,
+        "data.workers": 0,
+        "data.shuffle_buffer": 16,
+        "train.out_dir": out,
+        "train.log_every": 1,
+        "optim.warmup_steps": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_piped_training_log_is_whole_lines_with_eta(shards, tmp_path):
+    """Not a TTY: no progress-bar frames (``\\r``) glued onto log lines; each periodic line has
+    step, losses, samples/s and ETA; warmup longer than the run is pointed out."""
+    overrides = _overrides(shards, tmp_path / "run", **{"train.steps": 3, "optim.warmup_steps": 5})
+    command = [sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), *overrides]
+    done = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "\r" not in output
+    step_lines = [line for line in output.splitlines() if " vlp.training.loop: step " in line]
+    assert len(step_lines) == 3, output[-3000:]
+    for n, line in enumerate(step_lines, start=1):
+        assert re.search(
+            rf"INFO vlp\.training\.loop: step {n}/3 train/contrastive_loss=\S+ .*"
+            r"train/loss=\S+ train/lr=\S+ train/samples_per_s=\S+ eta=\d+s$",
+            line,
+        ), line
+    assert "optim.warmup_steps=5 is more than train.steps=3" in output
+    assert "initialized randomly" not in output
+
+
+@pytest.mark.slow
+def test_config_error_under_accelerate_launch_is_printed_once(tmp_path):
+    """Every rank meets the error; rank 0 alone prints it and its exit status (2) is the root
+    cause the launcher reports. torchrun's own ChildFailedError summary is the launcher's: it
+    follows any non-zero worker exit and no worker can silence it."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()),
+        str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), "train.stepz=3",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("unknown config key 'train.stepz'") == 1, output
+    assert output.count("vlp: error:") == 1, output
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\n\s+exitcode\s+: 2 ", output), output
+    assert "launch/cli.py" not in output  # no traceback from a worker
+
+
+def test_bad_pretrained_is_reported_under_model_pretrained(shards, tmp_path, capsys):
+    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path)]
+    assert main([*args, "model.pretrained=laion2b_s34b_b79k"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("vlp: error: model.pretrained='laion2b_s34b_b79k': "), line
+    assert "not a pretrained tag" in line or "neither a weights file" in line, line
+
+
+def test_resume_with_another_batch_size_is_one_line(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    train = ["train", "--config", str(DEMO), *_overrides(shards, out, **{"train.steps": 1})]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main([*train, "train.steps=2", "train.resume=latest", "data.batch_size=4"]) == 2
+    line = _one_error_line(capsys)
+    assert "train.resume: checkpoint" in line and "global batch 8; this run has 4" in line, line
+    assert main([*train, "train.resume=/no/ckpt"]) == 2
+    assert "train.resume='/no/ckpt' is not a complete checkpoint" in _one_error_line(capsys)
