@@ -18,6 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (about 9459 × 9459)."""
 
+MAX_CAPTION_BYTES = 65_536
+"""A caption longer than this (64 KiB; a tokenizer keeps the first 77 tokens) is bad data, not
+text: skipped and counted, so a hostile 10 MB member costs no decoding or tokenising."""
+
 IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Member suffixes that hold a sample's image, in the order a reader looks for them."""
 
@@ -91,12 +95,14 @@ def decode_image(
         raise SampleError(f"undecodable image: {error!r}") from error
 
 
-def decode_caption(data: bytes) -> str:
+def decode_caption(data: bytes, max_bytes: int = MAX_CAPTION_BYTES) -> str:
     """Caption bytes -> stripped text.
 
     Raises:
-        SampleError: not UTF-8, or empty after stripping.
+        SampleError: over ``max_bytes`` bytes, not UTF-8, or empty after stripping.
     """
+    if len(data) > max_bytes:
+        raise SampleError(f"caption of {len(data)} bytes is over the limit of {max_bytes}")
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError as error:

@@ -7,8 +7,11 @@ schemes. :func:`register_remote_openers` replaces the remote entries of webdatas
 ``hf``, ...) read by a helper thread, each read waiting at most ``timeout`` seconds; a stalled or
 failed read re-opens the URL at the same byte offset, up to ``retries`` times, then raises
 :class:`RemoteShardError` naming the URL. A shard that does not exist (HTTP 404, no such key)
-raises ``FileNotFoundError`` at once: that is bad data, skipped and counted by the stream. The helper thread is a daemon: a read stuck in the kernel
-cannot keep the process alive.
+raises ``FileNotFoundError`` at once: that is bad data, skipped and counted by the stream; a
+server that cannot be reached (fsspec's http reports that as ``FileNotFoundError`` too) is
+retried. Retries wait 0.5 s, 1 s, 2 s, ... (at most ``timeout``) so that a server that restarts
+gets a moment. The helper thread is a daemon: a read stuck in the kernel cannot keep the
+process alive.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 import io
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -24,6 +28,19 @@ import fsspec
 import webdataset as wds
 
 REMOTE_SCHEMES = ("http", "https", "s3", "gs", "gcs", "hf", "az", "abfs", "abfss")
+BACKOFF_S = 0.5
+"""The wait before the first retry; it doubles with each retry, up to the read timeout."""
+
+
+def is_missing(error: FileNotFoundError) -> bool:
+    """True when the shard does not exist (HTTP 404/410, no such key); False when fsspec's
+    http wraps a failure to reach the server (refused, reset) as ``FileNotFoundError``."""
+    cause = error.__cause__
+    return (
+        cause is None
+        or isinstance(cause, FileNotFoundError)
+        or (getattr(cause, "status", None) in (404, 410))
+    )
 
 
 class RemoteShardError(Exception):
@@ -107,13 +124,19 @@ class TimedStream(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         last: BaseException | None = None
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), self.timeout))
             try:
                 if self._reader is None:
                     self._reader = self._open_at_offset()
                 data = self._reader.read(len(view), self.timeout)
-            except FileNotFoundError:
-                raise
+            except FileNotFoundError as error:
+                if is_missing(error):
+                    raise
+                last = error.__cause__ or error
+                self._reader = None
+                continue
             except (queue.Empty, OSError, EOFError) as error:
                 # A stalled or broken connection: drop this reader (its thread is a daemon).
                 last = error

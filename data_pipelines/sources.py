@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import posixpath
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -314,21 +315,37 @@ def read_source(
     image_column: str | None = None,
     caption_column: str | None = None,
     on_skip: OnSkip = None,
+    shuffle: bool = True,
+    seed: int = 0,
 ) -> Iterator[Sample]:
     """Samples of ``source``: a class-folder tree (:func:`read_folder`, with ``templates``) or
     a table (:func:`read_table`, with the column names), told apart by the suffix.
+
+    ``shuffle`` (the default) returns them in a seeded random order, so that shards written
+    from a folder (class by class) or a sorted table each hold many classes: a stream whose
+    shuffle buffer holds about one shard would otherwise make batches of one or two classes.
+    The order depends on ``seed`` only (not on how many processes encode the images); the
+    samples are listed in memory first (folders: paths; tables: the rows). Keys keep the
+    source order.
 
     Raises:
         SourceError: neither a folder nor a file with a known suffix, or a bad layout/column.
         FileNotFoundError: a table that does not exist.
     """
+    samples: Iterator[Sample]
     if os.path.isdir(source):
-        return read_folder(source, templates)
-    if os.path.splitext(source)[1].lower() in TABLE_SUFFIXES:
-        return read_table(
+        samples = read_folder(source, templates)
+    elif os.path.splitext(source)[1].lower() in TABLE_SUFFIXES:
+        samples = read_table(
             source, image_column=image_column, caption_column=caption_column, on_skip=on_skip
         )
-    raise SourceError(
-        f"{source}: not a folder and not a {', '.join(TABLE_SUFFIXES)} file; "
-        "SOURCE is told apart by its suffix"
-    )
+    else:
+        raise SourceError(
+            f"{source}: not a folder and not a {', '.join(TABLE_SUFFIXES)} file; "
+            "SOURCE is told apart by its suffix"
+        )
+    if not shuffle:
+        return samples
+    listed = list(samples)
+    random.Random(seed).shuffle(listed)
+    return iter(listed)

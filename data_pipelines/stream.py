@@ -5,12 +5,12 @@ sequence of batches that is a pure function of (seed, config, rank, world size, 
 which shards it reads is :mod:`data_pipelines.stream_plan`, how it turns them into batches is
 :mod:`data_pipelines.worker_stream`. This module runs the workers and keeps the positions.
 
-Every batch carries its worker's position after it: (epoch, shard, sample) of the next tar sample
-to read, the emission count, and the references (epoch, shard, sample) of the samples in the
-shuffle buffer. The main process keeps the position of the last CONSUMED batch of every worker
+Every batch carries its worker's position after it: the epoch and the batches yielded in it,
+the shards in flight with their next sample and the next shard to open, the emission count, and
+the references (epoch, shard, sample) of the samples in the shuffle buffer. The main process keeps the position of the last CONSUMED batch of every worker
 (prefetched batches are not consumed) and which worker comes next; that is the stream's
-``state_dict``. A resumed stream re-reads only the shards that hold the buffered samples and the
-current shard, skipping tar members without decoding images, and rotates the workers so that the
+``state_dict``. A resumed stream re-reads only the shards that hold the buffered samples or are in
+flight, skipping tar members without decoding images, and rotates the workers so that the
 next batch comes from the right one. DataLoader hands out batches round-robin over workers, and
 every worker is infinite, so the order is fixed.
 
@@ -22,6 +22,7 @@ DataLoader within seconds; a remote shard that stalls raises ``RemoteShardError`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,12 +31,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipelines.decode import DEFAULT_MAX_PIXELS, IMAGE_MEMBERS
 from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import Urls, count_samples, expand_urls, shard_sizes, split_sources
-from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_batches
+from data_pipelines.stream_plan import (
+    StreamSpec,
+    check_epoch_mode,
+    derive_seed,
+    epoch_dropped,
+    epoch_quota,
+    shard_url,
+)
 from data_pipelines.worker_stream import Preprocess, SkipCounts, Tokenizer, worker_batches
 
 __all__ = [
     "SkipCounts",
     "StreamSpec",
+    "TooManyBadSamples",
     "TrainStream",
     "count_samples",
     "derive_seed",
@@ -44,8 +53,15 @@ __all__ = [
     "shard_sizes",
 ]
 
+logger = logging.getLogger("data_pipelines.stream")
+
 _RESERVED = ("image", "text", "__key__", "__stream__")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: epoch-mode quotas (epoch, batches in epoch) and shards in flight
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than ``data.max_skip_fraction`` of the samples were skipped as bad data: the data,
+    not the code, is wrong, so the run stops with this one message (and the skip counts)."""
 
 
 class _WorkerDataset(IterableDataset):
@@ -84,7 +100,9 @@ class TrainStream:
 
     Iterating yields batch dicts ``{"image", "text", "__key__", **extra}``: forever in resampled
     mode; ``len(stream)`` batches per ``iter()`` in epoch mode (iterate again for the next
-    epoch; every rank yields the same count). ``skips`` holds what was skipped, per shard.
+    epoch). ``len`` is the current epoch's count: the same on every rank, and it may differ
+    from epoch to epoch (each epoch deals the shards anew). ``skips`` holds what was skipped,
+    per shard; ``dropped`` the samples that epochs left over (see ``stream_plan``).
     """
 
     def __init__(
@@ -97,13 +115,16 @@ class TrainStream:
         prefetch_factor: int,
         timeout: float,
         max_skip_fraction: float,
-        num_batches: int | None,
     ) -> None:
         self.spec = spec
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.num_workers, self.prefetch_factor, self.timeout = num_workers, prefetch_factor, timeout
         self.max_skip_fraction = max_skip_fraction
-        self.num_batches = num_batches
+        self.epoch = spec.first_epoch
+        """The epoch of the last batch handed out (epoch mode; the next ``iter()`` moves on to
+        the next epoch once this one's ``len()`` batches are out)."""
+        self.dropped = 0
+        """Samples left over (not in any batch) by the epochs started so far (epoch mode)."""
         self.skips = SkipCounts()
         self._positions: dict[int, dict[str, Any]] = {}
         self._next_worker = 0
@@ -118,9 +139,9 @@ class TrainStream:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank; a ``TypeError`` for the infinite resampled stream."""
-        if self.num_batches is None:
+        if self.spec.resampled:
             raise TypeError("a resampled stream is infinite and has no len()")
-        return self.num_batches
+        return self.spec.workers * epoch_quota(self.spec, self.epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(
@@ -132,9 +153,17 @@ class TrainStream:
             persistent_workers=False,
             collate_fn=_as_is,
         )
-        remaining = None if self.num_batches is None else self.num_batches - self._consumed
-        if remaining is not None and remaining <= 0:
-            self._consumed, remaining = 0, self.num_batches
+        if not self.spec.resampled and self._consumed >= len(self):  # the last epoch is over
+            self._consumed, self.epoch = 0, self.epoch + 1
+        remaining = None if self.spec.resampled else len(self) - self._consumed
+        if remaining is not None and self._consumed == 0:
+            dropped = epoch_dropped(self.spec, self.epoch, self.spec.rank)
+            self.dropped += dropped
+            logger.info(
+                "epoch %d: rank %d yields %d batches; %d samples of its shards are left over "
+                "and dropped (%d so far)",
+                self.epoch, self.spec.rank, remaining, dropped, self.dropped,
+            )  # fmt: skip
         batches = iter(loader)
         try:
             for batch in batches:
@@ -148,26 +177,44 @@ class TrainStream:
                 if remaining is not None:
                     remaining -= 1
                     if remaining == 0:
-                        self._consumed = 0
                         return
-        except (ConnectionError, EOFError) as error:
-            if not self.num_workers:
+        except (ConnectionError, EOFError, RuntimeError) as error:
+            dead = isinstance(error, (ConnectionError, EOFError)) or (
+                "exited unexpectedly" in str(error)  # the DataLoader's own check
+            )
+            if not self.num_workers or not dead:
                 raise
             # A worker that dies while its batch is being received shows up as a broken pipe
             # before the DataLoader's own "exited unexpectedly" check runs.
             raise RuntimeError(
-                f"a DataLoader worker of rank {self.spec.rank} exited unexpectedly (receiving "
-                f"its batch failed: {error!r}); its own log lines above say why"
+                f"data worker {self._next_worker} of rank {self.spec.rank} (a DataLoader worker "
+                f"process) exited unexpectedly while reading {self._whereabouts(self._next_worker)} ({error}); its own log "
+                "lines above say why (a crash in an image codec or the transform, or the OOM "
+                "killer: then lower data.workers or data.prefetch_factor)"
             ) from error
         finally:
             del batches  # shuts the workers down now, so no late SIGCHLD error escapes
+
+    def _whereabouts(self, worker: int) -> str:
+        """The shards ``worker`` had open after its last batch consumed here (it may be a few
+        prefetched batches further, in those shards or the next of its sequence)."""
+        position = self._positions.get(worker)
+        try:
+            if position is None:
+                return f"shard {shard_url(self.spec, worker, self.spec.first_epoch, 0)} or later"
+            epoch = int(position["epoch"])
+            shards = [int(i) for i, _ in position["open"]] or [int(position["next_shard"])]
+            urls = ", ".join(dict.fromkeys(shard_url(self.spec, worker, epoch, i) for i in shards))
+        except (KeyError, TypeError, ValueError, IndexError):
+            return "an unknown shard"
+        return f"shard {urls} or later"
 
     def _check_skips(self) -> None:
         seen = self.skips.ok + self.skips.skipped
         if seen < 10 * self.spec.batch_size or self.skips.skipped <= self.max_skip_fraction * seen:
             return
         worst = sorted(self.skips.by_shard.items(), key=lambda item: -item[1])[:3]
-        raise RuntimeError(
+        raise TooManyBadSamples(
             f"{self.skips.skipped} of {seen} samples skipped "
             f"({self.skips.skipped / seen:.1%} > data.max_skip_fraction="
             f"{self.max_skip_fraction}); worst shards: "
@@ -183,7 +230,9 @@ class TrainStream:
             "workers": self.spec.workers,
             "rank": self.spec.rank,
             "next_worker": self._next_worker,
+            "epoch": self.epoch,
             "consumed_in_epoch": self._consumed,
+            "dropped": self.dropped,
             "positions": {str(w): p for w, p in self._positions.items()},
             "skips": self.skips.to_json(),
         }
@@ -216,6 +265,7 @@ class TrainStream:
         self._positions = {int(w): p for w, p in state["positions"].items()}
         self._next_worker = int(state["next_worker"])
         self._consumed = int(state["consumed_in_epoch"])
+        self.epoch, self.dropped = int(state["epoch"]), int(state["dropped"])
         self.skips = SkipCounts()
         self.skips.add({k: state["skips"][k] for k in ("ok", "by_shard", "reasons")})
 
@@ -232,6 +282,7 @@ def make_train_stream(
     seed: int = 0,
     resampled: bool = True,
     shuffle_buffer: int = 1000,
+    shards_in_flight: int = 8,
     epoch: int = 0,
     weights: Sequence[float] | None = None,
     image_keys: Sequence[str] = IMAGE_MEMBERS,
@@ -254,8 +305,10 @@ def make_train_stream(
             ``::`` (or a list of them).
         weights: one per source (open_clip's upsampling factors); resampled mode only.
         resampled: draw shards with replacement (infinite); False: epochs over disjoint shards
-            (``len()`` = floor(samples / (batch_size · world_size)) batches per epoch, rounded
-            down to a multiple of the workers).
+            (each (rank, worker) yields the same number of batches, ``len()`` per rank, from
+            its own shards; the rest is dropped and counted: see ``stream_plan``).
+        shards_in_flight: shards each worker reads at once, a sample from each in turn, so
+            that shards written in class order still mix (costs one open stream each).
         caption_field: take the caption from this field of the sample's ``json`` instead of
             ``text_key``.
         extra_keys: more members to return (json -> dict, cls -> LongTensor, txt -> str).
@@ -278,6 +331,8 @@ def make_train_stream(
     shard_urls, shard_weights = split_sources(urls, weights)
     if not resampled and len(set(shard_weights)) > 1:
         raise ValueError("data.train_weights need resampled=True (epoch mode reads every shard)")
+    if shards_in_flight < 1:
+        raise ValueError(f"shards_in_flight must be at least 1, got {shards_in_flight}")
     nw = max(workers, 1)
     spec = StreamSpec(
         urls=tuple(shard_urls),
@@ -299,8 +354,11 @@ def make_train_stream(
         max_consecutive_errors=max_consecutive_errors,
         remote_timeout=remote_timeout,
         remote_retries=remote_retries,
+        sizes=() if resampled else tuple(shard_sizes(shard_urls)),
+        shards_in_flight=shards_in_flight,
     )
-    num_batches = None if resampled else epoch_batches(spec)
+    if not resampled:
+        check_epoch_mode(spec)
     return TrainStream(
         spec,
         preprocess=preprocess,
@@ -309,5 +367,4 @@ def make_train_stream(
         prefetch_factor=prefetch_factor,
         timeout=timeout,
         max_skip_fraction=max_skip_fraction,
-        num_batches=num_batches,
     )

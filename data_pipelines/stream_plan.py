@@ -2,8 +2,11 @@
 
 Resampled mode: draw i of a worker picks a shard with its source's weight, from a seed of its
 own (so a resume needs no replay of earlier draws). Epoch mode: epoch e's seeded shuffle of all
-shards is dealt to ranks, then workers, so shards are disjoint across every (rank, worker)
-within an epoch.
+shards is dealt, shard by shard, to the least-loaded (rank, worker) by sample count (from
+``sizes.json``), so shards are disjoint across every (rank, worker) within an epoch and the
+loads are close. Every (rank, worker) then yields the same number of batches in epoch e,
+:func:`epoch_quota` = the smallest load // batch size; what its shards hold beyond that is
+dropped (:func:`epoch_dropped`), so no sample is seen twice and every rank has the same length.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-
-from data_pipelines.shards import shard_sizes
 
 
 def derive_seed(*parts: int) -> int:
@@ -48,6 +49,10 @@ class StreamSpec:
     max_consecutive_errors: int
     remote_timeout: float
     remote_retries: int
+    sizes: tuple[int, ...] = ()
+    """Samples per shard (epoch mode; empty when resampled)."""
+    shards_in_flight: int = 1
+    """Shards a worker reads at once, a sample from each in turn (mixes shards in a batch)."""
 
     def fingerprint(self) -> str:
         """What a saved position must match: the fields that shape the batch sequence."""
@@ -56,29 +61,72 @@ class StreamSpec:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_plan(spec: StreamSpec, epoch: int) -> list[list[list[int]]]:
-    """plan[rank][worker] = this epoch's shard indices: a seeded shuffle dealt to ranks, then
-    to workers, so that shards are disjoint across every (rank, worker) within an epoch."""
+@functools.lru_cache(maxsize=8)
+def _epoch_deal(spec: StreamSpec, epoch: int) -> tuple[list[list[int]], list[int]]:
+    """(shards, load) per slot ``rank * workers + worker``: epoch ``epoch``'s seeded shuffle,
+    each shard dealt to the least-loaded slot (fewest shards, then lowest slot, on ties)."""
     order = list(range(len(spec.urls)))
     random.Random(derive_seed(spec.seed, epoch)).shuffle(order)
-    return [
-        [order[r :: spec.world_size][w :: spec.workers] for w in range(spec.workers)]
-        for r in range(spec.world_size)
-    ]
+    slots = spec.world_size * spec.workers
+    shards: list[list[int]] = [[] for _ in range(slots)]
+    loads = [0] * slots
+    for index in order:
+        slot = min(range(slots), key=lambda s: (loads[s], len(shards[s]), s))
+        shards[slot].append(index)
+        loads[slot] += spec.sizes[index]
+    return shards, loads
 
 
-def shard_url(spec: StreamSpec, worker: int, epoch: int, index: int) -> str | None:
-    """URL of shard ``index`` of ``worker`` in ``epoch`` (None: the epoch is over)."""
+def epoch_plan(spec: StreamSpec, epoch: int) -> list[list[list[int]]]:
+    """plan[rank][worker] = this epoch's shard indices, disjoint across every (rank, worker)."""
+    shards, _ = _epoch_deal(spec, epoch)
+    return [shards[r * spec.workers : (r + 1) * spec.workers] for r in range(spec.world_size)]
+
+
+def epoch_quota(spec: StreamSpec, epoch: int) -> int:
+    """Batches every (rank, worker) yields in epoch ``epoch``: the smallest load // batch size.
+
+    Raises:
+        ValueError: some (rank, worker) gets less than one batch of samples.
+    """
+    shards, loads = _epoch_deal(spec, epoch)
+    slot = min(range(len(loads)), key=lambda s: loads[s])
+    if loads[slot] < spec.batch_size:
+        rank, worker = divmod(slot, spec.workers)
+        raise ValueError(
+            f"epoch mode, epoch {epoch}: rank {rank} worker {worker} gets {len(shards[slot])} "
+            f"shards with only {loads[slot]} samples, less than one batch of {spec.batch_size}; "
+            "use fewer workers, smaller batches, more (smaller) shards or resampled=True"
+        )
+    return loads[slot] // spec.batch_size
+
+
+def epoch_dropped(spec: StreamSpec, epoch: int, rank: int) -> int:
+    """Samples of ``rank``'s shards in epoch ``epoch`` that its batches leave out (the rest of
+    each worker's load beyond ``epoch_quota`` batches)."""
+    _, loads = _epoch_deal(spec, epoch)
+    used = epoch_quota(spec, epoch) * spec.batch_size
+    return sum(load - used for load in loads[rank * spec.workers : (rank + 1) * spec.workers])
+
+
+def shard_url(spec: StreamSpec, worker: int, epoch: int, index: int) -> str:
+    """URL of shard ``index`` of ``worker``'s sequence in ``epoch``. In epoch mode, indices past
+    the worker's shards wrap around: a worker whose skipped samples left it short of its quota
+    re-reads its own shards (never another worker's or the next epoch's)."""
     if spec.resampled:  # each draw from its own seed: a resume needs no replay of earlier draws
         draw = random.Random(derive_seed(spec.seed, spec.rank, worker, index, 11))
         return draw.choices(spec.urls, weights=spec.weights)[0]
     mine = epoch_plan(spec, epoch)[spec.rank][worker]
-    return spec.urls[mine[index]] if index < len(mine) else None
+    return spec.urls[mine[index % len(mine)]]
 
 
-def epoch_batches(spec: StreamSpec) -> int:
-    """Batches per epoch per rank in epoch mode; refuses plans that would leave a worker idle."""
+def shards_per_pass(spec: StreamSpec, worker: int, epoch: int) -> int | None:
+    """How many shards ``worker`` reads in one pass over its epoch (None: resampled, endless)."""
+    return None if spec.resampled else len(epoch_plan(spec, epoch)[spec.rank][worker])
+
+
+def check_epoch_mode(spec: StreamSpec) -> None:
+    """Refuse epoch-mode plans that would leave a (rank, worker) idle or without a batch."""
     n = len(spec.urls)
     if n < spec.world_size * spec.workers:
         raise ValueError(
@@ -86,19 +134,4 @@ def epoch_batches(spec: StreamSpec) -> int:
             f"{spec.workers} = {spec.world_size * spec.workers} shards, but the stream has "
             f"{n}; use resampled=True, fewer workers, or write more (smaller) shards"
         )
-    sizes = shard_sizes(list(spec.urls))
-    for r, per_worker in enumerate(epoch_plan(spec, spec.first_epoch)):
-        for w, shards in enumerate(per_worker):
-            if sum(sizes[i] for i in shards) < spec.batch_size:
-                raise ValueError(
-                    f"epoch mode: rank {r} worker {w} gets shards with only "
-                    f"{sum(sizes[i] for i in shards)} samples, less than one batch of "
-                    f"{spec.batch_size}; use fewer workers, smaller batches or resampled=True"
-                )
-    batches_per_worker = sum(sizes) // (spec.batch_size * spec.world_size) // spec.workers
-    if batches_per_worker == 0:
-        raise ValueError(
-            f"epoch mode: {sum(sizes)} samples give no full batch of {spec.batch_size} on each "
-            f"of {spec.world_size} ranks x {spec.workers} workers"
-        )
-    return batches_per_worker * spec.workers
+    epoch_quota(spec, spec.first_epoch)

@@ -5,7 +5,10 @@ rules (:mod:`data_pipelines.decode`), so "valid" here means "decodes in training
 checked as a tar: one that does not open, and one that is truncated (a read error, or, since
 Python's streaming tar reader stops silently when a tar is cut at a member boundary, an
 uncompressed tar that does not end with the two zero blocks of the end-of-archive marker) are
-reported, and so is a sample count that disagrees with ``sizes.json``.
+reported, and so is a sample count that disagrees with ``sizes.json``. A warning (not a
+problem) says when most shards hold a single class (``cls``): shards written in class order,
+whose batches would hold one or two classes when the stream's shuffle buffer holds about a
+shard; write them shuffled (``vlp shards write`` does by default).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class ShardReport:
     samples: int = 0
     listed: int | None = None
     problems: list[Problem] = field(default_factory=list)
+    classes: int | None = None
+    """Distinct ``cls`` values in the shard (None: its samples have no ``cls``)."""
 
 
 @dataclass
@@ -72,6 +77,8 @@ class ValidationReport:
 
     shards: list[ShardReport]
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What may hurt training without being an error (label-homogeneous shards)."""
 
     @property
     def ok(self) -> bool:
@@ -97,6 +104,7 @@ class ValidationReport:
             "samples": self.samples,
             "problems": self.problem_counts(),
             "set_problems": [asdict(problem) for problem in self.problems],
+            "warnings": list(self.warnings),
             "shard_reports": [asdict(shard) for shard in self.shards],
         }
 
@@ -175,6 +183,7 @@ def validate_shard(
     """
     seen = {} if seen is None else seen
     report = ShardReport(url)
+    classes: set[bytes] = set()
     try:
         raw = wds.gopen(url)
     except DATA_ERRORS as error:
@@ -189,6 +198,9 @@ def validate_shard(
                 where = "earlier in this shard" if seen[sample.key] == url else seen[sample.key]
                 report.problems.append(Problem("duplicate_key", sample.key, f"also {where}"))
             seen.setdefault(sample.key, url)
+            if "cls" in sample.members:
+                classes.add(sample.members["cls"].strip())
+                report.classes = len(classes)
             report.problems += _check_sample(sample.members, sample.key, caption_key, max_pixels)
         while stream.read(1 << 16):  # the end-of-archive blocks and record padding
             pass
@@ -246,12 +258,27 @@ def validate_shards(
             detail = f"sizes.json lists {listed} samples, the shard has {report.samples}"
             report.problems.append(Problem("size_mismatch", None, detail))
         reports.append(report)
-    return ValidationReport(reports, problems)
+    return ValidationReport(reports, problems, _label_warnings(reports))
+
+
+def _label_warnings(reports: list[ShardReport]) -> list[str]:
+    """A warning when most shards with labels (and more than one sample) hold one class."""
+    labelled = [r for r in reports if r.classes is not None and r.samples > 1]
+    single = [r for r in labelled if r.classes == 1]
+    if len(labelled) < 2 or 2 * len(single) <= len(labelled):
+        return []
+    return [
+        f"{len(single)} of {len(labelled)} shards hold a single class (cls): the shards look "
+        "written in class order, so a shuffle buffer of about a shard gives batches of one or "
+        "two classes; rewrite them shuffled (vlp shards write shuffles by default) or read "
+        "several shards at once (data shards_in_flight)"
+    ]
 
 
 def format_report(report: ValidationReport, max_per_shard: int = 10) -> str:
     """The report as text for people: one line per shard, its first problems, a total."""
     lines = [f"{problem.kind}: {problem.detail}" for problem in report.problems]
+    lines += [f"warning: {warning}" for warning in report.warnings]
     for shard in report.shards:
         listed = (
             f" (sizes.json: {shard.listed})" if shard.listed not in (None, shard.samples) else ""

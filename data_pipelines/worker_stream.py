@@ -1,7 +1,7 @@
 """One logical worker's infinite batch sequence: read, shuffle, decode, batch, with positions.
 
-shard sequence (``stream_plan``) -> tar samples in file order (``tario``; open and read errors
-are counted, the shard is left) -> seeded shuffle buffer on raw bytes (slot k of emission n is a
+shard sequence (``stream_plan``) -> tar samples, a few shards at once in turn (``shard_reader``;
+open and read errors are counted, the shard is left) -> seeded shuffle buffer on raw bytes (slot k of emission n is a
 hash of (seed, rank, w, n)) -> decode (``decode``: data errors skipped and counted) ->
 transform with torch's CPU generator seeded per sample -> batch, tokenised once per batch.
 Every batch carries the worker's position after it, from which :func:`worker_batches` resumes.
@@ -16,18 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 
-from data_pipelines.decode import DATA_ERRORS, SampleError, decode_caption, decode_image
-from data_pipelines.stream_plan import StreamSpec, derive_seed, shard_url
-from data_pipelines.tario import RawSample, iter_samples
+from data_pipelines.decode import SampleError, decode_caption, decode_image
+from data_pipelines.shard_reader import Ref, ShardReader
+from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_quota
+from data_pipelines.tario import RawSample
 
 logger = logging.getLogger("data_pipelines.stream")
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
-Ref = tuple[int, int, int]  # (epoch, shard index in the worker's sequence, sample index in shard)
 
 
 @dataclass
@@ -91,58 +90,6 @@ class _WorkerCounts:
     def take(self) -> dict[str, Any]:
         taken, self.pending = self.pending.to_json(), SkipCounts()
         return taken
-
-
-def _read(
-    spec: StreamSpec, worker: int, start: Ref, counts: _WorkerCounts
-) -> Iterator[tuple[Ref, RawSample]]:
-    """Raw samples from position ``start`` on, forever (epochs follow one another)."""
-    epoch, shard, first = start
-    while True:
-        url = shard_url(spec, worker, epoch, shard)
-        if url is None:
-            epoch, shard, first = epoch + 1, 0, 0
-            continue
-        yielded = False
-        try:
-            with wds.gopen(url) as stream:
-                for raw in iter_samples(stream, url):
-                    if raw.index >= first:  # skipping reads tar bytes, decodes nothing
-                        yielded = True
-                        yield (epoch, shard, raw.index), raw
-        except DATA_ERRORS as error:
-            counts.skip(url, error)
-        else:
-            if not yielded and first == 0:
-                counts.skip(url, SampleError(f"shard {url} has no samples"))
-        shard, first = shard + 1, 0
-
-
-def _restore_buffer(
-    spec: StreamSpec, refs: list[Ref], counts: _WorkerCounts, worker: int
-) -> list[tuple[Ref, RawSample]]:
-    """Re-read the samples a saved shuffle buffer held, in their buffer order."""
-    wanted: dict[tuple[int, int], set[int]] = {}
-    for epoch, shard, sample in refs:
-        wanted.setdefault((epoch, shard), set()).add(sample)
-    found: dict[Ref, RawSample] = {}
-    for (epoch, shard), samples in sorted(wanted.items()):
-        url = shard_url(spec, worker, epoch, shard)
-        if url is None:
-            raise RuntimeError(f"cannot restore the stream: no shard {shard} in epoch {epoch}")
-        with wds.gopen(url) as stream:
-            for raw in iter_samples(stream, url):
-                if raw.index in samples:
-                    found[(epoch, shard, raw.index)] = raw
-                if raw.index >= max(samples):
-                    break
-    missing = [ref for ref in refs if ref not in found]
-    if missing:
-        raise RuntimeError(
-            f"cannot restore the stream position: {len(missing)} buffered samples are no longer "
-            f"in their shards (e.g. {missing[0]}); were the shards rewritten?"
-        )
-    return [(ref, found[ref]) for ref in refs]
 
 
 def _member(raw: RawSample, key: str) -> bytes:
@@ -209,6 +156,11 @@ def _collate(
     return batch
 
 
+def _start(spec: StreamSpec) -> dict[str, Any]:
+    return {"epoch": spec.first_epoch, "batches": 0, "open": [], "next_shard": 0,
+            "emitted": 0, "buffer": []}  # fmt: skip
+
+
 def worker_batches(
     spec: StreamSpec,
     worker: int,
@@ -219,24 +171,41 @@ def worker_batches(
     """Logical worker ``worker``'s infinite batch sequence, from a saved position or the start.
 
     Each batch has ``__stream__ = {"worker", "position", "counts"}``: the position after it and
-    the skips since the previous batch.
+    the skips since the previous batch. In epoch mode the worker yields exactly
+    ``epoch_quota`` batches per epoch from its own shards of that epoch: the shuffle buffer is
+    drained at the end of its shards, and what is left when the quota is reached (buffered,
+    unread, half a batch) is dropped; then the next epoch starts with an empty buffer.
     """
     counts = _WorkerCounts(spec.max_consecutive_errors)
-    position = start or {"next": [spec.first_epoch, 0, 0], "emitted": 0, "buffer": []}
+    position = start or _start(spec)
+    epoch, batches = int(position["epoch"]), int(position["batches"])
+    quota = None if spec.resampled else epoch_quota(spec, epoch)
+    reader = ShardReader(spec, worker, epoch, position, counts)
     refs: list[Ref] = [(int(e), int(i), int(j)) for e, i, j in position["buffer"]]
-    buffer = _restore_buffer(spec, refs, counts, worker) if refs else []
+    buffer = reader.restore(refs)
     emitted = int(position["emitted"])
     pending: list[dict[str, Any]] = []
-    epoch, shard, sample = (int(v) for v in position["next"])
-    for ref, raw in _read(spec, worker, (epoch, shard, sample), counts):
-        if spec.shuffle_buffer > 1:
+    rereading = False
+    while True:
+        item = reader.next(drained=not buffer)
+        if item is not None and not rereading and item[0][1] >= (reader.per_pass or item[0][1] + 1):
+            rereading = True
+            logger.warning(
+                "rank %d worker %d: skipped samples left it short of %s batches in epoch %d; it "
+                "re-reads its own shards of the epoch (some samples repeat)",
+                spec.rank, worker, quota, epoch,
+            )  # fmt: skip
+        if item is None:  # this pass over the epoch's shards is read: drain the buffer
+            slot = derive_seed(spec.seed, spec.rank, worker, emitted, 13) % len(buffer)
+            _, out = buffer.pop(slot)
+        elif spec.shuffle_buffer > 1:
             if len(buffer) < spec.shuffle_buffer:
-                buffer.append((ref, raw))
+                buffer.append(item)
                 continue
             slot = derive_seed(spec.seed, spec.rank, worker, emitted, 13) % spec.shuffle_buffer
-            (_, out), buffer[slot] = buffer[slot], (ref, raw)
+            (_, out), buffer[slot] = buffer[slot], item
         else:
-            out = raw
+            out = item[1]
         emitted += 1
         try:
             sample_seed = derive_seed(spec.seed, spec.rank, worker, emitted, 17)
@@ -245,16 +214,24 @@ def worker_batches(
         except SampleError as error:
             counts.skip(out.url, error)
             continue
-        if len(pending) == spec.batch_size:
-            batch = _collate(pending, tokenizer, spec.extra_keys)
-            batch["__stream__"] = {
-                "worker": worker,
-                "position": {
-                    "next": [ref[0], ref[1], ref[2] + 1],
-                    "emitted": emitted,
-                    "buffer": [list(r) for r, _ in buffer],
-                },
-                "counts": counts.take(),
-            }
-            pending = []
-            yield batch
+        if len(pending) < spec.batch_size:
+            continue
+        batch = _collate(pending, tokenizer, spec.extra_keys)
+        pending, batches = [], batches + 1
+        if quota is not None and batches == quota:  # the epoch is over: drop what is left
+            reader.close()
+            epoch, batches, buffer, rereading = epoch + 1, 0, [], False
+            quota = epoch_quota(spec, epoch)
+            reader = ShardReader(spec, worker, epoch, _start(spec), counts)
+        batch["__stream__"] = {
+            "worker": worker,
+            "position": {
+                "epoch": epoch,
+                "batches": batches,
+                **reader.state(),
+                "emitted": emitted,
+                "buffer": [list(r) for r, _ in buffer],
+            },
+            "counts": counts.take(),
+        }
+        yield batch

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,8 +144,12 @@ def _from_local_dir(
     import open_clip
     from safetensors import SafetensorError
 
+    from vlp.models.factory import refused_pickle
+
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the file
+        raise ModelLoadError(f"'{source}': {refused_pickle(str(source), error)}") from None
     except (RuntimeError, ValueError, OSError, TypeError, SafetensorError) as error:
         raise ModelLoadError(f"'{source}': open_clip cannot build the model: {error}") from None
     config = json.loads((model_dir / CONFIG_NAME).read_text())

@@ -39,7 +39,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  output dir:     {plan.out_dir}")
         return 0
     result = train(config)
-    return 0 if result.step > 0 or result.interrupted else 1
+    if result.interrupted:
+        return EXIT_PREEMPTED
+    return 0 if result.step > 0 else 1
+
+
+EXIT_PREEMPTED = 75
+"""`vlp train`'s status after SIGTERM/SIGUSR1 (EX_TEMPFAIL): a checkpoint was written and the
+same command with train.resume=latest continues; schedulers can requeue on it."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -51,8 +58,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run_errors() -> tuple[type[Exception], ...]:
     from launch.run import StartupError
+    from vlp.training.loop import CheckpointWriteError
 
-    return (ConfigError, StartupError)
+    return (ConfigError, StartupError, CheckpointWriteError)
 
 
 def _shards_errors() -> tuple[type[Exception], ...]:
@@ -77,6 +85,8 @@ def _shards_write(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         caption_column=args.caption_column,
         on_skip=skipped.append,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
     )
     names = class_names(args.source) if os.path.isdir(args.source) else None
     paths = write_shards(
@@ -201,6 +211,13 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
         "its zero-shot templates)",
     )
     write.add_argument("--split", default="test", help="clip_benchmark layout: the split")
+    write.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep the source order (default: samples are shuffled across shards, seeded, so "
+        "that a shard of a class folder does not hold one class)",
+    )
+    write.add_argument("--seed", type=int, default=0, help="seed of that shuffle (default: 0)")
     for role in ("image", "caption", "label"):
         write.add_argument(
             f"--{role}-column",
@@ -277,7 +294,25 @@ def _report_user_error(error: Exception) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(_QUIET_RANK_DELAY_S)
         return
-    print(f"vlp: error: {error}", file=sys.stderr, flush=True)
+    message = f"vlp: error: {error}"
+    print(message, file=sys.stderr, flush=True)
+    _record_for_torchrun(message)
+
+
+def _record_for_torchrun(message: str) -> None:
+    """Under torchrun, put ``message`` where its failure summary looks (the worker's error file,
+    torch.distributed.elastic's JSON layout): the summary that ends the launcher's output then
+    names the cause instead of "To enable traceback see: ...". The launcher's own traceback
+    above it comes from its process and cannot be silenced from here."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {
+        "message": message,
+        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))},
+    }
+    with open(path, "w") as f:
+        json.dump({"message": record}, f)
 
 
 if __name__ == "__main__":

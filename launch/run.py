@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from data_pipelines.fields import missing_fields
 from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import split_sources
-from data_pipelines.stream import make_train_stream
+from data_pipelines.stream import TooManyBadSamples, make_train_stream
 from data_pipelines.transforms import fast_transforms_for_model
 from evals.dataset_evaluator import DatasetEvaluator
 from evals.datasets import load_labelled_shards, open_eval_set
@@ -33,13 +33,36 @@ from vlp.config import Config
 from vlp.distributed import contrastive_group
 from vlp.models import PretrainedError, create_model, model_config, preprocess_config
 from vlp.objectives import create_objective, objective_class
-from vlp.training import ResumeError, Trainer, TrainResult, create_accelerator, create_trackers
+from vlp.training import (
+    NonFiniteLossError,
+    ResumeError,
+    Trainer,
+    TrainResult,
+    create_accelerator,
+    create_trackers,
+)
+from vlp.training.threads import set_threads
 
 logger = logging.getLogger("vlp")
 
 
 class StartupError(RuntimeError):
     """A problem with the user's config or data found before training starts."""
+
+
+class RunStopped(StartupError):
+    """Training stopped on a problem a user fixes (too many bad samples, losses that stay
+    non-finite); like :class:`StartupError`: one line ``vlp: error: ...``, exit status 2, and
+    the same line in ``train.log``."""
+
+
+def log_to_file_only(message: str) -> None:
+    """Write ``message`` as an ERROR line to ``train.log`` only: on stderr the CLI prints it once,
+    as ``vlp: error: ...``."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @dataclass
@@ -225,6 +248,8 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
+    # After the start-up checks (a user error stays one line), before the stream and any step.
+    set_threads(config.train.threads, config.data.workers)
 
     train_transform, draft_size, normalize = train_transforms(model, preprocess_train)
     batches = make_train_stream(
@@ -239,6 +264,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         seed=config.train.seed,
         resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer,
+        shards_in_flight=config.data.shards_in_flight,
         weights=config.data.train_weights,
         image_keys=config.data.image_keys,
         text_key=config.data.text_key,
@@ -264,6 +290,17 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         result = trainer.fit()
     except ResumeError as error:
         raise StartupError(str(error)) from None
+    except TooManyBadSamples as error:
+        trainer._write_skips()  # data_skips_rank<r>.json: which shards, how many, why
+        message = (
+            f"{error}; per-shard counts in {out_dir / 'data_skips_rank*.json'}: fix or drop "
+            "those shards, or raise data.max_skip_fraction"
+        )
+        log_to_file_only(message)
+        raise RunStopped(message) from None
+    except NonFiniteLossError as error:
+        log_to_file_only(str(error))
+        raise RunStopped(str(error)) from None
     plan = RunPlan(
         world_size=accelerator.num_processes,
         global_batch=trainer.global_batch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class DataConfig:
     """Sample shards with replacement (an infinite stream); False = epochs over disjoint shards."""
     shuffle_buffer: int = 1000
     """Seeded sample shuffle buffer size."""
+    shards_in_flight: int = 8
+    """Shards each worker keeps open and takes samples from in turn, so that a batch mixes
+    shards even when each shard holds one class; costs one read buffer per open shard."""
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     """Sample members tried, in order, for the image."""
     text_key: str = "txt"
@@ -113,13 +117,20 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None
-    """``latest`` or a checkpoint directory."""
+    """``latest`` or a checkpoint directory. Without it, a folder that already holds checkpoints
+    is refused (see ``overwrite``)."""
+    overwrite: bool = False
+    """Start afresh in a ``out_dir`` that holds a run: its checkpoints, metrics, results and plots
+    are removed first. Off by default, so a new run never clobbers a finished one."""
     log_every: int = 10
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Accelerate trackers (``tensorboard``, ``wandb``, ...; [] for none). wandb needs the
     ``wandb`` package and its login, or ``WANDB_MODE=offline``."""
     max_nonfinite_steps: int = 5
     """Consecutive NaN/inf losses tolerated (each skipped) before the run stops."""
+    threads: int = 0
+    """torch intra-op threads per process; 0 = OMP_NUM_THREADS if set, else the cores this
+    process may use, shared by the processes of the node after one per data worker."""
 
 
 @dataclass
@@ -155,12 +166,36 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(_redacted(self.to_dict()), sort_keys=False))
 
 
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+_SECRET_QUERY = re.compile(
+    r"([?&](?:token|access_token|key|secret|password|sig|signature|x-amz-[a-z-]+)=)[^&#\s]*",
+    re.IGNORECASE,
+)
+_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with URL credentials masked: ``user:pass@`` and secret query parameters
+    (``token``, ``key``, ``sig``, ``X-Amz-*``, ...) become ``***``. For what is logged or written
+    (config.yaml); a run needing credentials takes them from the environment or fsspec config."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -281,12 +316,14 @@ def validate_config(config: Config) -> None:
         (config.data.batch_size > 0, "data.batch_size must be > 0"),
         (config.data.workers >= 0, "data.workers must be >= 0"),
         (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
+        (config.data.shards_in_flight >= 1, "data.shards_in_flight must be >= 1"),
         (0 <= config.data.max_skip_fraction <= 1, "data.max_skip_fraction must be in [0, 1]"),
         (config.data.batch_timeout > 0, "data.batch_timeout must be > 0"),
         (config.data.remote_timeout > 0, "data.remote_timeout must be > 0"),
         (config.data.remote_retries >= 0, "data.remote_retries must be >= 0"),
         (config.train.steps > 0, "train.steps must be > 0"),
         (config.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+        (config.train.threads >= 0, "train.threads must be >= 0 (0 = automatic)"),
         (
             config.train.group_size is None or config.train.group_size >= 1,
             "train.group_size must be >= 1 (or null for all ranks)",

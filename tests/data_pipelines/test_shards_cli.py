@@ -107,6 +107,26 @@ def test_write_from_a_class_folder_names_the_classes_beside_the_shards(
     assert (tmp_path / "out" / "classnames.txt").read_text() == "red fox\nsnow leopard\n"
 
 
+def _classes_in_order(shards: Path) -> list[int]:
+    with tarfile.open(shards / "00000.tar") as tar:
+        names = [m.name for m in tar.getmembers() if m.name.endswith(".cls")]  # file order
+        return [int(tar.extractfile(name).read()) for name in names]  # type: ignore[union-attr]
+
+
+def test_write_shuffles_by_default_and_no_shuffle_keeps_the_class_order(
+    class_folder: Path, tmp_path: Path
+) -> None:
+    """A class folder written in order gives one class per shard; the default shuffle mixes."""
+    orders = {}
+    for flags in ([], ["--seed", "1"], ["--seed", "1"], ["--no-shuffle"]):
+        out = tmp_path / f"out{len(orders)}"
+        assert main(["shards", "write", str(class_folder), str(out), *flags]) == 0
+        orders[len(orders)] = _classes_in_order(out)
+    assert orders[3] == sorted(orders[3])  # --no-shuffle: class 0 first, then class 1
+    assert orders[1] == orders[2] != orders[3]  # seeded
+    assert sorted(orders[0]) == sorted(orders[3])
+
+
 def test_write_clip_benchmark_layout(class_folder: Path, tmp_path: Path, capsys) -> None:
     from evals.datasets import open_eval_set
 

@@ -30,7 +30,9 @@ def test_class_folder_with_spaces_templates_and_cls(tmp_path: Path) -> None:
     (tmp_path / ".hidden").mkdir()
 
     assert class_names(str(tmp_path)) == ["blue jay", "red fox"]
-    samples = list(read_source(str(tmp_path), templates=["a photo of a {c}.", "{c}"]))
+    samples = list(
+        read_source(str(tmp_path), templates=["a photo of a {c}.", "{c}"], shuffle=False)
+    )
     assert [s["key"] for s in samples] == [f"{i:09d}" for i in range(5)]
     assert [s["cls"] for s in samples] == [0, 0, 0, 1, 1]
     assert [s["txt"] for s in samples] == [
@@ -168,3 +170,20 @@ def test_only_empty_class_folders_stop_before_anything_is_written(tmp_path: Path
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no images in its 2 class subfolders" in error[0], error
     assert not (tmp_path / "out" / "sizes.json").exists()
+
+
+def test_sources_are_shuffled_by_default_seeded_and_keys_keep_source_order(
+    tmp_path: Path,
+) -> None:
+    """Class-sorted folders would otherwise give one class per shard."""
+    for name in "abcd":
+        for i in range(5):
+            _image(tmp_path / name / f"{i}.png")
+    in_order = list(read_source(str(tmp_path), shuffle=False))
+    shuffled = list(read_source(str(tmp_path)))
+    assert shuffled == list(read_source(str(tmp_path), seed=0))
+    assert shuffled != in_order and shuffled != list(read_source(str(tmp_path), seed=1))
+    by_key = {s["key"]: s for s in in_order}
+    assert sorted(shuffled, key=lambda s: s["key"]) == in_order
+    assert all(by_key[s["key"]] == s for s in shuffled)
+    assert len({s["cls"] for s in shuffled[:5]}) > 1, "the first shard's worth mixes classes"

@@ -138,12 +138,6 @@ def _epoch_violations(urls: str, seed: int, world_size: int) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="epoch mode reads into the next shard-epoch when a worker's shards run out; the "
-    "reliability issue (epoch mode neither disjoint across ranks nor free of repeats) fixes it, "
-    "and then this must pass",
-)
 def test_epoch_mode_is_disjoint_and_equal_length_for_every_seed_and_shard_mix(
     tmp_path: Path,
 ) -> None:
@@ -151,8 +145,9 @@ def test_epoch_mode_is_disjoint_and_equal_length_for_every_seed_and_shard_mix(
     for index, sizes in enumerate(SHARD_SIZE_MIXES):
         urls = _shards_of_sizes(tmp_path / f"mix{index}", sizes)
         for seed in SEEDS:
-            for problem in _epoch_violations(urls, seed, world_size=2):
-                violations.append(f"shards {sizes}, seed {seed}: {problem}")
+            for world_size in (2, 3):
+                for problem in _epoch_violations(urls, seed, world_size):
+                    violations.append(f"shards {sizes}, seed {seed}, {world_size} ranks: {problem}")
     assert not violations, "\n".join(violations)
 
 
@@ -168,7 +163,9 @@ def test_epoch_mode_with_two_workers(shard_dir: str) -> None:
     def run() -> list[list[str]]:
         loader = _stream(shard_dir, resampled=False, workers=2, rank=1, world_size=2)
         batches = _keys(loader)
-        assert len(batches) == len(loader) == 4
+        # 6 shards (7 x 5 + 5 samples) on 2 ranks x 2 workers: the least-loaded worker holds
+        # one shard, 1 batch of 4, so every worker yields 1 batch and a rank 2.
+        assert len(batches) == len(loader) == 2
         return batches
 
     assert run() == run()
@@ -232,3 +229,26 @@ def test_bad_arguments(shard_dir: str) -> None:
         _stream(shard_dir, extra_keys=("text",))
     with pytest.raises(ValueError, match="less than one batch"):
         _stream(shard_dir, resampled=False, batch_size=8, world_size=2, workers=3)
+
+
+@pytest.fixture(scope="module")
+def class_sorted(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """9 shards of 100 samples, shard i holding class i only (a class folder written in order)."""
+    root, image = tmp_path_factory.mktemp("class_sorted"), _jpeg()
+    for cls in range(9):
+        samples = [(f"{cls:02d}{i:07d}", {"jpg": image, "txt": b"a", "cls": b"%d" % cls}) for i in range(100)]  # fmt: skip
+        write_tar(root / f"{cls:05d}.tar", samples)
+    return str(root)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_batches_mix_classes_of_class_sorted_shards(class_sorted: str, resampled: bool) -> None:
+    """A shuffle buffer the size of a shard mixes one shard; several shards in flight mix."""
+
+    def classes(**kw) -> list[int]:  # type: ignore[no-untyped-def]
+        loader = _stream(class_sorted, batch_size=32, shuffle_buffer=100, extra_keys=("cls",),
+                         resampled=resampled, seed=1, **kw)  # fmt: skip
+        return [len(set(b["cls"].tolist())) for b in islice(loader, 8)]
+
+    assert min(classes()) >= 5, "the default reads enough shards at once"
+    assert min(classes(shards_in_flight=1)) <= 2, "one shard at a time: one or two classes"

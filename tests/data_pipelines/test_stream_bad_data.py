@@ -173,5 +173,6 @@ def test_a_silent_server_is_an_error_within_seconds_naming_the_shard(tmp_path: P
             batch_size=10,
         )
         with pytest.raises(RemoteShardError, match=rf"shard {base}/00000.tar: no data within 1 s"):
-            next(iter(stream))
+            for _ in stream:  # several shards in flight may fill a batch before one stalls
+                pass
     assert time.monotonic() - started < 20

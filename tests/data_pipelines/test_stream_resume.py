@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision import transforms
 
+import data_pipelines.shard_reader as reader_module
 import data_pipelines.worker_stream as stream_module
 from data_pipelines.stream import make_train_stream
 from data_pipelines.synthetic import generate_samples
@@ -51,14 +52,26 @@ def _same(a: list, b: list) -> None:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize(
     "workers,resampled,stop",
-    [(2, True, 3), (2, True, 4), (2, False, 5), (2, False, 11), (0, True, 3), (3, True, 7)],
+    [
+        (2, True, 3),
+        (2, True, 4),
+        (2, False, 5),
+        (2, False, 8),
+        (2, False, 11),
+        (0, False, 6),
+        (0, True, 3),
+        (3, True, 7),
+    ],  # fmt: skip
 )
-def test_resume_sees_exactly_the_uninterrupted_batches(shard_dir, workers, resampled, stop):
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_resume_sees_exactly_the_uninterrupted_batches(
+    shard_dir, workers, resampled, stop, in_flight
+):
     """Stops at steps that are and are not multiples of the workers, inside and past the
-    first epoch (epoch mode has 10 batches per epoch here), with 3 batches prefetched per
+    first epoch (epoch mode has 8 batches per epoch here: 2 workers of 4), with 3 batches prefetched per
     worker that the interrupted run never consumed."""
     total = 14
-    options = {"workers": workers, "resampled": resampled, "seed": 4}
+    options = {"workers": workers, "resampled": resampled, "seed": 4, "shards_in_flight": in_flight}
     uninterrupted = _take(_stream(shard_dir, **options), total)
     first = _stream(shard_dir, **options)
     head = _take(first, stop)
@@ -69,23 +82,26 @@ def test_resume_sees_exactly_the_uninterrupted_batches(shard_dir, workers, resam
 
 
 def test_resume_decodes_nothing_twice_and_rereads_little(tmp_path: Path, monkeypatch) -> None:
-    """Restoring re-reads the shards that hold the buffered samples plus the current one and
-    decodes no image before the first new batch's samples."""
+    """Restoring reads each shard that holds buffered samples or is in flight once (the
+    shards in flight continue from there) and decodes no image before the first new batch's
+    samples."""
     write_shards(generate_samples(60, seed=1), tmp_path, samples_per_shard=10)
     first = _stream(str(tmp_path), shuffle_buffer=8, workers=0)
     _take(first, 5)
     state = first.state_dict()
-    buffered = {tuple(ref[:2]) for ref in state["positions"]["0"]["buffer"]}
+    position = state["positions"]["0"]
+    needed = {ref[1] for ref in position["buffer"]} | {shard for shard, _ in position["open"]}
     opened: list[str] = []
     decoded: list[int] = []
-    real_gopen, real_decode = stream_module.wds.gopen, stream_module.decode_image
-    monkeypatch.setattr(stream_module.wds, "gopen", lambda url, *a, **k: opened.append(url) or real_gopen(url, *a, **k))  # fmt: skip
+    real_gopen, real_decode = reader_module.wds.gopen, stream_module.decode_image
+    monkeypatch.setattr(reader_module.wds, "gopen", lambda url, *a, **k: opened.append(url) or real_gopen(url, *a, **k))  # fmt: skip
     monkeypatch.setattr(stream_module, "decode_image", lambda data, **k: decoded.append(1) or real_decode(data, **k))  # fmt: skip
     second = _stream(str(tmp_path), shuffle_buffer=8, workers=0)
     second.load_state_dict(state)
     next(iter(second))
     assert len(decoded) == 4  # one batch: four images, nothing decoded to restore
-    assert len(opened) <= len(buffered) + 2  # buffered shards, the current one, maybe the next
+    # those shards, and the next ones a batch of 4 reaches
+    assert len(opened) <= len(needed) + 2
 
 
 def test_resume_refuses_another_world_size_worker_count_or_config(shard_dir: str) -> None:

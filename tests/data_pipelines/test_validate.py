@@ -155,3 +155,26 @@ def test_unreadable_sizes_json_is_a_problem(clean: Path) -> None:
     assert "sizes.json cannot be read" in report.problems[0].detail
     assert [s.samples for s in report.shards] == [4, 4, 2] and _kinds(report) == []
     assert format_report(report).startswith("size_mismatch: sizes.json cannot be read")
+
+
+def _labelled_shards(root: Path, classes_per_shard: list[list[int]]) -> Path:
+    root.mkdir()
+    key = 0
+    for index, classes in enumerate(classes_per_shard):
+        members = []
+        for cls in classes:
+            members += _sample(f"{key:04d}") + [(f"{key:04d}.cls", str(cls).encode())]
+            key += 1
+        _tar(root / f"{index:05d}.tar", members)
+    return root
+
+
+def test_class_sorted_shards_give_a_warning_not_a_problem(tmp_path: Path) -> None:
+    sorted_shards = _labelled_shards(tmp_path / "sorted", [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    report = validate_shards(sorted_shards)
+    assert report.ok, "a warning is not a problem"
+    assert len(report.warnings) == 1 and "3 of 3 shards hold a single class" in report.warnings[0]
+    assert "warning: 3 of 3 shards" in format_report(report)
+    assert report.to_json()["warnings"] == report.warnings
+    mixed = _labelled_shards(tmp_path / "mixed", [[0, 1, 2], [2, 1, 0], [1, 1, 1]])
+    assert validate_shards(mixed).warnings == []

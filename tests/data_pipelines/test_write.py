@@ -184,3 +184,21 @@ def test_fsspec_output_url(tmp_path: Path) -> None:
             write_shards(generate_samples(1, seed=0), url)
     finally:
         fs.rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_shuffled_folder_writes_the_same_bytes_for_any_worker_count(tmp_path: Path) -> None:
+    from data_pipelines.sources import read_source
+
+    folder = tmp_path / "folder"
+    for cls, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        (folder / f"c{cls}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), colour).save(folder / f"c{cls}" / f"{i}.png")
+    one = write_shards(read_source(str(folder), seed=3), tmp_path / "one", samples_per_shard=4)
+    two = write_shards(
+        read_source(str(folder), seed=3), tmp_path / "two", samples_per_shard=4, workers=2
+    )
+    assert [Path(p).read_bytes() for p in one] == [Path(p).read_bytes() for p in two]
+    classes = [{m for m in _members(p) if m.endswith(".cls")} for p in one]
+    first = {_members(one[0])[m] for m in classes[0]}
+    assert len(first) > 1, "a shard of a shuffled class folder holds several classes"

@@ -91,6 +91,7 @@ def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module, model_name: 
     }
     (checkpoint / "model_config.json").write_text(json.dumps(info))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (checkpoint / "COMPLETE").write_text("")  # what the trainer writes last (a finished save)
     return checkpoint
 
 

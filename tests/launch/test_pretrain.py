@@ -150,11 +150,12 @@ def flat_shards(tmp_path_factory) -> Path:
 
 
 def _exact_overrides(shards: Path, out: Path, **extra: object) -> list[str]:
-    """Epoch mode without shuffling: epoch 0's shard order is dealt to the ranks (rank r gets
-    shard r of the seeded order), so with one shard per rank, rank 0's and rank 1's first
-    samples are, in order, the first 16 samples a 1-process run reads."""
+    """Epoch mode without shuffling or interleaving: epoch 0's shard order is dealt to the ranks
+    (rank r gets shard r of the seeded order), so with one shard per rank, rank 0's and rank 1's
+    first samples are, in order, the first 16 samples a 1-process run reads shard by shard."""
     return _overrides(
-        shards, out, **{"data.resampled": False, "data.shuffle_buffer": 1, "train.steps": 1},
+        shards, out, **{"data.resampled": False, "data.shuffle_buffer": 1,
+                        "data.shards_in_flight": 1, "train.steps": 1},
         **extra,
     )  # fmt: skip
 
@@ -187,7 +188,7 @@ def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
         stream = make_train_stream(
             str(flat_shards), preprocess=transform, tokenizer=tokenizer, draft_size=draft_size,
             batch_size=batch_size, rank=rank, world_size=world_size, resampled=False,
-            shuffle_buffer=1, seed=config.train.seed,
+            shuffle_buffer=1, shards_in_flight=1, seed=config.train.seed,
         )  # fmt: skip
         batches = iter(stream)
         return [next(batches) for _ in range(count)]
@@ -223,7 +224,10 @@ def test_two_process_loss_equals_the_one_process_loss_on_the_joined_batch(
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum):
+    """A preemption notice (SIGTERM, or SIGUSR1 as SLURM's --signal sends it): a checkpoint
+    within a step, then exit status 75 (EX_TEMPFAIL) for the scheduler to requeue."""
     out = tmp_path / "run"
     command = [
         sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO),
@@ -234,11 +238,12 @@ def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path):
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
         assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
         time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == 0
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 75
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step_")
-    assert _state(checkpoints[0])["step"] >= 1
+    assert _state(checkpoints[0])["step"] >= 1 and (checkpoints[0] / "COMPLETE").is_file()
+    assert signal.Signals(signum).name in (out / "train.log").read_text()
 
 
 def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):

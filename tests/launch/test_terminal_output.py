@@ -82,9 +82,10 @@ def test_piped_training_log_is_whole_lines_with_eta(shards, tmp_path):
 
 @pytest.mark.slow
 def test_config_error_under_accelerate_launch_is_printed_once(tmp_path):
-    """Every rank meets the error; rank 0 alone prints it and its exit status (2) is the root
-    cause the launcher reports. torchrun's own ChildFailedError summary is the launcher's: it
-    follows any non-zero worker exit and no worker can silence it."""
+    """Every rank meets the error; rank 0 alone prints it, and its exit status (2) and the
+    message are the root cause that ends the launcher's summary. torchrun's own ChildFailedError
+    traceback is the launcher's: it follows any non-zero worker exit and no worker can silence
+    it."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
@@ -96,9 +97,11 @@ def test_config_error_under_accelerate_launch_is_printed_once(tmp_path):
     )
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert output.count("unknown config key 'train.stepz'") == 1, output
-    assert output.count("vlp: error:") == 1, output
-    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\n\s+exitcode\s+: 2 ", output), output
+    printed = [line for line in output.splitlines() if line.startswith("vlp: error:")]
+    assert len(printed) == 1 and "unknown config key 'train.stepz'" in printed[0], output
+    root_cause = output[output.index("Root Cause") :]
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\n\s+exitcode\s+: 2 ", root_cause), output
+    assert f"traceback : {printed[0]}" in root_cause, output
     assert "launch/cli.py" not in output  # no traceback from a worker
 
 

@@ -4,6 +4,7 @@ from vlp.distributed.checks import NonFiniteFeaturesError
 from vlp.distributed.collectives import (
     all_reduce_mean,
     bytes_sent,
+    collective_device,
     is_distributed,
     rank,
     reset_bytes_sent,
@@ -17,6 +18,7 @@ __all__ = [
     "NonFiniteFeaturesError",
     "all_reduce_mean",
     "bytes_sent",
+    "collective_device",
     "contrastive_group",
     "contrastive_loss",
     "is_distributed",

@@ -14,6 +14,11 @@ Every collective here adds the bytes this rank sends to a per-process counter
 (:func:`bytes_sent`), so that tests and benchmarks can show what a loss communicates. The count is
 the payload a bandwidth-optimal algorithm sends: (G−1)·n for an all-gather of n local bytes,
 2·(G−1)/G·n for an all-reduce of n bytes, n for a point-to-point send.
+
+Every tensor handed to ``torch.distributed`` lives on :func:`collective_device`: accelerate starts
+multi-GPU runs with an NCCL-only group, which refuses CPU tensors ("No backend type associated
+with device type cpu"). Callers may pass tensors from anywhere (a flag made on the CPU); the
+collectives move them there and give their results back on the caller's device.
 """
 
 from __future__ import annotations
@@ -48,6 +53,44 @@ def rank(group: ProcessGroup | None = None) -> int:
     return dist.get_rank(group)
 
 
+# The device types each plain backend takes tensors from (the first is where we put them).
+_BACKEND_DEVICES = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",), "ucc": ("cpu", "cuda")}
+
+
+def _backend_device_types(group: ProcessGroup | None) -> tuple[str, ...]:
+    """Device types ``group``'s backend accepts: "nccl" → (cuda,), "cpu:gloo,cuda:nccl" → both."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ("cpu",)
+    backend = str(dist.get_backend(group)).lower()
+    if ":" in backend:  # a per-device backend string
+        types = tuple(part.split(":")[0].strip() for part in backend.split(","))
+        return ("cpu", *(t for t in types if t != "cpu")) if "cpu" in types else types
+    return _BACKEND_DEVICES.get(backend, ("cpu",))
+
+
+def _device_of_type(device_type: str) -> torch.device:
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
+
+
+def collective_device(group: ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live to go through ``group``'s backend.
+
+    ``cuda:<current>`` for NCCL, the CPU for gloo/MPI and for a mixed backend that includes
+    gloo ("cpu:gloo,cuda:nccl"), the CPU without torch.distributed.
+    """
+    return _device_of_type(_backend_device_types(group)[0])
+
+
+def _to_backend(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``tensor`` itself if ``group``'s backend takes its device, else a copy on
+    :func:`collective_device` (a mixed backend keeps GPU features on the GPU)."""
+    if tensor.device.type in _backend_device_types(group):
+        return tensor
+    return tensor.to(collective_device(group))
+
+
 def bytes_sent() -> int:
     """Bytes this process has sent through vlp's collectives since the last reset."""
     return _bytes_sent
@@ -73,10 +116,11 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None = None) -> list[
     size = world_size(group)
     if size == 1:
         return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    sent = _to_backend(tensor, group).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(size)]
+    dist.all_gather(parts, sent, group=group)
     _count((size - 1) * _nbytes(tensor))
-    return parts
+    return [part.to(tensor.device) for part in parts]
 
 
 def all_reduce_(
@@ -85,7 +129,10 @@ def all_reduce_(
     """In-place all-reduce (SUM unless ``op``), without autograd; counted. Returns ``tensor``."""
     size = world_size(group)
     if size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+        sent = _to_backend(tensor, group)
+        dist.all_reduce(sent, op=dist.ReduceOp.SUM if op is None else op, group=group)
+        if sent is not tensor:
+            tensor.copy_(sent)
         _count(2 * (size - 1) / size * _nbytes(tensor))
     return tensor
 
@@ -114,6 +161,8 @@ class RingShift:
         if self.size == 1:
             kept = list(tensors)
             return lambda: kept
+        devices = [t.device for t in tensors]
+        tensors = [_to_backend(t, self.group) for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         ops = []
         for sent, into in zip(tensors, received, strict=True):
@@ -126,6 +175,6 @@ class RingShift:
         def wait() -> list[torch.Tensor]:
             for work in works:
                 work.wait()
-            return received
+            return [t.to(device) for t, device in zip(received, devices, strict=True)]
 
         return wait

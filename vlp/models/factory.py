@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -33,6 +34,16 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 class PretrainedError(ValueError):
     """``pretrained`` names weights that cannot be loaded: an unknown tag, a missing file, or a
     download while the Hugging Face hub is offline or unreachable."""
+
+
+def refused_pickle(path: str, error: Exception) -> str:
+    """One line for weights that ``torch.load(weights_only=True)`` refused: a pickle holding
+    more than tensors, i.e. objects whose loading could run code."""
+    reason = str(error).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+    return (
+        f"weights file '{path}' holds pickled objects that are not plain tensors ({reason}); "
+        "vlp loads weights only (no code runs). Convert it to safetensors from a source you trust"
+    )
 
 
 def register_vlp_configs() -> None:
@@ -95,11 +106,14 @@ def create_model(
     name = resolve_model_name(name_or_config)
     if pretrained:
         check_pretrained(name, pretrained)
-    with _quiet_random_init(not pretrained):
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, output_dict=True,
-            **(model_kwargs or {}),
-        )  # fmt: skip
+    try:
+        with _quiet_random_init(not pretrained):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, output_dict=True,
+                **(model_kwargs or {}),
+            )  # fmt: skip
+    except pickle.UnpicklingError as error:  # open_clip loads with torch.load(weights_only=True)
+        raise PretrainedError(refused_pickle(pretrained or name, error)) from None
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:

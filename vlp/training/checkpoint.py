@@ -1,8 +1,11 @@
 """Atomic, pickle-free checkpoints: tensors in safetensors, everything else in JSON.
 
-A checkpoint directory ``checkpoints/step_00000100`` is written under a hidden temporary name and
-renamed when complete, so a crash or preemption never leaves a half-written checkpoint that a
-resume would pick up. Loading never unpickles (no ``torch.load``, no ``register_for_checkpointing``).
+A checkpoint directory ``checkpoints/step_00000100`` is written under a hidden temporary name,
+closed with a ``COMPLETE`` marker, flushed to disk (``fsync`` of every file and of the
+directories) and renamed; only directories holding the marker are listed, so a crash, a kill or a
+power loss never leaves a torn checkpoint that a resume would pick up. Each checkpoint records the
+``run_id`` of its run, and pruning removes only older checkpoints of the same run. Loading never
+unpickles (no ``torch.load``, no ``register_for_checkpointing``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+COMPLETE = "COMPLETE"
+"""The marker file written last into a checkpoint; a directory without it is torn."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -34,13 +39,69 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable only once its
+    directory is synced). Filesystems that cannot sync a directory are tolerated."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and Windows) refuse fsync on a directory
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories, deepest first."""
+    directories = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        directories += [Path(dirpath) / name for name in dirnames]
+    for directory in reversed(directories):
+        fsync_path(directory)
+
+
+def mark_complete(directory: Path) -> None:
+    """Write the ``COMPLETE`` marker: the last file of a checkpoint, after all the others."""
+    (directory / COMPLETE).write_text("")
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether ``directory`` is a checkpoint whose write finished (it holds the marker)."""
+    return (directory / COMPLETE).is_file()
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the finished temporary checkpoint ``tmp`` durable, then rename it to ``final``.
+
+    Files and directory are synced before the rename (so the renamed directory never points at
+    unwritten data) and the parent after it (so the rename itself survives a power loss).
+    """
+    mark_complete(tmp)
+    fsync_tree(tmp)
+    fsync_path(tmp.parent)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are never listed)."""
+    """Complete checkpoints, oldest first (temporaries and torn directories are never listed)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)
+    ]
+    return sorted(found, key=step_of)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step in a checkpoint directory's name (``step_00000100`` → 100)."""
+    return int(checkpoint.name[len(PREFIX) :])
 
 
 def resolve_resume(resume: str, checkpoint_dir: str | Path) -> Path | None:
@@ -49,12 +110,29 @@ def resolve_resume(resume: str, checkpoint_dir: str | Path) -> Path | None:
         found = list_checkpoints(checkpoint_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / "trainer_state.json").is_file() or not is_complete(path):
         raise FileNotFoundError(
             f"train.resume='{resume}' is not a complete checkpoint directory "
-            "(no trainer_state.json); use 'latest' or a checkpoints/step_* directory"
+            f"(no trainer_state.json or no {COMPLETE} marker: its write did not finish); "
+            "use 'latest' or a complete checkpoints/step_* directory"
         )
     return path
+
+
+def run_id_of(checkpoint: Path) -> str | None:
+    """The ``run_id`` in a checkpoint's ``trainer_state.json``: ``""`` for checkpoints written
+    before run ids existed (one lineage of their own), None when the state cannot be read."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(state.get("run_id", "")) if isinstance(state, dict) else None
+
+
+def remove_stale_temporaries(checkpoint_dir: Path) -> None:
+    """Remove ``.tmp-step_*`` directories: saves interrupted by a crash or a kill, never resumed."""
+    for stale in Path(checkpoint_dir).glob(f"{TMP_PREFIX}{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -130,13 +208,19 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and stale temporaries.
+def prune_checkpoints(checkpoint_dir: Path, keep: int, run_id: str, step: int) -> None:
+    """Keep the newest ``keep`` checkpoints of run ``run_id`` up to ``step``; remove stale temporaries.
 
-    Called after a save has been renamed into place, so any ``.tmp-step_*`` left is from a save
-    that was interrupted (a crash or a kill) and will never complete.
+    Only checkpoints of this run's lineage (same ``run_id``, a lower step than the one just
+    written) are ever deleted: another run's checkpoints in the same folder are left alone, so
+    an older run's higher step never pushes this run's newest checkpoint out. Called after a save
+    has been renamed into place, so any ``.tmp-step_*`` left is from a save that was interrupted
+    (a crash or a kill) and will never complete.
     """
-    for old in list_checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in Path(checkpoint_dir).glob(f"{TMP_PREFIX}{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    ours = [
+        p for p in list_checkpoints(checkpoint_dir) if step_of(p) <= step and run_id_of(p) == run_id
+    ]
+    for old in ours[: max(len(ours) - keep, 0)]:
+        if step_of(old) < step:
+            shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temporaries(checkpoint_dir)

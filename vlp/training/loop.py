@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,12 @@ from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive
 from vlp.objectives import Objective, total_loss
 from vlp.training import checkpoint as ckpt
 from vlp.training.gradcache import cached_batch_loss, replay_backward
-from vlp.training.optim import create_optimizer, create_scheduler
+from vlp.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    group_settings,
+    keep_config_settings,
+)
 from vlp.training.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -43,9 +48,25 @@ Evaluator = Callable[[nn.Module, int], dict[str, float]]
 """``evaluate(unwrapped_model, step) -> {"eval/<dataset>/<metric>": value}``; run on rank 0."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """More than ``train.max_nonfinite_steps`` non-finite losses in a row; names the step and
+    the loss parts."""
+
+
 class ResumeError(ValueError):
     """``train.resume`` names a checkpoint this run cannot continue (another world size or
-    batch, another data configuration, not a checkpoint)."""
+    batch, another data configuration, not a checkpoint), or a fresh run was pointed at a folder
+    that already holds a run's checkpoints."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+"""Preemption notices: the loop finishes its step, writes a checkpoint and stops."""
 
 
 @dataclass
@@ -61,25 +82,28 @@ class TrainResult:
 
 
 class _StopFlag:
-    """Set by SIGTERM so the loop can write a checkpoint and leave cleanly (preemption)."""
+    """Set by SIGTERM or SIGUSR1 so the loop can write a checkpoint and leave (preemption)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                break
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 def _duration(seconds: float) -> str:
@@ -149,6 +173,8 @@ class Trainer:
         self.nonfinite_total = 0
         self._consecutive_nonfinite = 0
         self._saved_step = -1
+        self.run_id = uuid.uuid4().hex
+        """Names this run's checkpoints (kept across resumes); pruning touches only its own."""
 
     # ----------------------------------------------------------------------------- run
 
@@ -164,6 +190,8 @@ class Trainer:
                 logger.info("train.resume=latest: no checkpoint yet, starting from step 0")
             else:
                 self.load_checkpoint(path)
+        else:
+            self._claim_run_dir()
         self._prepare_run_dir()
         logger.info(
             "training %d steps from step %d: %d processes x %d micro-batches x batch %d = global "
@@ -214,7 +242,10 @@ class Trainer:
         if self._saved_step != self.step:  # the end of the run, or SIGTERM (preemption)
             self.save_checkpoint()
         if interrupted:
-            logger.warning("SIGTERM: checkpoint written at step %d; stopping", self.step)
+            logger.warning(
+                "%s: checkpoint written at step %d; stopping (resume with train.resume=latest)",
+                stop.signal_name or "stop requested", self.step,
+            )  # fmt: skip
         bar.close()
         if not interrupted and (not cfg.eval.every or self.step % cfg.eval.every):
             eval_metrics = self.evaluate()
@@ -258,7 +289,7 @@ class Trainer:
         )
         stop = bool(flags[1] > 0)
         if flags[0] > 0:
-            self._skip_nonfinite()
+            self._skip_nonfinite(parts)
             return None, stop
         if cached is None:
             self.accelerator.backward(loss)
@@ -272,21 +303,31 @@ class Trainer:
             finite = all(bool(torch.isfinite(v).all()) for v in sample_parts.values())
             if sample_parts and all_reduce_mean(torch.tensor([float(not finite)]))[0] > 0:
                 self.optimizer.zero_grad(set_to_none=True)
-                self._skip_nonfinite()
+                self._skip_nonfinite(sample_parts)
                 return None, stop
         self._consecutive_nonfinite = 0
         self._optimizer_step()
         self.step += 1
         return parts, stop
 
-    def _skip_nonfinite(self) -> None:
+    def _skip_nonfinite(self, parts: dict[str, torch.Tensor]) -> None:
+        """Count a skipped step; past ``train.max_nonfinite_steps`` in a row, stop the run with
+        the step being attempted and this rank's loss parts (``{}``: features were not finite)."""
         self.nonfinite_total += 1
         self._consecutive_nonfinite += 1
-        logger.warning("non-finite loss at step %d; step skipped", self.step)
+        losses = ", ".join(
+            f"{k}={float(v.detach().float().mean()):.4g}"
+            for k, v in parts.items()
+            if k.endswith("_loss")
+        )
+        logger.warning("non-finite loss at step %d (%s); step skipped", self.step + 1, losses)
         if self._consecutive_nonfinite > self.config.train.max_nonfinite_steps:
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"{self._consecutive_nonfinite} non-finite losses in a row at step "
-                f"{self.step}; lower optim.lr or check the data"
+                f"{self.step + 1} (losses on rank {self.accelerator.process_index}: "
+                f"{losses or 'features not finite'}; train.max_nonfinite_steps="
+                f"{self.config.train.max_nonfinite_steps}); the last checkpoint is in "
+                f"{self.checkpoint_dir}: lower optim.lr or check the data"
             )
 
     def _next_batch(self) -> list[dict[str, Any]]:
@@ -331,11 +372,32 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- logs
 
+    def _claim_run_dir(self) -> None:
+        """A fresh run (no ``train.resume``) refuses a folder that holds checkpoints, unless
+        ``train.overwrite`` is set: then the old run's checkpoints and metrics go first."""
+        existing = ckpt.list_checkpoints(self.checkpoint_dir)
+        if existing and not self.config.train.overwrite:
+            raise ResumeError(
+                f"train.out_dir='{self.out_dir}' already holds a run (checkpoint "
+                f"{existing[-1].name}); continue it with train.resume=latest, pick a new "
+                "train.out_dir, or replace it with train.overwrite=true"
+            )
+        acc = self.accelerator
+        acc.wait_for_everyone()  # every rank has looked before the main process deletes
+        if existing and acc.is_main_process:
+            logger.warning("train.overwrite=true: removing the run in %s", self.out_dir)
+            for sub in ("checkpoints", "results", "plots"):
+                shutil.rmtree(self.out_dir / sub, ignore_errors=True)
+            for stale in (self.out_dir / "metrics.jsonl", *self.out_dir.glob("data_skips_*")):
+                stale.unlink(missing_ok=True)
+        acc.wait_for_everyone()
+
     def _prepare_run_dir(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             for sub in ("checkpoints", "results", "plots"):
                 (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.checkpoint_dir)
             self.config.save(self.out_dir / "config.yaml")
             if self.step == 0:  # a fresh run: no loss history of an earlier run in this dir
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -383,11 +445,31 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically (temp dir + rename) and prune old ones."""
-        acc = self.accelerator
+        """Write ``checkpoints/step_N`` atomically and durably, then prune this run's old ones.
+
+        The files go into a temporary directory, closed by a ``COMPLETE`` marker, synced to disk
+        and renamed (:func:`vlp.training.checkpoint.publish`). A failed write (disk full) raises
+        :class:`CheckpointWriteError` naming the checkpoint; the previous checkpoint is untouched.
+        """
         name = ckpt.checkpoint_name(self.step)
         tmp = self.checkpoint_dir / f"{ckpt.TMP_PREFIX}{name}"
         final = self.checkpoint_dir / name
+        try:
+            self._write_checkpoint(tmp, final)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            previous = [p for p in ckpt.list_checkpoints(self.checkpoint_dir) if p != final]
+            kept = f"{previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+            raise CheckpointWriteError(
+                error.errno,
+                f"could not write checkpoint {final}: {error.strerror or error}; {kept}. "
+                "Free disk space (or fix permissions) and resume with train.resume=latest",
+            ) from error
+        self._saved_step = self.step
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
+        acc = self.accelerator
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -412,18 +494,17 @@ class Trainer:
                     "global_batch": self.global_batch,
                     "samples_seen": self.step * self.global_batch,
                     "nonfinite_steps": self.nonfinite_total,
+                    "run_id": self.run_id,
                 },
             )
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.train.keep_checkpoints)
+            ckpt.publish(tmp, final)
+            ckpt.prune_checkpoints(
+                self.checkpoint_dir, self.config.train.keep_checkpoints, self.run_id, self.step
+            )
             logger.info("checkpoint written: %s", final)
         acc.wait_for_everyone()
-        self._saved_step = self.step
-        return final
 
     def _write_skips(self) -> None:
         """Bad samples skipped so far, per shard, into ``data_skips_rank<r>.json`` (and the log)."""
@@ -458,12 +539,14 @@ class Trainer:
                 "train.accum_steps, or start a new train.out_dir."
             )
         acc.unwrap_model(self.model).load_state_dict(load_file(str(path / "model.safetensors")))
+        settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
         self.optimizer.load_state_dict(ckpt.load_state_parts(path, "optimizer"))
         # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
         # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
         scheduler_state = state["scheduler"]
         scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("lr_lambdas", [None]))
         self.scheduler.load_state_dict(scheduler_state)
+        keep_config_settings(self.optimizer, self.scheduler, settings)
         ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
         data_state = path / f"data_rank{acc.process_index}.json"
         if hasattr(self.batches, "load_state_dict"):
@@ -475,4 +558,5 @@ class Trainer:
                 raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
         self.step = self._saved_step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_steps"])
+        self.run_id = str(state.get("run_id", ""))  # "": a checkpoint from before run ids
         logger.info("resumed from %s at step %d", path, self.step)

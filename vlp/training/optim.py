@@ -6,12 +6,16 @@ trainer (every parameter with fewer than 2 dimensions, or named ``bn``/``ln``/``
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlp.config import OptimConfig
+
+logger = logging.getLogger(__name__)
 
 _NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_")
 
@@ -65,3 +69,57 @@ def create_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(config.warmup_steps, total_steps)
     )
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's hyper-parameters (all but ``params``; the base lr as ``initial_lr``)."""
+    return [
+        {k: v for k, v in group.items() if k != "params"} | {"initial_lr": _base_lr(group)}
+        for group in optimizer.param_groups
+    ]
+
+
+def _base_lr(group: dict[str, Any]) -> float:
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def _plain(value: Any) -> Any:
+    """Betas come back from a JSON checkpoint as a list: compare (and print) them as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def keep_config_settings(
+    optimizer: torch.optim.Optimizer, scheduler: Any, wanted: list[dict[str, Any]]
+) -> list[str]:
+    """After a resume, put back the config's hyper-parameters ``wanted`` (:func:`group_settings`
+    taken before loading); the checkpoint keeps only the moments and step counts.
+
+    ``optimizer.load_state_dict`` restores the checkpoint's lr, weight decay and betas while
+    config.yaml records the new ones. The scheduler's base lrs follow the config too, and the
+    current lr is the new base lr at the resumed step. Logs (INFO) and returns what changed.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
+    changes = []
+    for index, (group, settings) in enumerate(zip(optimizer.param_groups, wanted, strict=True)):
+        old = {**{k: _plain(group.get(k)) for k in settings}, "lr": _base_lr(group)}
+        new = {**{k: _plain(v) for k, v in settings.items()}, "lr": settings["initial_lr"]}
+        changed = [
+            f"{k} {old[k]} → {new[k]}"
+            for k in ("lr", *sorted(set(settings) - {"lr", "initial_lr"}))
+            if old[k] != new[k]
+        ]
+        if changed:
+            changes.append(f"group {index}: " + ", ".join(changed))
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+    inner.base_lrs = [settings["initial_lr"] for settings in wanted]
+    groups = optimizer.param_groups
+    for group, base, factor in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+        group["lr"] = base * factor(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if changes:
+        logger.info(
+            "resume: the config's optimizer settings replace the checkpoint's (moments and step "
+            "counts kept): %s",
+            "; ".join(changes),
+        )
+    return changes
