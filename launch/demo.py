@@ -53,6 +53,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: Sequence[str] = ()) -> di
             f"eval.classnames={json.dumps(CLASSNAMES)}",
             f"eval.templates={json.dumps(EVAL_TEMPLATES)}",
             f"train.out_dir={out}",
+            "train.overwrite=true",  # the demo owns its folder: a second `make demo` starts over
             *overrides,
         ],
     )
