@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +12,7 @@ import pytest
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 from launch.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "launch" / "configs" / "demo.yaml"
+from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,30 +20,6 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     write_shards(generate_samples(64, seed=0), out, samples_per_shard=32)
     return out
-
-
-def _overrides(shards: Path, out: Path, **extra: object) -> list[str]:
-    values = {
-        "data.train_shards": shards,
-        "data.batch_size": 8,
-        "data.workers": 0,
-        "data.shuffle_buffer": 16,
-        "train.out_dir": out,
-        "train.log_every": 1,
-        "optim.warmup_steps": 1,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
