@@ -46,8 +46,8 @@ class DatasetEvaluator:
         self.model_name, self.batch_size = model_name, batch_size
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
-        """The task's metrics for ``model`` at ``step``."""
+    def __call__(self, model: nn.Module, step: int, *, write: bool = True) -> dict[str, float]:
+        """The task's metrics for ``model`` at ``step`` (files only if ``write``)."""
         options = EncodeOptions(batch_size=self.batch_size, device=model_device(model))
         if self.eval_set.kind == "retrieval":
             result = zeroshot_retrieval(
@@ -58,13 +58,14 @@ class DatasetEvaluator:
                 model, self.preprocess, self.tokenizer, self.eval_set,
                 self.eval_set.classnames or [], self.templates, options,
             )  # fmt: skip
-        write_result(
-            self.out_dir / "results" / f"{self.name}_{result.task}.json",
-            task=result.task,
-            metrics=result.metrics,
-            dataset=self.name,
-            model=self.model_name,
-            pretrained=f"step_{step}",
-        )
-        result.plot(self.out_dir / "plots" / f"{self.name}_{result.task}.png")
+        if write:
+            write_result(
+                self.out_dir / "results" / f"{self.name}_{result.task}.json",
+                task=result.task,
+                metrics=result.metrics,
+                dataset=self.name,
+                model=self.model_name,
+                pretrained=f"step_{step}",
+            )
+            result.plot(self.out_dir / "plots" / f"{self.name}_{result.task}.png")
         return {f"eval/{self.name}/{k}": v for k, v in result.metrics.items() if v == v}

@@ -50,8 +50,8 @@ class HeldoutEvaluator:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Zero-shot and retrieval metrics of ``model`` at ``step``."""
+    def __call__(self, model: nn.Module, step: int, *, write: bool = True) -> dict[str, float]:
+        """Zero-shot and retrieval metrics of ``model`` at ``step`` (files only if ``write``)."""
         classifier = ZeroShotClassifier.from_model(
             model, self.tokenizer, self.classnames, self.templates, batch_size=self.batch_size
         )
@@ -65,7 +65,8 @@ class HeldoutEvaluator:
             self.batch_size,
         )
         retrieval = retrieval_metrics(image_features, text_features, texts_image_index)
-        self._write(step, zeroshot, retrieval, logits)
+        if write:
+            self._write(step, zeroshot, retrieval, logits)
         return {f"eval/{self.name}/{k}": v for k, v in {**zeroshot, **retrieval}.items() if v == v}
 
     def _write(

@@ -41,6 +41,7 @@ from vlp.training import (
     create_accelerator,
     create_trackers,
 )
+from vlp.training.accel import check_sharding
 from vlp.training.threads import set_threads
 
 logger = logging.getLogger("vlp")
@@ -241,6 +242,10 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         raise StartupError(str(error)) from None
     accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
     setup_logging(out_dir, accelerator.is_main_process)
+    try:
+        check_sharding(accelerator)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
     try:
         contrastive_group(config.train.group_size)  # made once here, reused by the trainer
     except ValueError as error:

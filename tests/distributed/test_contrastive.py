@@ -60,6 +60,29 @@ def test_fixed_float_scale_and_no_grad_on_scale():
 
 
 @pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_scale_and_bias_of_shape_one_get_gradients_of_their_shape(loss):
+    """FSDP shards along dim 0 and refuses 0-dim parameters, so under FSDP the learned scale and
+    bias are ``[1]`` (vlp.training.model_state): same values and gradients as 0-dim."""
+    grads = {}
+    for shape in ((), (1,)):
+        z, w = unit_features(6)
+        scale = torch.full(shape, 10.0, dtype=torch.float64, requires_grad=True)
+        bias = torch.full(shape, -2.0, dtype=torch.float64, requires_grad=True)
+        if loss == "infonce":
+            value = contrastive_loss(z, w, scale, tile_size=4)
+        else:
+            value = sigmoid_loss(z, w, scale, bias, tile_size=4)
+        value.backward()
+        assert scale.grad is not None and scale.grad.shape == shape
+        grads[shape] = (
+            float(value),
+            float(scale.grad.sum()),
+            float(bias.grad.sum() if bias.grad is not None else 0),
+        )
+    assert grads[()] == pytest.approx(grads[(1,)], rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
 def test_bfloat16_inputs_are_computed_in_float32(loss):
     """bf16 features: the loss equals the float64 reference on the same bf16 values to 1e-5
     (it is computed in float32); gradients come back in bf16, within bf16 rounding (2⁻⁸)."""

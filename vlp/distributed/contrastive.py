@@ -107,7 +107,7 @@ class _InfoNCE(torch.autograd.Function):
         return (
             d_rows.to(image.dtype),
             d_texts.to(text.dtype),
-            d_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
+            d_scale.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
             None,
             None,
             None,

@@ -73,8 +73,8 @@ class _Sigmoid(torch.autograd.Function):
         return (
             d_rows.to(image.dtype),
             d_texts.to(text.dtype),
-            d_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
-            d_bias.to(bias.dtype) if ctx.needs_input_grad[3] else None,
+            d_scale.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
+            d_bias.to(bias.dtype).reshape(bias.shape) if ctx.needs_input_grad[3] else None,
             None,
             None,
         )

@@ -15,7 +15,7 @@ from accelerate.tracking import (
     TensorBoardTracker,
     get_available_trackers,
 )
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +75,17 @@ def create_accelerator(
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir)),
         step_scheduler_with_optimizer=False,
     )
+
+
+def check_sharding(accelerator: Accelerator) -> None:
+    """Refuse FSDP version 1: vlp's checkpoints, eval and GradCache are built on FSDP2
+    (``fully_shard``), whose evaluation calls (``encode_image``) gather parameters; FSDP1's
+    flat parameters would not be gathered outside ``forward``."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(
+            f"FSDP version {version} is not supported; set fsdp_config.fsdp_version: 2 in the "
+            "accelerate config (as launch/accelerate/fsdp_8.yaml does)"
+        )

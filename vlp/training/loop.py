@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +35,14 @@ from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive
 from vlp.objectives import Objective, total_loss
 from vlp.training import checkpoint as ckpt
 from vlp.training.gradcache import cached_batch_loss, replay_backward
+from vlp.training.model_state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+    make_scalars_shardable,
+    register_forward_methods,
+)
 from vlp.training.optim import (
     create_optimizer,
     create_scheduler,
@@ -44,8 +53,10 @@ from vlp.training.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
-Evaluator = Callable[[nn.Module, int], dict[str, float]]
-"""``evaluate(unwrapped_model, step) -> {"eval/<dataset>/<metric>": value}``; run on rank 0."""
+Evaluator = Callable[..., dict[str, float]]
+"""``evaluate(unwrapped_model, step) -> {"eval/<dataset>/<metric>": value}``, run on the main
+process; under FSDP every rank runs it (the forward gathers parameters from all), the others as
+``evaluate(model, step, write=False)``: metrics computed, no files written."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,11 +170,16 @@ class Trainer:
         self.image_transform = image_transform
         self.out_dir = Path(config.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self._scalars = make_scalars_shardable(model) if self.sharded else []
+        """0-dim parameters reshaped to [1] for FSDP; 0-dim again in checkpoints."""
         optimizer = create_optimizer(model, config.optim)
         scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             model, optimizer, scheduler
         )
+        if self.sharded:
+            register_forward_methods(accelerator.unwrap_model(self.model))
         self.global_batch = (
             config.data.batch_size * config.train.accum_steps * accelerator.num_processes
         )
@@ -428,17 +444,22 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **values}) + "\n")
 
     def evaluate(self) -> dict[str, float]:
-        """Run every evaluator on the main process; other ranks wait."""
+        """Run every evaluator on the main process while other ranks wait; under FSDP on every
+        rank (each forward gathers the parameters from all), writing files on the main one."""
         metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process and self.evaluators:
+        main = self.accelerator.is_main_process
+        if (main or self.sharded) and self.evaluators:
             model = self.accelerator.unwrap_model(self.model)
             was_training = model.training
             model.eval()
             for evaluate in self.evaluators:
-                metrics.update(evaluate(model, self.step))
+                metrics.update(
+                    evaluate(model, self.step) if main else evaluate(model, self.step, write=False)
+                )
             model.train(was_training)
-            self._record(metrics)
-            logger.info("eval at step %d: %s", self.step, metrics)
+            if main:
+                self._record(metrics)
+                logger.info("eval at step %d: %s", self.step, metrics)
         self.accelerator.wait_for_everyone()
         return metrics
 
@@ -478,12 +499,11 @@ class Trainer:
         if hasattr(self.batches, "state_dict"):
             ckpt.write_json(tmp / f"data_rank{acc.process_index}.json", self.batches.state_dict())
         self._write_skips()
-        model_state = acc.get_state_dict(self.model)
+        model_state = full_model_state(self.model, self._scalars)  # collectives: every rank
+        optimizer_state = full_optimizer_state(self.model, self.optimizer, self._scalars)
         if acc.is_main_process:
-            save_file(
-                {k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors")
-            )
-            ckpt.save_state_parts(tmp, "optimizer", self.optimizer.state_dict())
+            save_file(model_state, str(tmp / "model.safetensors"))
+            ckpt.save_state_parts(tmp, "optimizer", optimizer_state)
             ckpt.write_json(tmp / "model_config.json", self.model_info)
             ckpt.write_json(
                 tmp / "trainer_state.json",
@@ -538,9 +558,11 @@ class Trainer:
                 "train.accum_steps x processes). Resume with the same data.batch_size and "
                 "train.accum_steps, or start a new train.out_dir."
             )
-        acc.unwrap_model(self.model).load_state_dict(load_file(str(path / "model.safetensors")))
+        model_state = load_file(str(path / "model.safetensors"))
+        load_full_model_state(self.model, model_state, self._scalars)
         settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
-        self.optimizer.load_state_dict(ckpt.load_state_parts(path, "optimizer"))
+        optimizer_state = ckpt.load_state_parts(path, "optimizer")
+        load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self._scalars)
         # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
         # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
         scheduler_state = state["scheduler"]
