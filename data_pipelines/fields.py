@@ -2,25 +2,40 @@
 
 Used at start-up so that a dataset lacking what the objective needs fails in a second with a
 message naming the shard and the missing field, not at step 5000 inside webdataset.
+:func:`missing_batch_fields` checks a stream's :class:`~data_pipelines.batch_fields.BatchFields`
+(members and json keys kept apart); :func:`missing_fields` checks a flat set of names.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import webdataset as wds
 
+from data_pipelines.batch_fields import BatchFields
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
 from data_pipelines.tario import iter_samples
 
 IMAGE_FIELDS = frozenset(IMAGE_MEMBERS)
 
 
-def first_sample_fields(url: str) -> set[str]:
-    """Member extensions of the shard's first sample, plus the keys of its ``json`` member.
+class MissingField(NamedTuple):
+    """A field the stream would read that a shard's first sample lacks."""
 
-    An image member of any supported type also yields the field ``image``.
-    """
+    field: str
+    """The batch field (view, text or json field name)."""
+    source: str
+    """Where it is read from: ``json key 'summary'``, ``member 'txt'``, ``image member ...``."""
+    shard: str
+
+    def __str__(self) -> str:
+        return f"field '{self.field}' ({self.source}) is missing in shard {self.shard}"
+
+
+def _first_sample(url: str) -> tuple[set[str], str, dict[str, Any] | None]:
+    """(member suffixes, key, parsed json dict or None) of the shard's first sample."""
     try:
         with wds.gopen(url) as stream:
             first = next(iter_samples(stream, url), None)
@@ -28,14 +43,23 @@ def first_sample_fields(url: str) -> set[str]:
         raise ValueError(f"shard '{url}' cannot be read as a tar file: {error}") from error
     if first is None:
         raise ValueError(f"shard '{url}' holds no samples")
-    fields = set(first.members)
+    meta = None
     if "json" in first.members:
         try:
-            meta = json.loads(first.members["json"])
+            parsed = json.loads(first.members["json"])
         except ValueError as error:
             raise ValueError(f"shard '{url}' sample {first.key}: bad json: {error}") from error
-        if isinstance(meta, dict):
-            fields.update(meta)
+        meta = parsed if isinstance(parsed, dict) else None
+    return set(first.members), first.key, meta
+
+
+def first_sample_fields(url: str) -> set[str]:
+    """Member extensions of the shard's first sample, plus the keys of its ``json`` member.
+
+    An image member of any supported type also yields the field ``image``.
+    """
+    members, _, meta = _first_sample(url)
+    fields = members | set(meta or ())
     if fields & IMAGE_FIELDS:
         fields.add("image")
     return fields
@@ -44,3 +68,38 @@ def first_sample_fields(url: str) -> set[str]:
 def missing_fields(url: str, required: set[str] | frozenset[str]) -> set[str]:
     """The required fields (and ``image``) that the shard's first sample does not carry."""
     return (set(required) | {"image"}) - first_sample_fields(url)
+
+
+def missing_batch_fields(
+    urls: Sequence[str],
+    fields: BatchFields,
+    *,
+    image_keys: Sequence[str] = IMAGE_MEMBERS,
+    shards: int = 1,
+) -> list[MissingField]:
+    """What the first sample of each of the first ``shards`` shards lacks of ``fields``.
+
+    Checks, per shard, an image member (one of ``image_keys``) for the views, each text
+    field's member or json key, and each json field's key; empty when all are there. Start-up
+    prints ``str()`` of each ("field 'summary' (json key 'summary') is missing in shard X").
+
+    Raises:
+        ValueError: a shard that cannot be read, holds no samples, or has bad json.
+    """
+    missing: list[MissingField] = []
+    for url in list(urls)[:shards]:
+        members, _, meta = _first_sample(url)
+        keys = set(meta or ())
+        if not members & set(image_keys):
+            where = f"image member, one of {', '.join(image_keys)}"
+            missing += [MissingField(view.name, where, url) for view in fields.views]
+        for text in fields.texts:
+            key = text.json_key
+            if key is None and text.source not in members:
+                missing.append(MissingField(text.name, f"member '{text.source}'", url))
+            elif key is not None and key not in keys:
+                missing.append(MissingField(text.name, f"json key '{key}'", url))
+        for value in fields.json:
+            if value.source not in keys:
+                missing.append(MissingField(value.name, f"json key '{value.source}'", url))
+    return missing

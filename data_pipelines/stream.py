@@ -28,6 +28,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipelines.batch_fields import JSON_PREFIX, BatchFields
 from data_pipelines.decode import DEFAULT_MAX_PIXELS, IMAGE_MEMBERS
 from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import Urls, count_samples, expand_urls, shard_sizes, split_sources
@@ -39,9 +40,16 @@ from data_pipelines.stream_plan import (
     epoch_quota,
     shard_url,
 )
-from data_pipelines.worker_stream import Preprocess, SkipCounts, Tokenizer, worker_batches
+from data_pipelines.worker_stream import (
+    Preprocess,
+    SkipCounts,
+    Tokenizer,
+    TooManyBadSamples,
+    worker_batches,
+)
 
 __all__ = [
+    "BatchFields",
     "SkipCounts",
     "StreamSpec",
     "TooManyBadSamples",
@@ -59,9 +67,9 @@ _RESERVED = ("image", "text", "__key__", "__stream__")
 _STATE_VERSION = 2  # 2: epoch-mode quotas (epoch, batches in epoch) and shards in flight
 
 
-class TooManyBadSamples(RuntimeError):
-    """More than ``data.max_skip_fraction`` of the samples were skipped as bad data: the data,
-    not the code, is wrong, so the run stops with this one message (and the skip counts)."""
+class DataWorkerDied(RuntimeError):
+    """A DataLoader worker process exited (a codec crash, the OOM killer); names the worker,
+    its rank and the shards it was reading."""
 
 
 class _WorkerDataset(IterableDataset):
@@ -72,11 +80,10 @@ class _WorkerDataset(IterableDataset):
         spec: StreamSpec,
         starts: dict[int, dict[str, Any]],
         first_worker: int,
-        preprocess: Preprocess,
-        tokenizer: Tokenizer,
+        fields: BatchFields,
     ) -> None:
         self.spec, self.starts, self.first_worker = spec, starts, first_worker
-        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.fields = fields
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -84,9 +91,7 @@ class _WorkerDataset(IterableDataset):
         worker = (physical + self.first_worker) % self.spec.workers
         # Workers started with "spawn" import webdataset afresh: route remote schemes again.
         register_remote_openers(self.spec.remote_timeout, self.spec.remote_retries)
-        return worker_batches(
-            self.spec, worker, self.starts.get(worker), self.preprocess, self.tokenizer
-        )
+        return worker_batches(self.spec, worker, self.starts.get(worker), self.fields)
 
 
 def _as_is(batch: Any) -> Any:
@@ -98,7 +103,8 @@ def _as_is(batch: Any) -> Any:
 class TrainStream:
     """This rank's training batches, with ``state_dict``/``load_state_dict`` for exact resume.
 
-    Iterating yields batch dicts ``{"image", "text", "__key__", **extra}``: forever in resampled
+    Iterating yields batch dicts ``{"image", "text", "__key__", **extra}`` (with ``fields``:
+    ``fields.batch_keys()`` and the extras instead): forever in resampled
     mode; ``len(stream)`` batches per ``iter()`` in epoch mode (iterate again for the next
     epoch). ``len`` is the current epoch's count: the same on every rank, and it may differ
     from epoch to epoch (each epoch deals the shards anew). ``skips`` holds what was skipped,
@@ -109,15 +115,16 @@ class TrainStream:
         self,
         spec: StreamSpec,
         *,
-        preprocess: Preprocess,
-        tokenizer: Tokenizer,
+        preprocess: Preprocess | None = None,
+        tokenizer: Tokenizer | None = None,
+        fields: BatchFields | None = None,
         num_workers: int,
         prefetch_factor: int,
         timeout: float,
         max_skip_fraction: float,
     ) -> None:
         self.spec = spec
-        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.preprocess, self.tokenizer, self.fields = preprocess, tokenizer, fields
         self.num_workers, self.prefetch_factor, self.timeout = num_workers, prefetch_factor, timeout
         self.max_skip_fraction = max_skip_fraction
         self.epoch = spec.first_epoch
@@ -134,8 +141,19 @@ class TrainStream:
     def dataset(self) -> _WorkerDataset:
         """The IterableDataset the DataLoader runs (picklable, for the spawn start method)."""
         return _WorkerDataset(
-            self.spec, dict(self._positions), self._next_worker, self.preprocess, self.tokenizer
+            self.spec, dict(self._positions), self._next_worker, self._batch_fields()
         )
+
+    def _batch_fields(self) -> BatchFields:
+        """``fields``, or today's single view and text built from ``preprocess``/``tokenizer``
+        (read at each ``iter()``, so they may be swapped after construction)."""
+        if self.fields is not None:
+            return self.fields
+        if self.preprocess is None or self.tokenizer is None:
+            raise ValueError("the stream needs fields=, or both preprocess= and tokenizer=")
+        spec = self.spec
+        source = spec.text_key if spec.caption_field is None else JSON_PREFIX + spec.caption_field
+        return BatchFields.single(self.preprocess, self.tokenizer, source)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank; a ``TypeError`` for the infinite resampled stream."""
@@ -186,7 +204,7 @@ class TrainStream:
                 raise
             # A worker that dies while its batch is being received shows up as a broken pipe
             # before the DataLoader's own "exited unexpectedly" check runs.
-            raise RuntimeError(
+            raise DataWorkerDied(
                 f"data worker {self._next_worker} of rank {self.spec.rank} (a DataLoader worker "
                 f"process) exited unexpectedly while reading {self._whereabouts(self._next_worker)} ({error}); its own log "
                 "lines above say why (a crash in an image codec or the transform, or the OOM "
@@ -235,6 +253,7 @@ class TrainStream:
             "dropped": self.dropped,
             "positions": {str(w): p for w, p in self._positions.items()},
             "skips": self.skips.to_json(),
+            **({"fields": [list(p) for p in self.spec.fields]} if self.spec.fields else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,6 +273,14 @@ class TrainStream:
                     f"the saved data position was written with {key}={state.get(key)}, this run "
                     f"has {key}={mine}: resume with the same processes and data.workers"
                 )
+        saved_fields, my_fields = state.get("fields", []), [list(p) for p in self.spec.fields]
+        if state.get("fingerprint") != self.spec.fingerprint() and saved_fields != my_fields:
+            raise ValueError(
+                f"the saved data position was written by a stream with batch fields "
+                f"[{_describe(saved_fields)}], this run reads [{_describe(my_fields)}] (image "
+                "views, text fields, json fields, presets, tokenizers or sentence choice "
+                "changed); resume with the same objective and fields"
+            )
         if state.get("version") != _STATE_VERSION or state.get("fingerprint") != (
             self.spec.fingerprint()
         ):
@@ -270,11 +297,18 @@ class TrainStream:
         self.skips.add({k: state["skips"][k] for k in ("ok", "by_shard", "reasons")})
 
 
+def _describe(parts: Sequence[Sequence[Any]]) -> str:
+    """Fingerprint parts of batch fields, for a message (``view image openclip; ...``)."""
+    if not parts:
+        return "view 'image', text 'text' (no fields=)"
+    return "; ".join(" ".join(str(x) for x in part if x != "") for part in parts)
+
+
 def make_train_stream(
     urls: Urls,
     *,
-    preprocess: Preprocess,
-    tokenizer: Tokenizer,
+    preprocess: Preprocess | None = None,
+    tokenizer: Tokenizer | None = None,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -297,6 +331,7 @@ def make_train_stream(
     max_consecutive_errors: int = 200,
     remote_timeout: float = 60.0,
     remote_retries: int = 3,
+    fields: BatchFields | None = None,
 ) -> TrainStream:
     """Build this rank's training stream (see the module docstring for what it guarantees).
 
@@ -318,6 +353,11 @@ def make_train_stream(
         max_consecutive_errors: failed samples or shards in a row before a worker gives up.
         remote_timeout, remote_retries: per-read timeout and re-opens of remote shards
             (:mod:`data_pipelines.remote`).
+        fields: what the batch carries (:mod:`data_pipelines.batch_fields`): named image views,
+            text fields and JSON fields; replaces ``preprocess``, ``tokenizer``, ``text_key``
+            and ``caption_field`` (today's batch is ``BatchFields.single(preprocess,
+            tokenizer)``). Its ``fingerprint_parts()`` join the resume fingerprint, except for
+            fields equal to today's single view/text, which keep today's fingerprint.
     """
     if batch_size <= 0 or world_size <= 0 or workers < 0 or not 0 <= rank < world_size:
         raise ValueError(
@@ -325,8 +365,11 @@ def make_train_stream(
             f"{batch_size}, workers={workers}, rank={rank}, world_size={world_size}"
         )
     extra_keys = tuple(extra_keys)
-    if clash := [k for k in extra_keys if k in _RESERVED]:
-        raise ValueError(f"extra_keys {clash} clash with the batch keys {_RESERVED}")
+    reserved, text_key, caption_field, parts = _batch_plan(
+        fields, preprocess, tokenizer, text_key, caption_field
+    )
+    if clash := [k for k in extra_keys if k in reserved]:
+        raise ValueError(f"extra_keys {clash} clash with the batch keys {reserved}")
     register_remote_openers(remote_timeout, remote_retries)
     shard_urls, shard_weights = split_sources(urls, weights)
     if not resampled and len(set(shard_weights)) > 1:
@@ -356,6 +399,7 @@ def make_train_stream(
         remote_retries=remote_retries,
         sizes=() if resampled else tuple(shard_sizes(shard_urls)),
         shards_in_flight=shards_in_flight,
+        fields=parts,
     )
     if not resampled:
         check_epoch_mode(spec)
@@ -363,8 +407,43 @@ def make_train_stream(
         spec,
         preprocess=preprocess,
         tokenizer=tokenizer,
+        fields=fields,
         num_workers=workers,
         prefetch_factor=prefetch_factor,
         timeout=timeout,
         max_skip_fraction=max_skip_fraction,
     )
+
+
+def _batch_plan(
+    fields: BatchFields | None,
+    preprocess: Preprocess | None,
+    tokenizer: Tokenizer | None,
+    text_key: str,
+    caption_field: str | None,
+) -> tuple[tuple[str, ...], str, str | None, tuple[tuple[str | int, ...], ...]]:
+    """(batch keys, text_key, caption_field, fingerprint parts) of the spec.
+
+    Fields equal to today's single view/text become today's spec (same fingerprint, same
+    batches), so a caller that moves to ``fields=`` keeps its saved positions.
+    """
+    if fields is None:
+        if preprocess is None or tokenizer is None:
+            raise ValueError(
+                "make_train_stream needs preprocess= and tokenizer= (one image and one text "
+                "per sample) or fields= (named views and texts, data_pipelines.batch_fields)"
+            )
+        return _RESERVED, text_key, caption_field, ()
+    if preprocess is not None or tokenizer is not None or text_key != "txt" or caption_field:
+        raise ValueError(
+            "make_train_stream: fields= replaces preprocess=, tokenizer=, text_key= and "
+            "caption_field= (each view and text field has its own transform, tokenizer and "
+            "source); pass one or the other"
+        )
+    reserved = (*fields.batch_keys(), "__stream__")
+    plain = fields.plain_source()
+    if plain is None:
+        return reserved, "txt", None, fields.fingerprint_parts()
+    if plain.startswith(JSON_PREFIX):
+        return reserved, "txt", plain[len(JSON_PREFIX) :], ()
+    return reserved, plain, None, ()

@@ -53,10 +53,15 @@ class StreamSpec:
     """Samples per shard (epoch mode; empty when resampled)."""
     shards_in_flight: int = 1
     """Shards a worker reads at once, a sample from each in turn (mixes shards in a batch)."""
+    fields: tuple[tuple[str | int, ...], ...] = ()
+    """``BatchFields.fingerprint_parts()`` of a stream built with ``fields=``; empty for
+    today's single ``image`` / ``text`` batch (whose fingerprint it then leaves unchanged)."""
 
     def fingerprint(self) -> str:
         """What a saved position must match: the fields that shape the batch sequence."""
         ignored = {"rank", "max_consecutive_errors", "remote_timeout", "remote_retries"}
+        if not self.fields:  # positions saved before there were fields still load
+            ignored.add("fields")
         parts = {k: v for k, v in self.__dict__.items() if k not in ignored}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,9 +1,11 @@
-"""The embedded default dataset: procedural coloured shapes with captions (DESIGN §8).
+"""The embedded default dataset: procedural coloured shapes with captions
+(docs/architecture.md §3).
 
 Every sample is one shape (the class) in one bright colour, size and position, drawn on a noisy
 dark background so that the silhouette always stands out. Besides the training caption each sample
 carries the fields other objectives need: a short summary, an object box with attribute tags and
-a multi-sentence report. Nothing is downloaded; a sample is a pure function of (seed, index).
+a multi-sentence, radiology-style report (see :func:`_report`). Nothing is downloaded; a sample is
+a pure function of (seed, index).
 
 Training captions are deliberately worded unlike ``EVAL_TEMPLATES`` so that zero-shot accuracy
 measures transfer from the captions, not a memorised prompt.
@@ -209,6 +211,75 @@ def _caption(
     )  # fmt: skip
 
 
+# Report sentences. The report draws from its own random stream (``_REPORT_STREAM``), so that
+# every other field of a sample is what it was before reports existed.
+_REPORT_STREAM = 1
+REPORT_SECTIONS = ("FINDINGS", "IMPRESSION")
+_SHAPE_FINDINGS = (
+    "{A_noun} is seen{where}.",
+    "There is a single {noun}{where}.",
+    "The image shows one {noun}{where}.",
+    "{A_noun} is present{where}.",
+)
+_DETAIL_FINDINGS = (
+    "It appears {colour} and {size}.",
+    "It lies {position}.",
+    "The object is {size} with well defined margins.",
+)
+_FILLER_FINDINGS = (
+    "No other objects are identified.",
+    "The background is dark with mild noise.",
+    "Image quality is adequate for interpretation.",
+    "The shape does not touch the image border.",
+    "No acute abnormality is seen elsewhere.",
+    "The remaining field of view is clear.",
+)
+# Under 3 words: sentences ConVIRT drops (pairs with fewer than 3 tokens).
+_SHORT = ("Unremarkable.", "Otherwise normal.", "Stable.", "No change.", "Noted.", "Clear margins.")
+_IMPRESSIONS = (
+    "Findings consistent with {a_noun}.",
+    "A single {noun} is identified.",
+    "{A_noun}, no other findings.",
+)
+
+
+def _report(shape: str, colour: str, size: str, where: str, rng: np.random.Generator) -> str:
+    """A report in two sections, ``FINDINGS:`` and ``IMPRESSION:``, each header on its own line.
+
+    FINDINGS holds one sentence naming the shape, maybe one on its colour, size or position
+    (without the shape's name), one or two filler sentences that say nothing about the image's
+    content, and one or two very short sentences (< 3 words), in random order; IMPRESSION names
+    the shape again, maybe followed by a short sentence. A sentence sampled from the sentences of
+    3 words or more therefore names the class about half the time; the short ones exercise
+    ConVIRT's < 3-token rule. As in the captions, the sentences naming the shape add its colour,
+    size and position only sometimes (``_MENTION_P``), so that the shape stays the cue that pays.
+    """
+
+    def noun_words() -> dict[str, str]:
+        keep = rng.random(3) < _MENTION_P
+        noun = " ".join([*(a for a, k in zip((size, colour), keep[:2], strict=True) if k), shape])
+        a_noun = _article(noun)
+        return {
+            "noun": noun,
+            "a_noun": a_noun,
+            "A_noun": a_noun[0].upper() + a_noun[1:],
+            "where": f" {where}" if keep[2] else "",
+        }
+
+    attributes = {"colour": colour, "size": size, "position": where}
+    findings = [str(rng.choice(_SHAPE_FINDINGS)).format(**noun_words())]
+    if rng.random() < 0.7:
+        findings.append(str(rng.choice(_DETAIL_FINDINGS)).format(**attributes))
+    findings += [str(s) for s in rng.choice(_FILLER_FINDINGS, int(rng.integers(1, 3)), False)]
+    findings += [str(s) for s in rng.choice(_SHORT, int(rng.integers(1, 3)), False)]
+    findings = [findings[i] for i in rng.permutation(len(findings))]
+    impression = [str(rng.choice(_IMPRESSIONS)).format(**noun_words())]
+    if rng.random() < 0.5:
+        impression.append(str(rng.choice(_SHORT)))
+    body = {"FINDINGS": findings, "IMPRESSION": impression}
+    return "\n\n".join(f"{name}:\n" + " ".join(body[name]) for name in REPORT_SECTIONS)
+
+
 def render_sample(index: int, *, seed: int, image_size: int = 32) -> dict[str, Any]:
     """Render sample ``index`` of the stream with ``seed``; pure function of its arguments.
 
@@ -243,9 +314,8 @@ def render_sample(index: int, *, seed: int, image_size: int = 32) -> dict[str, A
     where = _position_phrase(position, rng)
     # Captions say only "dark": background colour words would compete with the shape colours.
     txt = _caption(shape, colour, size, where, "dark", rng)
-    report = (
-        f"The image contains a single {shape}. It is {colour} and {size}. "
-        f"It is located {where}. The background is {bg} and noisy."
+    report = _report(
+        shape, colour, size, where, np.random.default_rng([seed, index, _REPORT_STREAM])
     )
     meta = {
         "class": shape,

@@ -1,4 +1,5 @@
-"""Fast image transforms for the training stream: open_clip's preprocessing, uint8 out (DESIGN §5).
+"""Fast image transforms for the training stream: open_clip's preprocessing, uint8 out
+(docs/architecture.md §3).
 
 open_clip preprocesses every sample in the data workers as RandomResizedCrop(size, scale,
 bicubic) -> RGB -> ToTensor -> Normalize, with Pillow's resize, which costs more than the JPEG

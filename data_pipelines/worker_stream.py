@@ -3,7 +3,9 @@
 shard sequence (``stream_plan``) -> tar samples, a few shards at once in turn (``shard_reader``;
 open and read errors are counted, the shard is left) -> seeded shuffle buffer on raw bytes (slot k of emission n is a
 hash of (seed, rank, w, n)) -> decode (``decode``: data errors skipped and counted) ->
-transform with torch's CPU generator seeded per sample -> batch, tokenised once per batch.
+each image view transformed with torch's CPU generator seeded per sample and view, one
+sentence drawn per sample where a text field asks (``batch_fields``) -> batch, tokenised once
+per batch, JSON fields padded with masks.
 Every batch carries the worker's position after it, from which :func:`worker_batches` resumes.
 """
 
@@ -18,15 +20,23 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data_pipelines.batch_fields import BatchFields, JsonField, TextField, collate_json
 from data_pipelines.decode import SampleError, decode_caption, decode_image
 from data_pipelines.shard_reader import Ref, ShardReader
 from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_quota
 from data_pipelines.tario import RawSample
+from vlp.config import redact_url
 
 logger = logging.getLogger("data_pipelines.stream")
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class TooManyBadSamples(RuntimeError):
+    """Too many samples were skipped as bad data (more than ``data.max_skip_fraction``, or a
+    long run of consecutive failures): the data, not the code, is wrong, so the run stops with
+    this one message (and the skip counts)."""
 
 
 @dataclass
@@ -75,16 +85,17 @@ class _WorkerCounts:
         self.pending.ok += 1
 
     def skip(self, url: str, error: BaseException) -> None:
+        url = redact_url(url)  # counts and reasons reach logs and data_skips_*.json
         self.consecutive += 1
         self.pending.by_shard[url] = self.pending.by_shard.get(url, 0) + 1
         self.pending.skipped += 1
-        self.pending.reasons[url] = repr(error)
+        self.pending.reasons[url] = redact_url(repr(error))
         if self.pending.skipped <= 3:
-            logger.warning("skipped data in %s: %r", url, error)
+            logger.warning("skipped data in %s: %s", url, self.pending.reasons[url])
         if self.consecutive >= self.limit:
-            raise RuntimeError(
+            raise TooManyBadSamples(
                 f"{self.consecutive} consecutive samples or shards failed, the last in {url}: "
-                f"{error!r}; are the shards readable and data.image_keys / data.text_key right?"
+                f"{self.pending.reasons[url]}; are the shards readable and data.image_keys / data.text_key right?"
             ) from error
 
     def take(self) -> dict[str, Any]:
@@ -111,17 +122,30 @@ def _decode_extra(suffix: str, data: bytes) -> Any:
     return data
 
 
-def _caption(spec: StreamSpec, raw: RawSample) -> str:
-    if spec.caption_field is None:
-        return decode_caption(_member(raw, spec.text_key))
-    meta = _decode_extra("json", _member(raw, "json"))
-    value = meta.get(spec.caption_field) if isinstance(meta, dict) else None
+def _text(raw: RawSample, field: TextField, meta: Any) -> str:
+    """The whole text of ``field``'s source (a member, or a key of the parsed json ``meta``)."""
+    key = field.json_key
+    if key is None:
+        return decode_caption(_member(raw, field.source))
+    value = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(value, str):
-        raise SampleError(f"json field '{spec.caption_field}' is missing or not text")
+        raise SampleError(f"json field '{key}' is missing or not text")
     return decode_caption(value.encode("utf-8"))
 
 
-def _decode(spec: StreamSpec, raw: RawSample, preprocess: Preprocess, seed: int) -> dict[str, Any]:
+def _json_value(field: JsonField, meta: Any) -> Any:
+    if not isinstance(meta, dict) or field.source not in meta:
+        raise SampleError(f"json key '{field.source}' (json field '{field.name}') is missing")
+    return meta[field.source]
+
+
+def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) -> dict[str, Any]:
+    """One sample -> its views, chosen texts, json values and extras (``seed``: its stream seed).
+
+    Only the views and the sentence choices draw randomness: view 0 from ``seed`` itself (as
+    the single-view stream did), view i > 0 and text field i from seeds derived from it. The
+    sentence seeds use Python's ``random``, not torch's generator, so they move no view.
+    """
     try:
         image_key = next((k for k in spec.image_keys if k in raw.members), None)
         if image_key is None:
@@ -129,24 +153,37 @@ def _decode(spec: StreamSpec, raw: RawSample, preprocess: Preprocess, seed: int)
         image = decode_image(
             raw.members[image_key], max_pixels=spec.max_pixels, draft_size=spec.draft_size
         )
-        text = _caption(spec, raw)
+        meta = None
+        if fields.required_json_keys():
+            meta = _decode_extra("json", _member(raw, "json"))
+        texts = {
+            t.name: t.pick(_text(raw, t, meta), derive_seed(seed, 29, i))
+            for i, t in enumerate(fields.texts)
+        }
+        values = {j.name: _json_value(j, meta) for j in fields.json}
         extras = {k: _decode_extra(k, _member(raw, k)) for k in spec.extra_keys}
     except SampleError as error:
         raise SampleError(f"shard {raw.url} sample {raw.key}: {error}", raw.url, raw.key) from error
-    # Augmentations are a function of the sample's place in the stream. The CPU generator
-    # alone: torch.manual_seed also queues CUDA seeding, ~1 ms per sample on a CUDA build.
-    torch.default_generator.manual_seed(seed)
-    return {"__key__": raw.key, "image": preprocess(image), "text": text, **extras}
+    sample: dict[str, Any] = {"__key__": raw.key}
+    for i, view in enumerate(fields.views):
+        # Augmentations are a function of the sample's place in the stream. The CPU generator
+        # alone: torch.manual_seed also queues CUDA seeding, ~1 ms per sample on a CUDA build.
+        torch.default_generator.manual_seed(seed if i == 0 else derive_seed(seed, 19, i))
+        sample[view.name] = view.transform(image)
+    return {**sample, **texts, **values, **extras}
 
 
 def _collate(
-    samples: list[dict[str, Any]], tokenizer: Tokenizer, extra_keys: tuple[str, ...]
+    samples: list[dict[str, Any]], fields: BatchFields, extra_keys: tuple[str, ...]
 ) -> dict[str, Any]:
     batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "text": tokenizer([s["text"] for s in samples]),
-        "__key__": [s["__key__"] for s in samples],
+        v.name: torch.stack([s[v.name] for s in samples]) for v in fields.views
     }
+    for text in fields.texts:
+        batch[text.name] = text.tokenizer([s[text.name] for s in samples])
+    batch["__key__"] = [s["__key__"] for s in samples]
+    for value in fields.json:
+        batch.update(collate_json(value.name, [s[value.name] for s in samples]))
     for k in extra_keys:
         values = [s[k] for s in samples]
         if all(isinstance(v, int) for v in values):
@@ -165,8 +202,7 @@ def worker_batches(
     spec: StreamSpec,
     worker: int,
     start: dict[str, Any] | None,
-    preprocess: Preprocess,
-    tokenizer: Tokenizer,
+    fields: BatchFields,
 ) -> Iterator[dict[str, Any]]:
     """Logical worker ``worker``'s infinite batch sequence, from a saved position or the start.
 
@@ -209,14 +245,14 @@ def worker_batches(
         emitted += 1
         try:
             sample_seed = derive_seed(spec.seed, spec.rank, worker, emitted, 17)
-            pending.append(_decode(spec, out, preprocess, sample_seed))
+            pending.append(_decode(spec, out, fields, sample_seed))
             counts.ok()
         except SampleError as error:
             counts.skip(out.url, error)
             continue
         if len(pending) < spec.batch_size:
             continue
-        batch = _collate(pending, tokenizer, spec.extra_keys)
+        batch = _collate(pending, fields, spec.extra_keys)
         pending, batches = [], batches + 1
         if quota is not None and batches == quota:  # the epoch is over: drop what is left
             reader.close()

@@ -1,4 +1,4 @@
-"""Write samples into tar shards in img2dataset's layout (DESIGN §5).
+"""Write samples into tar shards in img2dataset's layout (docs/architecture.md §3).
 
 Layout: ``%05d.tar`` shards whose members are ``<key>.jpg|png|webp``, ``<key>.txt``,
 ``<key>.json``, (when the sample has a class) ``<key>.cls`` and the sample's extra members

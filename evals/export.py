@@ -6,7 +6,10 @@ and ``hf-hub:`` loaders read:
 - ``open_clip_config.json``: ``{"model_cfg": ..., "preprocess_cfg": ..., "vlp": {...}}``; the
   preprocessing is the one stored with the weights, and ``vlp`` records where the weights came
   from and which tokenizer goes with them (open_clip ignores the block);
-- ``open_clip_model.safetensors``: the state dict (no pickle);
+- ``open_clip_model.safetensors``: the open_clip state dict (no pickle);
+- ``heads.safetensors``, for objectives with heads (ConVIRT's projections): the heads' state
+  dict, with the objective and its settings in the config's ``vlp`` block; open_clip ignores
+  it, ``vlp eval`` applies the heads;
 - ``README.md``: a model card (:mod:`evals.model_card`): the run's config highlights, steps and
   samples seen, the eval results in the run's ``results/``, and how to load the folder;
 - tokenizer files when the tokenizer is not open_clip's bundled BPE: a Hugging Face tokenizer
@@ -33,6 +36,7 @@ from safetensors.torch import save_file
 
 from evals.loading import CONFIG_NAME, load_model
 from evals.model_card import CARD_NAME, model_card
+from vlp.models.vlp_model import HEADS_FILE, VlpModel
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 SENTENCEPIECE_NAME = "sentencepiece.model"
@@ -74,6 +78,16 @@ def _normal_permissions(folder: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _cpu_state(module: Any) -> dict[str, Any]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _run_objective(checkpoint: str) -> dict[str, Any]:
+    """The objective block (name, settings) recorded in a checkpoint's ``model_config.json``."""
+    meta = json.loads((Path(checkpoint) / "model_config.json").read_text())
+    return dict(meta["objective"])
+
+
 def export_run(
     run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
@@ -97,10 +111,17 @@ def export_run(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_NAME))
+        clip = model.clip if isinstance(model, VlpModel) else model
+        save_file(_cpu_state(clip), str(staging / WEIGHTS_NAME))
         tokenizer_block = _save_tokenizer(tokenizer, info.tokenizer_file, staging)
-        vlp_block = {"model_name": info.name, "exported_from": info.pretrained, **tokenizer_block}
+        vlp_block: dict[str, Any] = {
+            "model_name": info.name,
+            "exported_from": info.pretrained,
+            **tokenizer_block,
+        }
+        if isinstance(model, VlpModel) and len(model.heads):  # open_clip ignores this file
+            save_file(_cpu_state(model.heads), str(staging / HEADS_FILE))
+            vlp_block["objective"] = _run_objective(info.pretrained)
         config = {
             "model_cfg": info.model_cfg,
             "preprocess_cfg": info.preprocess_cfg,

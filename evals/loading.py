@@ -11,9 +11,9 @@ A reference is one of:
 
 Checkpoints are built exactly like exports, through open_clip's ``local-dir:`` loader on a
 temporary view of the checkpoint (its config and a link to its weights): the preprocessing
-stored with the weights (size, mean/std, resize mode) is the one used, as DESIGN §7 asks, and an
-export evaluates exactly like the checkpoint it came from. A path that is none of these raises
-:class:`ModelLoadError` naming it.
+stored with the weights (size, mean/std, resize mode) is the one used (docs/architecture.md §6),
+and an export evaluates exactly like the checkpoint it came from. A path that is none of these
+raises :class:`ModelLoadError` naming it.
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def _load_checkpoint(checkpoint: Path, kind: ModelKind) -> LoadedModel:
         )
         (view_dir / "model.safetensors").symlink_to((checkpoint / "model.safetensors").resolve())
         model, preprocess, tokenizer = _from_local_dir(view_dir, sentencepiece, checkpoint)
+    model = with_heads(model, checkpoint, meta.get("objective"))
     info = ModelInfo(
         kind=kind,
         name=str(meta.get("model_name", "vlp")),
@@ -189,6 +190,26 @@ def _load_checkpoint(checkpoint: Path, kind: ModelKind) -> LoadedModel:
         tokenizer_file=sentencepiece,
     )
     return LoadedModel(model, preprocess, tokenizer, info)
+
+
+def with_heads(model: Any, directory: Path, objective: dict[str, Any] | None) -> Any:
+    """``model`` wrapped with the objective's heads when ``directory`` holds ``heads.safetensors``
+    (ConVIRT's projections...): embeddings for evaluation are the ones the objective trained."""
+    from safetensors.torch import load_file
+
+    from vlp.models.vlp_model import HEADS_FILE, VlpModel
+    from vlp.objectives import objective_class
+
+    heads_file = directory / HEADS_FILE
+    if not heads_file.is_file():
+        return model
+    if not objective:
+        raise ModelLoadError(f"'{heads_file}' has no objective recorded beside it to build them")
+    cls = objective_class(objective["name"])
+    built = cls.from_config(cls.Config(**objective.get("settings", {})))
+    wrapped = VlpModel(model, built.heads(model))
+    wrapped.heads.load_state_dict(load_file(str(heads_file)))
+    return wrapped
 
 
 def _load_export(export_dir: Path) -> LoadedModel:
@@ -204,6 +225,7 @@ def _load_export(export_dir: Path) -> LoadedModel:
         export_dir / vlp_block["tokenizer_file"] if "tokenizer_file" in vlp_block else None
     )
     model, preprocess, tokenizer = _from_local_dir(export_dir, sentencepiece, export_dir)
+    model = with_heads(model, export_dir, vlp_block.get("objective"))
     info = ModelInfo(
         kind="export",
         name=f"local-dir:{export_dir}",

@@ -1,4 +1,4 @@
-"""PNG figures where a person would rather look than read numbers (DESIGN §7).
+"""PNG figures where a person would rather look than read numbers (docs/architecture.md §6).
 
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), never
 through ``pyplot``: no screen is needed, no global backend is switched, and no figure is left

@@ -114,8 +114,9 @@ class ZeroShotClassifier:
 
     ``class_embeddings`` [C, d] (unit rows) set the classifier's device; ``model`` must live there.
     ``preprocess`` (PIL image -> [3, H, W] tensor) is only needed for PIL images or file paths,
-    and should be the one stored with the checkpoint (DESIGN §7). ``tokenizer`` is kept so the
-    classifier can be rebuilt for new classes. ``amp_dtype`` autocasts the image tower.
+    and should be the one stored with the checkpoint (docs/architecture.md §6). ``tokenizer``
+    is kept so the classifier can be rebuilt for new classes. ``amp_dtype`` autocasts the image
+    tower.
     ``classnames`` (one per row) and ``templates`` are recorded for ``save`` and for reports.
     """
 

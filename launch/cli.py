@@ -11,12 +11,15 @@ import posixpath
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipelines.columns import COLUMNS
 from launch.evaluate import add_eval_commands, add_export_command, positive_int
 from launch.watch import add_watch_command
 from vlp.config import ConfigError, load_config
+
+DEMO_RECIPE = Path(__file__).parent / "configs" / "demo.yaml"
 
 if TYPE_CHECKING:
     from data_pipelines.prepare import Skipped
@@ -52,13 +55,13 @@ same command with train.resume=latest continues; schedulers can requeue on it.""
 def _demo(args: argparse.Namespace) -> int:
     from launch.demo import run_demo
 
-    run_demo(args.out, args.overrides)
+    run_demo(args.out, args.overrides, args.config)
     return 0
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
     from launch.run import StartupError
-    from vlp.training.loop import CheckpointWriteError
+    from vlp.training import CheckpointWriteError
 
     return (ConfigError, StartupError, CheckpointWriteError)
 
@@ -257,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="write synthetic shards, train a tiny CLIP, evaluate")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument(
+        "--config",
+        default=str(DEMO_RECIPE),
+        help="demo recipe (default: launch/configs/demo.yaml; convirt_demo.yaml for ConVIRT)",
+    )
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
     demo.set_defaults(func=_demo, user_errors=_run_errors)
 

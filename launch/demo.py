@@ -40,13 +40,18 @@ def write_demo_data(data_dir: Path, *, image_size: int = 32) -> tuple[Path, Path
     return train_dir, heldout_dir
 
 
-def run_demo(out: str | Path = "runs/demo", overrides: Sequence[str] = ()) -> dict[str, float]:
-    """Run the demo into ``out``; returns the final metrics (also in ``results/demo.json``)."""
+def run_demo(
+    out: str | Path = "runs/demo",
+    overrides: Sequence[str] = (),
+    config: str | Path = DEMO_CONFIG,
+) -> dict[str, float]:
+    """Run the demo recipe ``config`` (default: the tiny CLIP) into ``out`` on the procedural
+    shards; returns the final metrics (also in ``results/demo.json``)."""
     out = Path(out)
     started = time.time()
     train_dir, heldout_dir = write_demo_data(out / "data")
-    config = load_config(
-        DEMO_CONFIG,
+    run_config = load_config(
+        config,
         [
             f"data.train_shards={train_dir}",
             f"eval.zeroshot_shards={heldout_dir}",
@@ -57,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: Sequence[str] = ()) -> di
             *overrides,
         ],
     )
-    result = train(config)
+    result = train(run_config)
     metrics = {k.removeprefix("eval/heldout/"): v for k, v in result.eval_metrics.items()}
     summary = {
         **metrics,

@@ -1,8 +1,8 @@
-"""Compose a training run from a config: data stream, model, objective, evaluators, Trainer.
+"""Run training from a config: the parts from :mod:`launch.build`, then the Trainer.
 
-This is where the three layers meet (vlp knows nothing of shards or eval sets). Every start-up
-problem a user can fix (missing shard, unknown model/objective, missing sample fields) is raised
-as :class:`StartupError` with one sentence naming the thing and what to do.
+Every start-up problem a user can fix (missing shard, unknown model/objective, missing sample
+fields) is raised as :class:`StartupError` with one sentence naming the thing and what to do;
+a run stopped by its data or its losses as :class:`RunStopped`.
 """
 
 from __future__ import annotations
@@ -11,28 +11,25 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 
-from data_pipelines.fields import missing_fields
-from data_pipelines.remote import register_remote_openers
-from data_pipelines.shards import split_sources
-from data_pipelines.stream import TooManyBadSamples, make_train_stream
-from data_pipelines.transforms import fast_transforms_for_model
-from evals.dataset_evaluator import DatasetEvaluator
-from evals.datasets import load_labelled_shards, open_eval_set
-from evals.eval_set import EvalDataError
-from evals.heldout import HeldoutEvaluator
+from data_pipelines.remote import RemoteShardError, register_remote_openers
+from data_pipelines.stream import DataWorkerDied, TooManyBadSamples
 from evals.plots import plot_loss_curve
-from vlp.config import Config
+from launch.build import (
+    StartupError,
+    batch_fields,
+    build_evaluators,
+    build_model,
+    build_objective,
+    build_stream,
+    check_data,
+)
+from vlp.config import Config, redact_url
 from vlp.distributed import contrastive_group
-from vlp.models import PretrainedError, create_model, model_config, preprocess_config
-from vlp.objectives import create_objective, objective_class
 from vlp.training import (
     NonFiniteLossError,
     ResumeError,
@@ -45,10 +42,6 @@ from vlp.training.accel import check_sharding
 from vlp.training.threads import set_threads
 
 logger = logging.getLogger("vlp")
-
-
-class StartupError(RuntimeError):
-    """A problem with the user's config or data found before training starts."""
 
 
 class RunStopped(StartupError):
@@ -100,115 +93,6 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         root.addHandler(file)
 
 
-def shard_urls(urls: str, what: str, weights: list[float] | None = None) -> list[str]:
-    """Expanded shard URLs (``::`` sources), or a StartupError naming what is wrong."""
-    try:
-        return split_sources(urls, weights)[0]
-    except FileNotFoundError as error:
-        raise StartupError(f"{what} shards not found: {error}") from None
-    except ValueError as error:
-        raise StartupError(str(error)) from None
-
-
-def check_data(config: Config, required: frozenset[str]) -> list[str]:
-    """Expand the shard URLs and check that the first shard carries the objective's fields."""
-    if not config.data.train_shards:
-        raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
-    urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
-    try:
-        missing = missing_fields(urls[0], required)
-    except ValueError as error:
-        raise StartupError(str(error)) from None
-    if missing:
-        raise StartupError(
-            f"objective '{config.objective.name}' needs sample fields {sorted(missing)} that "
-            f"shard '{urls[0]}' does not have; write them into the shards or pick another objective"
-        )
-    return urls
-
-
-def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    """The model, its transforms and tokenizer, and the metadata stored with checkpoints."""
-    try:
-        model, preprocess_train, preprocess_val, tokenizer = create_model(
-            config.model.name,
-            config.model.pretrained,
-            lock_image=config.model.lock_image,
-            lock_text=config.model.lock_text,
-            tokenizer=config.model.tokenizer,
-            model_kwargs=objective_class(config.objective.name).model_kwargs,
-        )
-    except PretrainedError as error:
-        raise StartupError(f"model.pretrained='{config.model.pretrained}': {error}") from None
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        raise StartupError(f"model.name='{config.model.name}': {error}") from None
-    info = {
-        "model_name": config.model.name,
-        "model_cfg": model_config(config.model.name)
-        | objective_class(config.objective.name).model_kwargs,
-        "preprocess_cfg": preprocess_config(model),
-    }
-    return model, preprocess_train, preprocess_val, tokenizer, info
-
-
-def train_transforms(
-    model: Any, preprocess_train: Any
-) -> tuple[Any, int | None, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """(per-sample transform, JPEG draft size, on-device normalisation) for the train stream.
-
-    The fast path (``data_pipelines.transforms``: uint8 crops from workers, JPEG draft decoding,
-    normalisation on the device) reproduces open_clip's train preprocessing; where the model's
-    preprocessing has something it does not reproduce, open_clip's own transform is used.
-    """
-    try:
-        fast = fast_transforms_for_model(model)
-    except ValueError as reason:
-        logger.info("open_clip's train preprocessing in the workers (fast path: %s)", reason)
-        return preprocess_train, None, None
-    return fast.train, fast.draft_size, fast.normalize
-
-
-def build_evaluators(
-    config: Config, preprocess_val: Any, tokenizer: Any, out_dir: Path
-) -> list[Callable[[Any, int], dict[str, float]]]:
-    """Evaluators from the ``eval`` section: held-out labelled shards, and ``eval.datasets``."""
-    evaluators: list[Callable[[Any, int], dict[str, float]]] = []
-    if config.eval.zeroshot_shards:
-        if not config.eval.classnames:
-            raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
-        urls = shard_urls(config.eval.zeroshot_shards, "eval")
-        evaluators.append(
-            HeldoutEvaluator(
-                "heldout",
-                load_labelled_shards(urls, preprocess_val),
-                config.eval.classnames,
-                config.eval.templates,
-                tokenizer,
-                out_dir,
-                model_name=config.model.name,
-                batch_size=config.eval.batch_size,
-            )
-        )
-    for name, path in config.eval.datasets.items():
-        try:
-            eval_set = open_eval_set(path)
-        except EvalDataError as error:
-            raise StartupError(f"eval.datasets.{name}: {error}") from None
-        evaluators.append(
-            DatasetEvaluator(
-                name,
-                eval_set,
-                preprocess_val,
-                tokenizer,
-                config.eval.templates,
-                out_dir,
-                model_name=config.model.name,
-                batch_size=config.eval.batch_size,
-            )  # fmt: skip
-        )
-    return evaluators
-
-
 def train(config: Config) -> TrainResult:
     """Run the whole training described by ``config`` (under ``accelerate launch`` or not)."""
     return _run(config, check=False)[0]
@@ -220,12 +104,8 @@ def check(config: Config) -> RunPlan:
 
 
 def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
-    try:
-        objective = create_objective(config.objective.name, **config.objective.kwargs)
-    except (ValueError, TypeError) as error:
-        raise StartupError(f"objective: {error}") from None
+    objective = build_objective(config)
     register_remote_openers(config.data.remote_timeout, config.data.remote_retries)
-    urls = check_data(config, objective_class(config.objective.name).requires)
     run_config = config
     scratch = None
     if check:
@@ -244,53 +124,31 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     setup_logging(out_dir, accelerator.is_main_process)
     try:
         check_sharding(accelerator)
-    except ValueError as error:
-        raise StartupError(str(error)) from None
-    try:
         contrastive_group(config.train.group_size)  # made once here, reused by the trainer
     except ValueError as error:
         raise StartupError(str(error)) from None
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
+    parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
+    urls = check_data(config, parts.fields)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)
+    batches = build_stream(config, parts, accelerator.process_index, accelerator.num_processes)
 
-    train_transform, draft_size, normalize = train_transforms(model, preprocess_train)
-    batches = make_train_stream(
-        config.data.train_shards,
-        preprocess=train_transform,
-        draft_size=draft_size,
-        tokenizer=tokenizer,
-        batch_size=config.data.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        workers=config.data.workers,
-        seed=config.train.seed,
-        resampled=config.data.resampled,
-        shuffle_buffer=config.data.shuffle_buffer,
-        shards_in_flight=config.data.shards_in_flight,
-        weights=config.data.train_weights,
-        image_keys=config.data.image_keys,
-        text_key=config.data.text_key,
-        caption_field=config.data.caption_field,
-        prefetch_factor=config.data.prefetch_factor,
-        timeout=config.data.batch_timeout,
-        max_skip_fraction=config.data.max_skip_fraction,
-        remote_timeout=config.data.remote_timeout,
-        remote_retries=config.data.remote_retries,
-    )
-
-    trainer = Trainer(
-        run_config,
-        model,
-        objective,
-        batches,
-        accelerator=accelerator,
-        image_transform=normalize,
-        model_info=info,
-        evaluators=evaluators,
-    )
+    try:
+        trainer = Trainer(
+            run_config,
+            model,
+            objective,
+            batches,
+            accelerator=accelerator,
+            image_transform=parts.normalize,
+            model_info=info,
+            evaluators=evaluators,
+        )
+    except ValueError as error:  # the objective cannot build on this model
+        raise StartupError(f"objective.{config.objective.name}: {error}") from None
     try:
         result = trainer.fit()
     except ResumeError as error:
@@ -298,7 +156,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     except TooManyBadSamples as error:
         trainer._write_skips()  # data_skips_rank<r>.json: which shards, how many, why
         message = (
-            f"{error}; per-shard counts in {out_dir / 'data_skips_rank*.json'}: fix or drop "
+            f"{_last_line(error)}; per-shard counts in {out_dir / 'data_skips_rank*.json'}: fix or drop "
             "those shards, or raise data.max_skip_fraction"
         )
         log_to_file_only(message)
@@ -306,6 +164,10 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     except NonFiniteLossError as error:
         log_to_file_only(str(error))
         raise RunStopped(str(error)) from None
+    except (RemoteShardError, DataWorkerDied) as error:
+        message = redact_url(_last_line(error))
+        log_to_file_only(message)
+        raise RunStopped(message) from None
     plan = RunPlan(
         world_size=accelerator.num_processes,
         global_batch=trainer.global_batch,
@@ -323,6 +185,12 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     elif accelerator.is_main_process:
         plot_history(out_dir)
     return result, plan
+
+
+def _last_line(error: BaseException) -> str:
+    """The error's own message: from a data worker, the DataLoader re-raises it with the
+    worker's traceback in the message, whose last line is the error itself."""
+    return str(error).strip().splitlines()[-1]
 
 
 def plot_history(out_dir: Path) -> Path | None:

@@ -13,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_vlp_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """vlp's cache (the tiny BERT, ``vlp:tiny-bert``) in the session's temp folder, for this
+    process and the ones it starts: tests never touch ``~/.cache/vlp``."""
+    os.environ["VLP_CACHE_DIR"] = str(tmp_path_factory.mktemp("vlp-cache"))
+
 pytest_plugins = ["pytester"]
 
 # ``pytest.importorskip``'s reason starts with this; every dev dependency is in requirements.txt

@@ -39,7 +39,7 @@ def test_bad_values_name_the_key(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = load_config(None, ["train.steps=11", "objective.kwargs={smoothing: 0.1}"])
+    config = load_config(None, ["train.steps=11", "objective.clip.smoothing=0.1"])
     config.save(tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
@@ -63,3 +63,37 @@ def test_type_errors_use_the_right_article():
         load_config(None, ["train.steps=abc"])
     with pytest.raises(ConfigError, match="'optim.lr' needs a float"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_objective_sections_are_typed_and_resolved_into_config_yaml(tmp_path):
+    config = load_config(None, ["objective.name=siglip", "objective.clip.smoothing=0.1"])
+    assert config.objective.section() == config.objective.settings["siglip"]
+    config.save(tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["objective"]
+    assert saved == {
+        "name": "siglip",
+        "clip": {"weights": [0.5, 0.5], "smoothing": 0.1},
+        "siglip": {},
+    }
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "objective.clip.smoothin=0.1",
+            "unknown config key 'objective.clip.smoothin'; did you mean 'smoothing'",
+        ),
+        (
+            "objective.clipp.smoothing=0.1",
+            "objective.clipp.*unknown objective 'clipp'; did you mean 'clip'",
+        ),
+        ("objective.name=sigclip", "objective.name.*did you mean 'siglip'"),
+        ("objective.clip.smoothing=high", "'objective.clip.smoothing' needs a float"),
+        ("objective.clip=3", "'objective.clip' is a section"),
+    ],
+)
+def test_bad_objective_keys_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -78,10 +78,41 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective, by registry name, with its keyword arguments."""
+    """The training objective, by registry name, and its typed section.
+
+    In YAML: ``objective: {name: convirt, convirt: {lam: 0.75}}``; on the command line
+    ``objective.convirt.lam=0.75``. Each objective declares its section as a dataclass
+    (``Objective.Config``); keys are checked against it at load, and the resolved section of the
+    chosen objective is written into ``config.yaml``.
+    """
 
     name: str = "clip"
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Objective name -> its ``Config`` dataclass instance (those given, plus the chosen one)."""
+
+    def section(self) -> Any:
+        """The chosen objective's resolved settings (its ``Config`` with defaults filled in)."""
+        if self.name not in self.settings:
+            self.settings[self.name] = _objective_config_class(self.name, "objective.name")()
+        return self.settings[self.name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., "<name>": {...}}`` for every section given and the chosen one."""
+        self.section()
+        return {"name": self.name} | {
+            name: dataclasses.asdict(value) for name, value in self.settings.items()
+        }
+
+
+def _objective_config_class(name: str, key: str) -> type:
+    """The ``Config`` dataclass of the objective registered as ``name`` (a ConfigError naming
+    ``key`` and the closest registered name otherwise)."""
+    from vlp.objectives.registry import objective_class
+
+    try:
+        return objective_class(name).Config
+    except ValueError as error:
+        raise ConfigError(f"config key '{key}': {error}") from None
 
 
 @dataclass
@@ -162,7 +193,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain nested dicts (what ``config.yaml`` holds)."""
-        return dataclasses.asdict(self)
+        return {
+            f.name: getattr(self, f.name).to_dict()
+            if f.name == "objective"
+            else dataclasses.asdict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML."""
@@ -251,7 +287,26 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _apply_objective(section: ObjectiveConfig, updates: dict[str, Any]) -> None:
+    """``name`` plus one mapping per objective name, each applied to that objective's Config."""
+    if "name" in updates:
+        section.name = _coerce(updates["name"], str, "objective.name")
+        _objective_config_class(section.name, "objective.name")
+    for name, value in updates.items():
+        if name == "name":
+            continue
+        key = f"objective.{name}"
+        config_class = _objective_config_class(name, key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; give it a mapping")
+        current = section.settings.setdefault(name, config_class())
+        _apply(current, value, key + ".")
+
+
 def _apply(section: Any, updates: dict[str, Any], prefix: str) -> None:
+    if isinstance(section, ObjectiveConfig):
+        _apply_objective(section, updates)
+        return
     types_ = _field_types(type(section))
     for name, value in updates.items():
         key = f"{prefix}{name}"
@@ -340,3 +395,11 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _objective_config_class(config.objective.name, "objective.name")
+    for name, settings in config.objective.settings.items():
+        check = getattr(settings, "validate", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as error:
+                raise ConfigError(f"objective.{name}: {error}") from None

@@ -192,7 +192,8 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path: Path) -> None:
     paths = write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
     data = Path(paths[1]).read_bytes()
     Path(paths[1]).write_bytes(data[: len(data) // 2])
-    loader = _stream(str(tmp_path), resampled=False, batch_size=1)
+    # a cut through a sample and a tar header can cost 2 of 20 samples: over the default 10 %
+    loader = _stream(str(tmp_path), resampled=False, batch_size=1, max_skip_fraction=0.5)
     keys = [k for b in loader for k in b["__key__"]]
     assert {f"{i:09d}" for i in range(10)} <= set(keys)
     assert loader.skips.total >= 1 and paths[1] in loader.skips.by_shard

@@ -209,3 +209,47 @@ def test_a_dead_data_worker_is_an_error_naming_the_worker_and_its_shard(tmp_path
         for _ in stream:
             pass
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["remote", "worker"])
+def test_a_dead_shard_server_or_data_worker_stops_the_run_with_one_redacted_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """What the stream raises (tested above) reaches `vlp train` as one line in train.log and
+    RunStopped, not a traceback; a token in the shard URL is masked."""
+    import launch.run
+    from data_pipelines.remote import RemoteShardError
+    from data_pipelines.stream import DataWorkerDied
+    from launch.run import RunStopped, train
+
+    shards = write_corrupt_shards(tmp_path / "shards", shards=2, per_shard=20, bad_every=10**6)
+    url = "https://host/shard-00001.tar?token=SECRET"
+    error = (
+        RemoteShardError(f"Caught RemoteShardError in DataLoader worker process 0.\n"
+                         f"Original Traceback (most recent call last):\n  ...\n"
+                         f"RemoteShardError: shard {url}: timed out after 2 retries")
+        if kind == "remote"
+        else DataWorkerDied(f"data worker 0 of rank 0 exited unexpectedly while reading {url}")
+    )  # fmt: skip
+    real = launch.run.build_stream
+
+    def dies_after_two_batches(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stream = real(*args, **kwargs)
+
+        class Dying:
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                batches = iter(stream)
+                yield next(batches)
+                yield next(batches)
+                raise error
+
+        return Dying()
+
+    monkeypatch.setattr(launch.run, "build_stream", dies_after_two_batches)
+    out = tmp_path / "run"
+    with pytest.raises(RunStopped) as stopped:
+        train(_config(shards, out))
+    message = str(stopped.value)
+    assert "\n" not in message and "SECRET" not in message and "token=***" in message
+    assert message in (out / "train.log").read_text()

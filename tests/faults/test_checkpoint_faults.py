@@ -15,7 +15,7 @@ import torch
 from vlp.config import Config
 from vlp.models import create_model
 from vlp.objectives import create_objective
-from vlp.training import ResumeError, Trainer, create_accelerator, loop
+from vlp.training import ResumeError, Trainer, create_accelerator, trainer_checkpoint
 from vlp.training import checkpoint as ckpt
 
 CAPTIONS = ["a red star", "a blue ring", "a cross", "a heart"]
@@ -124,9 +124,9 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(loop, "save_file", full)
+    monkeypatch.setattr(trainer_checkpoint, "save_file", full)
     trainer.step = 2
-    with pytest.raises(loop.CheckpointWriteError) as failed:
+    with pytest.raises(trainer_checkpoint.CheckpointWriteError) as failed:
         trainer.save_checkpoint()
     message = str(failed.value)
     assert failed.value.errno == errno.ENOSPC

@@ -56,12 +56,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _accelerate(args: list[str]) -> subprocess.CompletedProcess:
+def _accelerate(args: list[str], recipe: Path = DEMO) -> subprocess.CompletedProcess:
+    """``launch/pretrain.py --config RECIPE ARGS`` on 2 gloo processes under accelerate."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(_free_port()),
-        str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), *args,
+        str(ROOT / "launch/pretrain.py"), "--config", str(recipe), *args,
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
@@ -177,7 +178,7 @@ def one_process_first_loss(flat_shards, tmp_path_factory) -> float:
 def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
     """The premise of the loss comparison below: the same samples, pixels and tokens."""
     from data_pipelines.stream import make_train_stream
-    from launch.run import build_model, train_transforms
+    from launch.build import build_model, train_transforms
     from vlp.config import load_config
 
     config = load_config(DEMO, _exact_overrides(flat_shards, Path("unused")))
@@ -256,6 +257,22 @@ def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
     assert not out.exists()  # a check writes nothing into the run directory
 
 
+CONVIRT = (
+    "objective.name=convirt model.name=convirt-tiny-vit-bert objective.convirt.frozen_text_layers=1"
+)
+
+
+def test_an_hf_text_tower_that_does_not_load_is_one_line(shards, tmp_path, capsys):
+    config = json.loads((ROOT / "vlp/models/model_configs/convirt-tiny-vit-bert.json").read_text())
+    config["text_cfg"] |= {"hf_model_name": "/no/such/bert", "hf_tokenizer_name": "/no/such/bert"}
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(config))
+    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path / "run")]
+    assert main([*args, f"model.name={model_file}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "/no/such/bert" in error[0], error
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -266,19 +283,42 @@ def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
         ("train.accum_steps=0", "accum_steps"),
         ("train.group_size=2", "train.group_size=2 must be a positive divisor of the world size 1"),
         ("train.report_to=[tensorbored]", "train.report_to: unknown tracker 'tensorbored'"),
+        ("objective.clip.smothing=0.1", "'objective.clip.smothing'; did you mean 'smoothing'"),
+        (f"{CONVIRT} objective.convirt.augment=convrit", "did you mean 'convirt'"),
+        (
+            f"{CONVIRT} objective.convirt.text_source=json:abstract",
+            "field 'text' (json key 'abstract') is missing in shard",
+        ),
+        (  # every summary is 2 words: no sentence of 3 -> every sample skipped
+            f"{CONVIRT} objective.convirt.text_source=json:summary",
+            "consecutive samples or shards failed",
+        ),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(shards, tmp_path, capsys, override, message):
-    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path), override]
+    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path)]
+    args += override.split(" ")
     assert main(args) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and message in error[0], error
+    # one error line, the last; a problem found once training began follows its log lines
+    assert not any("Traceback" in line for line in error), error
+    assert [line for line in error if line.startswith("vlp: error")] == error[-1:], error
+    assert message in error[-1] and error[-1].startswith("vlp: error: "), error
 
 
 def test_missing_sample_fields_are_named(shards, tmp_path):
-    from launch.run import StartupError, check_data
+    from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
+    from launch.build import StartupError, check_data
     from vlp.config import load_config
 
     config = load_config(DEMO, _overrides(shards, tmp_path))
-    with pytest.raises(StartupError, match=r"needs sample fields \['report_pdf'\]"):
-        check_data(config, frozenset({"txt", "report_pdf"}))
+    fields = BatchFields(
+        views=(ImageView("image", lambda image: image),),
+        texts=(TextField("text", lambda texts: texts),),
+        json=(JsonField("boxes", "boxes"),),
+    )
+    shard = r".*/00000\.tar"
+    with pytest.raises(
+        StartupError, match=rf": field 'boxes' \(json key 'boxes'\) is missing in shard {shard}"
+    ):
+        check_data(config, fields)

@@ -26,7 +26,7 @@ def test_clip_batch_loss_is_the_contrastive_core():
     expected = contrastive_loss(z, w, scale, weights=(0.75, 0.25), smoothing=0.1)
     torch.testing.assert_close(losses["contrastive_loss"], expected)
     torch.testing.assert_close(total_loss(losses), expected)
-    assert objective.requires == {"txt"}
+    assert dict(objective.fields().views) == {"image": "openclip"}
 
 
 def test_clip_rejects_bad_arguments():

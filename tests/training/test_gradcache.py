@@ -1,4 +1,5 @@
-"""Exact gradient accumulation (GradCache): k micro-batches give one k times larger batch."""
+"""Exact gradient accumulation (GradCache): k micro-batches give one k times larger batch,
+for any objective that declares its outputs (embeddings, shared scalars, per-sample tensors)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.ddp_helpers import run_on_ranks
+from vlp.distributed import contrastive_loss
+from vlp.models.vlp_model import VlpModel
 from vlp.objectives import Objective, create_objective, total_loss
+from vlp.objectives.base import Coupled, PerSample, Shared
 from vlp.training.gradcache import cached_batch_loss, replay_backward
 
 CPU = torch.device("cpu")
@@ -30,15 +34,13 @@ class TinyClip(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
         self.logit_bias = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64)) if bias else None
 
-    def forward(self, image, text):
-        outputs = {
-            "image_features": F.normalize(self.image(image), dim=-1),
-            "text_features": F.normalize(self.text(text), dim=-1),
-            "logit_scale": self.logit_scale.exp(),
-        }
-        if self.logit_bias is not None:
-            outputs["logit_bias"] = self.logit_bias
-        return outputs
+    def encode_image(self, image, normalize=False):
+        features = self.image(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text, normalize=False):
+        features = self.text(text)
+        return F.normalize(features, dim=-1) if normalize else features
 
 
 class ClipWithSampleTerm(Objective):
@@ -55,10 +57,66 @@ class ClipWithSampleTerm(Objective):
         return {"norm_loss": (outputs["image_features"][:, 0] ** 2).mean()}
 
 
+class ThreeLevels(Objective):
+    """Three image and three text embeddings (a pyramid's shape: two levels come from heads),
+    a per-sample output used only by ``sample_loss``, and a learned scale."""
+
+    outputs = {
+        **{f"image_{i}": Coupled() for i in range(3)},
+        **{f"text_{i}": Coupled() for i in range(3)},
+        "logit_scale": Shared(),
+        "aux": PerSample(),
+    }
+
+    def heads(self, clip):
+        torch.manual_seed(1)
+        return {
+            name: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+            for name in ("image_1", "image_2", "text_1", "text_2")
+        }
+
+    def encode(self, model, inputs):
+        image = model.clip.encode_image(inputs["image"])
+        text = model.clip.encode_text(inputs["text"])
+        out = {"image_0": F.normalize(image, dim=-1), "text_0": F.normalize(text, dim=-1)}
+        for i in (1, 2):
+            out[f"image_{i}"] = F.normalize(model.heads[f"image_{i}"](image), dim=-1)
+            out[f"text_{i}"] = F.normalize(model.heads[f"text_{i}"](text), dim=-1)
+        out["logit_scale"] = model.clip.logit_scale.exp()
+        out["aux"] = image[:, :3] * text[:, 1:]  # [b, 3]: per sample, never cached
+        return out
+
+    def batch_loss(self, features):
+        s = features["logit_scale"]
+        return {
+            f"level{i}_loss": contrastive_loss(
+                features[f"image_{i}"], features[f"text_{i}"], s, group=self.group
+            )
+            * (i + 1)
+            / 3
+            for i in range(3)
+        }
+
+    def sample_loss(self, outputs, batch):
+        return {"aux_loss": outputs["aux"].pow(2).sum(-1).mean()}
+
+
+def wrap(objective, **tiny):
+    """The VlpModel the trainer builds: TinyClip plus the objective's heads."""
+    clip = TinyClip(**tiny)
+    return VlpModel(clip, objective.heads(clip), objective.encode)
+
+
+def full_batch_loss(model, objective, batch):
+    """The reference: one forward and the whole objective on one batch."""
+    return total_loss(objective(model(objective.model_inputs(batch)), batch))
+
+
 OBJECTIVES = {
     "clip": lambda: create_objective("clip"),
     "clip+sample": ClipWithSampleTerm,
     "siglip": lambda: create_objective("siglip"),
+    "three-levels": ThreeLevels,
 }
 
 
@@ -107,16 +165,56 @@ def assert_same_tensors(got: dict, expected: dict) -> None:
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_four_micro_batches_equal_one_batch_four_times_larger(name):
     batch = _batch(16)
-    big, small = TinyClip(), TinyClip()
     objective = OBJECTIVES[name]()
-    reference = total_loss(objective(big(**batch), batch))
+    big, small = wrap(objective), wrap(objective)
+    reference = full_batch_loss(big, objective, batch)
     reference.backward()
     loss = accumulate(small, objective, _split(batch, 4))
-    if name != "clip+sample":  # the sample term is not part of the cached batch loss
+    if name in ("clip", "siglip"):  # a sample term is not part of the cached batch loss
         torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
     got = _grads(small)
     assert_same_tensors(got, _grads(big))
-    assert "logit_scale" in got and ("logit_bias" in got) == (name == "siglip")
+    assert "clip.logit_scale" in got and ("clip.logit_bias" in got) == (name == "siglip")
+    assert any(key.startswith("heads.") for key in got) == (name == "three-levels")
+
+
+def test_per_sample_outputs_are_not_cached():
+    objective = ThreeLevels()
+    cached = cached_batch_loss(
+        wrap(objective), objective, _split(_batch(16), 4), autocast=nullcontext, device=CPU
+    )
+    assert "aux" not in cached.grads and "aux" not in cached.shared
+    assert set(cached.grads) == {f"{side}_{i}" for side in ("image", "text") for i in range(3)} | {
+        "logit_scale"
+    }
+
+
+def test_an_undeclared_output_is_named():
+    class Undeclared(ThreeLevels):
+        outputs = {k: v for k, v in ThreeLevels.outputs.items() if k != "aux"}
+
+    objective = Undeclared()
+    with pytest.raises(ValueError, match=r"\['aux'\]"):
+        cached_batch_loss(
+            wrap(objective), objective, _split(_batch(8), 2), autocast=nullcontext, device=CPU
+        )
+
+
+def test_cache_dtype_follows_the_declaration():
+    """Declared float32 embeddings from a float64 model: cached (and their gradient) in float32."""
+
+    class Float32Cache(ThreeLevels):
+        outputs = {
+            k: Coupled(torch.float32) if isinstance(v, Coupled) else v
+            for k, v in ThreeLevels.outputs.items()
+        }
+
+    objective = Float32Cache()
+    cached = cached_batch_loss(
+        wrap(objective), objective, _split(_batch(8), 2), autocast=nullcontext, device=CPU
+    )
+    assert cached.grads["image_0"].dtype == torch.float32
+    assert cached.grads["logit_scale"].dtype == torch.float64
 
 
 def test_dropout_masks_are_replayed():
@@ -125,11 +223,11 @@ def test_dropout_masks_are_replayed():
     batch = _batch(16)
     micro = _split(batch, 4)
     objective = ClipWithSampleTerm()
-    reference_model, model = TinyClip(dropout=0.3), TinyClip(dropout=0.3)
+    reference_model, model = wrap(objective, dropout=0.3), wrap(objective, dropout=0.3)
     torch.manual_seed(123)
-    outputs = [reference_model(**m) for m in micro]
+    outputs = [reference_model(objective.model_inputs(m)) for m in micro]
     joined = {k: torch.cat([o[k] for o in outputs]) for k in ("image_features", "text_features")}
-    joined |= {k: outputs[0][k] for k in ("logit_scale", "logit_bias")}
+    joined |= {k: outputs[0][k] for k in ("logit_scale",)}
     sample = torch.stack(
         [objective.sample_loss(o, m)["norm_loss"] for o, m in zip(outputs, micro, strict=True)]
     )
@@ -141,14 +239,15 @@ def test_dropout_masks_are_replayed():
     after_reference = torch.rand(8)
     torch.manual_seed(123)
     for m in micro:
-        model(**m)
+        model(objective.model_inputs(m))
     torch.testing.assert_close(torch.rand(8), after_reference)
 
 
-def _ddp_accumulation(rank, world, steps):
+def _ddp_accumulation(rank, world, steps, name):
     """Rank r holds rows [r·4b, (r+1)·4b) of the global batch as 4 micro-batches of b."""
-    model = nn.parallel.DistributedDataParallel(TinyClip(bias=False))  # DDP: every param used
-    objective = ClipWithSampleTerm()
+    objective = OBJECTIVES[name]()
+    objective.group = torch.distributed.group.WORLD
+    model = nn.parallel.DistributedDataParallel(wrap(objective, bias=False))  # every param used
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     per_rank = 16 // world
     grads, params = None, []
@@ -166,16 +265,18 @@ def _ddp_accumulation(rank, world, steps):
 
 
 @pytest.mark.slow
-def test_two_processes_accumulating_match_one_process_full_batch():
+@pytest.mark.parametrize("name", ["clip+sample", "three-levels"])
+def test_two_processes_accumulating_match_one_process_full_batch(name):
     """(b, k=4) on 2 DDP ranks = (8b, k=1) on one process: gradients, and parameters after 3
     SGD steps, in float64."""
     steps = 3
-    ranks = run_on_ranks(_ddp_accumulation, 2, steps)
-    model, objective = TinyClip(bias=False), ClipWithSampleTerm()
+    ranks = run_on_ranks(_ddp_accumulation, 2, steps, name)
+    objective = OBJECTIVES[name]()
+    model = wrap(objective, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(steps):
         batch = _batch(16, seed=step)
-        total_loss(objective(model(**batch), batch)).backward()
+        full_batch_loss(model, objective, batch).backward()
         if step == 0:
             for result in ranks:
                 assert_same_tensors(result["grads"], _grads(model))

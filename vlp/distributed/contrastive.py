@@ -162,6 +162,8 @@ def contrastive_loss(
     columns = check_features(image_features, text_features, group)
     if smoothing > 0 and columns < 2:
         raise ValueError("smoothing needs at least 2 columns (one negative)")
+    if not isinstance(logit_scale, torch.Tensor):  # a fixed float: keep all its digits
+        logit_scale = torch.tensor(logit_scale, dtype=torch.float64)
     scale = torch.as_tensor(logit_scale, device=image_features.device)
     return _InfoNCE.apply(
         image_features, text_features, scale, (float(weights[0]), float(weights[1])),

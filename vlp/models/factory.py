@@ -3,6 +3,11 @@
 A user names a model the way open_clip does (a built-in name, ``local-dir:``, ``hf-hub:``) or
 gives a path to an open_clip model-config JSON; vlp registers its own tiny configs from
 ``model_configs/`` so that CPU runs need no download.
+
+Hugging Face text towers: a config's ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` may be a
+``vlp:<name>`` alias (``vlp.models.hf_towers.HF_TOWERS``), resolved to a local folder when the
+model is built and in :func:`model_config` (what checkpoints record), so the config files hold
+no machine-specific path. A tower that does not load is one line (``HFTowerError``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ import torch
 from open_clip import pretrained as open_clip_pretrained
 from torch import nn
 
+from vlp.models.hf_towers import (
+    HFTowerError,
+    check_hf_tower,
+    hf_tokenizer,
+    quiet_hf_loading,
+    resolve_text_cfg,
+)
 from vlp.models.tokenizers import SentencePieceTokenizer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -74,14 +86,22 @@ def resolve_model_name(name_or_config: str) -> str:
 
 
 def model_config(name_or_config: str) -> dict[str, Any]:
-    """The open_clip model config dict behind a name (what checkpoints and exports record)."""
+    """The open_clip model config dict behind a name (what checkpoints and exports record).
+
+    ``vlp:`` text-tower aliases come back resolved to local folders, so that open_clip alone
+    (``local-dir:``) rebuilds the model from the recorded config.
+    """
     name = resolve_model_name(name_or_config)
     if name.startswith("local-dir:"):
         config_file = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
-        return dict(json.loads(config_file.read_text())["model_cfg"])
-    if name.startswith("hf-hub:"):
-        return dict(open_clip.factory._get_hf_config(name.removeprefix("hf-hub:"))["model_cfg"])
-    return dict(open_clip.get_model_config(name))
+        config = dict(json.loads(config_file.read_text())["model_cfg"])
+    elif name.startswith("hf-hub:"):
+        config = dict(open_clip.factory._get_hf_config(name.removeprefix("hf-hub:"))["model_cfg"])
+    else:
+        config = dict(open_clip.get_model_config(name))
+    if "text_cfg" in config:
+        config["text_cfg"] = resolve_text_cfg(config["text_cfg"])
+    return config
 
 
 def create_model(
@@ -102,22 +122,51 @@ def create_model(
     ``tokenizer`` is a local SentencePiece ``.model`` file replacing open_clip's tokenizer.
     ``model_kwargs`` override the model config (an objective's needs, e.g. SigLIP's
     ``init_logit_bias``); record them with the config (``model_config(...) | model_kwargs``).
+    A ``text_cfg`` there replaces the config's whole ``text_cfg`` (open_clip's rule).
+
+    A Hugging Face text tower (``text_cfg.hf_model_name``: a folder, a hub name or a ``vlp:``
+    alias) is built from its resolved folder, checked first (:class:`HFTowerError`, one line,
+    when it does not load), and comes with its own tokenizer (open_clip's ``HFTokenizer``).
     """
     name = resolve_model_name(name_or_config)
     if pretrained:
         check_pretrained(name, pretrained)
+    model_kwargs = dict(model_kwargs or {})
+    text_cfg = model_kwargs.get("text_cfg") or (
+        {} if name.startswith("hf-hub:") else model_config(name).get("text_cfg", {})
+    )
+    hf_tower = text_cfg.get("hf_model_name")
+    schema = ":" in name  # a local-dir:/hf-hub: config is open_clip's, with its own weights
+    if hf_tower:
+        text_cfg = resolve_text_cfg(text_cfg)
+        if not schema or "text_cfg" in model_kwargs:
+            # open_clip skips the tower's own weights when a full checkpoint replaces them; a
+            # text_cfg passed as a keyword escapes that rule, so it is applied here.
+            load_tower = bool(text_cfg.get("hf_model_pretrained", True))
+            load_tower = load_tower and not (pretrained or schema)
+            model_kwargs["text_cfg"] = {**text_cfg, "hf_model_pretrained": load_tower}
+        check_hf_tower(text_cfg["hf_model_name"], weights=not (pretrained or schema))
     try:
-        with _quiet_random_init(not pretrained):
+        with _quiet_random_init(not pretrained), quiet_hf_loading():
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained or None, device=device, output_dict=True,
-                **(model_kwargs or {}),
+                **model_kwargs,
             )  # fmt: skip
     except pickle.UnpicklingError as error:  # open_clip loads with torch.load(weights_only=True)
         raise PretrainedError(refused_pickle(pretrained or name, error)) from None
+    except OSError as error:  # transformers' "cannot load": missing files, hub unreachable
+        if not hf_tower:
+            raise
+        why = str(error).strip().splitlines()[0]
+        raise HFTowerError(
+            f"text_cfg.hf_model_name '{text_cfg['hf_model_name']}' does not load: {why}"
+        ) from None
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    if tokenizer is None and hf_tower and not schema:
+        return model, preprocess_train, preprocess_val, hf_tokenizer(text_cfg)
     if tokenizer is None:
         return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
     text_cfg = model_config(name).get("text_cfg", {})
@@ -179,13 +228,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        message = record.getMessage()
+        return "initialized randomly" not in message and "initialized partially" not in message
 
 
 @contextmanager
 def _quiet_random_init(quiet: bool) -> Iterator[None]:
     """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning during
-    one model build that asked for no weights (a from-scratch run is random by design)."""
+    one model build that asked for no weights (a from-scratch run is random by design), and its
+    "initialized partially" (a pretrained HF text tower in an otherwise new model, by design)."""
     if not quiet:
         yield
         return

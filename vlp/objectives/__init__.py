@@ -1,6 +1,7 @@
 """Training objectives behind one interface, chosen by name from a registry."""
 
 from vlp.objectives import clip as _clip  # noqa: F401  (registers "clip")
+from vlp.objectives import convirt as _convirt  # noqa: F401  (registers "convirt")
 from vlp.objectives import siglip as _siglip  # noqa: F401  (registers "siglip")
 from vlp.objectives.base import Objective, total_loss
 from vlp.objectives.registry import create_objective, list_objectives, objective_class

@@ -1,28 +1,114 @@
-"""The objective interface: batch-coupled and per-sample parts, declared sample fields.
+"""The objective interface (contract v2, docs/architecture.md §2).
 
-The two parts scale differently (DESIGN.md §2): ``batch_loss`` couples samples (every
-contrastive term) and sees this rank's LOCAL embeddings of all accumulated micro-batches;
-``sample_loss`` is separable per sample and runs per micro-batch. The trainer sums every
-returned key that ends in ``_loss`` and logs every key.
+An objective owns everything that differs between CLIP, ConVIRT, PyramidCLIP, ProtoCLIP and
+PRIOR, so that the trainer, GradCache, checkpoints and the stream need no change to host one:
+
+- **what the batch carries**: :meth:`Objective.fields` names the image views (each with its
+  augmentation preset), the text fields (source, tokenizer, per-sample sentence choice) and the
+  JSON fields it needs; the stream reads exactly these, and they enter the resume fingerprint;
+- **the model call**: :meth:`Objective.model_inputs` turns a batch into the tensors the model
+  needs, and :meth:`Objective.encode` runs inside the model's ``forward`` (so DDP/FSDP see one
+  forward), returning named outputs;
+- **its trainable modules**: :meth:`Objective.heads` returns projection heads, prototype heads,
+  decoders..., which become part of the :class:`vlp.models.VlpModel` (optimised, wrapped,
+  checkpointed, exported beside the open_clip weights). Objectives hold no parameters;
+- **the losses**: ``batch_loss`` couples samples and sees this rank's LOCAL embeddings of all
+  accumulated micro-batches; ``sample_loss`` is separable per sample and runs per micro-batch;
+- **GradCache declarations**: :attr:`Objective.outputs` says which outputs are batch-coupled
+  embeddings (cached, with their dtype), shared scalars, or per-sample tensors used only by
+  ``sample_loss`` (never cached);
+- **post-step rules**: :meth:`Objective.after_step` (CLIP clamps its learned scale).
+
+The trainer sums every returned key that ends in ``_loss`` and logs every key.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from vlp.distributed.collectives import ProcessGroup
 
+if TYPE_CHECKING:
+    from vlp.models.vlp_model import VlpModel
+
 Tensors = dict[str, torch.Tensor]
 
 
-class Objective(nn.Module):
-    """Base class of every training objective."""
+@dataclass(frozen=True)
+class Coupled:
+    """A batch-coupled output (an embedding): cached by GradCache over all micro-batches.
 
-    requires: ClassVar[frozenset[str]] = frozenset({"txt"})
-    """Sample fields the objective needs from the dataset (checked at start-up)."""
+    ``dtype``: what the cache holds; None keeps float64 and stores anything else in float32
+    (half precision would underflow the ~s/B gradient entries of a large batch).
+    """
+
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The same value for every sample (a learned scale or bias): cached once."""
+
+
+@dataclass(frozen=True)
+class PerSample:
+    """A per-sample tensor used only by ``sample_loss`` (caption logits): never cached."""
+
+
+Output = Coupled | Shared | PerSample
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A text field the batch carries.
+
+    Args:
+        source: the sample member (``txt``) or ``json:<key>`` (a key of the sample's json).
+        tokenizer: ``model`` (the model's own tokenizer) or a Hugging Face tokenizer path/name.
+        choose: ``all`` (the whole text) or ``sentence`` (one sentence per sample per step,
+            seeded, so identical after a resume).
+        min_words: with ``sentence``, drop sentences of fewer words.
+    """
+
+    source: str = "txt"
+    tokenizer: str = "model"
+    choose: str = "all"
+    min_words: int = 0
+
+
+@dataclass(frozen=True)
+class Fields:
+    """What an objective needs from each sample: named image views (view -> augmentation preset
+    name), named text fields, and JSON keys passed through (padded, with a mask)."""
+
+    views: Mapping[str, str] = field(default_factory=lambda: {"image": "openclip"})
+    texts: Mapping[str, TextSpec] = field(default_factory=lambda: {"text": TextSpec()})
+    json: tuple[str, ...] = ()
+
+
+@dataclass
+class NoSettings:
+    """An objective without settings of its own."""
+
+
+class Objective(nn.Module):
+    """Base class of every training objective (see the module docstring for the contract)."""
+
+    Config: ClassVar[type] = NoSettings
+    """The dataclass of ``objective.<name>.*`` settings; ``from_config`` builds from it."""
+
+    outputs: ClassVar[Mapping[str, Output]] = {
+        "image_features": Coupled(),
+        "text_features": Coupled(),
+        "logit_scale": Shared(),
+    }
+    """Every output :meth:`encode` returns, with its kind (GradCache caches by these)."""
 
     model_kwargs: ClassVar[dict[str, Any]] = {}
     """open_clip model-constructor overrides the objective needs (SigLIP: a logit bias)."""
@@ -33,17 +119,65 @@ class Objective(nn.Module):
     tile_size: int | None = None
     """Tile of the contrastive core; set by the trainer (``train.tile_size``)."""
 
+    @classmethod
+    def from_config(cls, settings: Any) -> Objective:
+        """Build from the objective's resolved ``Config`` instance."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
+
+    def fields(self) -> Fields:
+        """What the stream must put in each batch (default: one ``image`` view, ``text``)."""
+        return Fields()
+
+    def build_model(self, clip: nn.Module) -> VlpModel:
+        """The model this objective trains: ``clip`` (which it may partly freeze) plus its heads."""
+        from vlp.models.vlp_model import VlpModel
+
+        return VlpModel(clip, self.heads(clip), self.encode)
+
+    def heads(self, clip: nn.Module) -> dict[str, nn.Module]:
+        """Trainable modules this objective adds to the model (``image``/``text`` heads map the
+        towers' embeddings: they are used by ``encode_image``/``encode_text`` too)."""
+        return {}
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors the model call needs, taken from a batch (default: image and text)."""
+        return {"image": batch["image"], "text": batch["text"]}
+
+    def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
+        """The model's forward for this objective; runs inside ``VlpModel.forward``."""
+        return {
+            "image_features": model.encode_image(inputs["image"], normalize=True),
+            "text_features": model.encode_text(inputs["text"], normalize=True),
+            "logit_scale": learned_scale(model),
+        }
+
     def batch_loss(self, features: Tensors) -> Tensors:
         """Losses that couple samples, from this rank's local embeddings."""
         return {}
 
-    def sample_loss(self, outputs: Tensors, batch: Tensors) -> Tensors:
+    def sample_loss(self, outputs: Tensors, batch: Mapping[str, Any]) -> Tensors:
         """Losses separable per sample, for one micro-batch."""
         return {}
 
-    def forward(self, outputs: Tensors, batch: Tensors) -> Tensors:
+    def log_values(self, outputs: Tensors) -> Tensors:
+        """Values to log besides the losses (detached), e.g. the learned scale."""
+        return {
+            k: v.detach() for k, v in outputs.items() if isinstance(self.outputs.get(k), Shared)
+        }
+
+    @torch.no_grad()
+    def after_step(self, model: VlpModel) -> None:
+        """Rules applied after every optimizer step (default: none)."""
+
+    def forward(self, outputs: Tensors, batch: Mapping[str, Any]) -> Tensors:
         """Both parts on one batch (no accumulation): ``{name: tensor}``."""
         return {**self.batch_loss(outputs), **self.sample_loss(outputs, batch)}
+
+
+def learned_scale(model: VlpModel) -> torch.Tensor:
+    """s = exp(t) of open_clip's learned ``logit_scale`` t."""
+    scale: torch.Tensor = model.clip.logit_scale
+    return scale.exp()
 
 
 def total_loss(losses: Tensors) -> torch.Tensor:

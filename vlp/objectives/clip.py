@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
+import torch
+
 from vlp.distributed import contrastive_loss
+from vlp.models.vlp_model import VlpModel
 from vlp.objectives.base import Objective, Tensors
 from vlp.objectives.registry import register_objective
+
+MAX_LOGIT_SCALE = math.log(100)
+"""CLIP clamps its learned temperature so that s = exp(t) <= 100."""
+
+
+@dataclass
+class ClipSettings:
+    """``objective.clip.*``."""
+
+    weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    """(λ, 1−λ): weights of the image→text and text→image directions."""
+    smoothing: float = 0.0
+    """α of softened targets: 1−α on the positive, α/(N−1) on each negative (0 = CLIP's)."""
+
+
+def clamp_logit_scale(model: VlpModel) -> None:
+    """CLIP's post-step rule: the learned t = log s stays in [0, log 100]."""
+    with torch.no_grad():
+        model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 @register_objective("clip")
@@ -23,7 +48,11 @@ class ClipObjective(Objective):
         >>> losses = objective.batch_loss(model(images, texts))  # doctest: +SKIP
     """
 
-    def __init__(self, weights: tuple[float, float] = (0.5, 0.5), smoothing: float = 0.0):
+    Config = ClipSettings
+
+    def __init__(
+        self, weights: tuple[float, float] | list[float] = (0.5, 0.5), smoothing: float = 0.0
+    ):
         super().__init__()
         if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights must be two non-negative numbers, got {weights}")
@@ -31,6 +60,10 @@ class ClipObjective(Objective):
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.weights = (float(weights[0]), float(weights[1]))
         self.smoothing = float(smoothing)
+
+    def after_step(self, model: VlpModel) -> None:
+        """Clamp the learned scale (s <= 100), as CLIP does."""
+        clamp_logit_scale(model)
 
     def batch_loss(self, features: Tensors) -> Tensors:
         """The contrastive term on this rank's local embeddings (gathering happens inside)."""

@@ -40,6 +40,8 @@ def objective_class(name: str) -> type[Objective]:
     return _REGISTRY[name]
 
 
-def create_objective(name: str, **kwargs: Any) -> Objective:
-    """Build the objective registered under ``name`` with its keyword arguments."""
-    return objective_class(name)(**kwargs)
+def create_objective(name: str, settings: Any = None, **kwargs: Any) -> Objective:
+    """Build the objective registered under ``name``: from its resolved ``Config`` instance
+    (``config.objective.section()``), or from keyword arguments."""
+    cls = objective_class(name)
+    return cls.from_config(settings) if settings is not None else cls(**kwargs)

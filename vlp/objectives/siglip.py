@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from vlp.distributed import sigmoid_loss
-from vlp.objectives.base import Objective, Tensors
+from vlp.models.vlp_model import VlpModel
+from vlp.objectives.base import Coupled, Objective, Output, Shared, Tensors
+from vlp.objectives.clip import clamp_logit_scale
 from vlp.objectives.registry import register_objective
 
 
@@ -26,6 +29,25 @@ class SigLipObjective(Objective):
         "init_logit_scale": math.log(10.0),
         "init_logit_bias": -10.0,
     }
+
+    outputs: ClassVar[Mapping[str, Output]] = {
+        "image_features": Coupled(),
+        "text_features": Coupled(),
+        "logit_scale": Shared(),
+        "logit_bias": Shared(),
+    }
+
+    def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
+        """CLIP's outputs plus the learned bias β."""
+        outputs = super().encode(model, inputs)
+        bias = getattr(model.clip, "logit_bias", None)
+        if bias is not None:
+            outputs["logit_bias"] = bias
+        return outputs
+
+    def after_step(self, model: VlpModel) -> None:
+        """Clamp the learned scale as CLIP does (open_clip's SigLIP recipe keeps it too)."""
+        clamp_logit_scale(model)
 
     def batch_loss(self, features: Tensors) -> Tensors:
         """The sigmoid term on this rank's local embeddings (texts travel around the group)."""

@@ -9,9 +9,12 @@ back-propagates the cached embedding gradients plus its ``sample_loss``. The par
 exactly the gradient of one k times larger batch, at one micro-batch of activation memory and
 one extra forward per micro-batch. Gradient sync happens on the last micro-batch only.
 
-Per-sample outputs (first dim = micro-batch size) are concatenated; other outputs (the logit
-scale and bias) are the same for every micro-batch and get 1/k of their cached gradient in each
-replay, so they accumulate it whole and DDP averages it with the rest.
+What is cached comes from the objective's declarations (``Objective.outputs``): ``Coupled``
+outputs (embeddings) are concatenated over the micro-batches and cached in their declared dtype;
+``Shared`` outputs (a learned scale or bias) are the same for every micro-batch and get 1/k of
+their cached gradient in each replay, so they accumulate it whole and DDP averages it with the
+rest; ``PerSample`` outputs (caption logits) are never cached: the first encoding drops them,
+and only the replay's ``sample_loss`` sees them. An undeclared output is an error.
 Not exact with BatchNorm: its batch statistics are per micro-batch and the first, grad-free
 encoding updates its running statistics too.
 """
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from vlp.objectives import Objective
+from vlp.objectives.base import Coupled, Output, PerSample, Shared
 
 Tensors = dict[str, torch.Tensor]
 Batch = dict[str, Any]
@@ -41,9 +45,9 @@ class CachedLoss:
     loss: torch.Tensor
     """Sum of the ``*_loss`` terms (detached)."""
     grads: Tensors
-    """Gradient of that sum w.r.t. every model output (per-sample outputs concatenated)."""
+    """Gradient of that sum w.r.t. every cached output (``Coupled`` ones concatenated)."""
     shared: Tensors
-    """Outputs that are not per sample (logit scale and bias), detached, for the logs."""
+    """The ``Shared`` outputs (logit scale and bias), detached, for the logs."""
     rng_states: list[Any]
     sizes: list[int]
 
@@ -60,12 +64,27 @@ def _set_rng_state(state: Any, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def _forward(model: nn.Module, batch: Batch) -> Tensors:
-    return dict(model(image=batch["image"], text=batch["text"]))
+def _forward(model: nn.Module, objective: Objective, batch: Batch) -> Tensors:
+    return dict(model(objective.model_inputs(batch)))
 
 
-def _is_per_sample(value: torch.Tensor, size: int) -> bool:
-    return value.ndim >= 1 and value.shape[0] == size
+def _kinds(objective: Objective, outputs: Tensors) -> dict[str, Output]:
+    """Each output's declared kind; an undeclared output is an error naming it."""
+    undeclared = sorted(set(outputs) - set(objective.outputs))
+    if undeclared:
+        raise ValueError(
+            f"objective {type(objective).__name__} returned outputs {undeclared} that its "
+            "'outputs' declaration lacks (Coupled / Shared / PerSample)"
+        )
+    return {key: objective.outputs[key] for key in outputs}
+
+
+def _cache_dtype(kind: Output, value: torch.Tensor) -> torch.dtype:
+    declared = kind.dtype if isinstance(kind, Coupled) else None
+    if declared is not None:
+        return declared
+    # float64 stays; half precision would underflow the ~s/B entries of a large batch
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
 def cached_batch_loss(
@@ -86,19 +105,23 @@ def cached_batch_loss(
         for batch in micro_batches:
             rng_states.append(_rng_state(device))
             with autocast():
-                encoded.append(_forward(model, batch))
+                outputs = _forward(model, objective, batch)
+            kinds = _kinds(objective, outputs)
+            encoded.append(
+                {k: v for k, v in outputs.items() if not isinstance(kinds[k], PerSample)}
+            )
     after = _rng_state(device)
-    sizes = [len(batch["image"]) for batch in micro_batches]
+    coupled = [k for k, kind in kinds.items() if isinstance(kind, Coupled)]
+    if not coupled:
+        raise ValueError(f"objective {type(objective).__name__} declares no Coupled output")
+    sizes = [len(outputs[coupled[0]]) for outputs in encoded]
     features: Tensors = {}
     for key, first in encoded[0].items():
-        if _is_per_sample(first, sizes[0]):
-            value = torch.cat([outputs[key] for outputs in encoded])
-        else:
-            value = first
-        # Embedding gradients are kept in float32 (float64 stays): half precision would
-        # underflow the ~s/B entries of a large batch.
-        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-        features[key] = value.detach().to(dtype).requires_grad_(value.is_floating_point())
+        kind = kinds[key]
+        value = torch.cat([o[key] for o in encoded]) if isinstance(kind, Coupled) else first
+        features[key] = (
+            value.detach().to(_cache_dtype(kind, value)).requires_grad_(value.is_floating_point())
+        )
     with autocast():
         parts = objective.batch_loss(features)
     loss = torch.stack([v for k, v in parts.items() if k.endswith("_loss")]).sum()
@@ -113,7 +136,7 @@ def cached_batch_loss(
     }
     _set_rng_state(after, device)
     detached = {k: v.detach() for k, v in parts.items()}
-    shared = {k: v.detach() for k, v in encoded[0].items() if not _is_per_sample(v, sizes[0])}
+    shared = {k: v.detach() for k, v in encoded[0].items() if isinstance(kinds[k], Shared)}
     return CachedLoss(detached, loss.detach(), cached, shared, rng_states, sizes)
 
 
@@ -142,11 +165,11 @@ def replay_backward(
         last = index == k - 1
         _set_rng_state(state, device)
         with nullcontext() if last else no_sync(model), autocast():
-            outputs = _forward(model, batch)
+            outputs = _forward(model, objective, batch)
             terms = []
             for key, grad in cached.grads.items():
                 value = outputs[key]
-                if _is_per_sample(value, size):
+                if isinstance(objective.outputs[key], Coupled):
                     terms.append((value * grad[start : start + size].to(value.dtype)).sum())
                 else:
                     terms.append((value * grad.to(value.dtype)).sum() / k)

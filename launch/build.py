@@ -1,0 +1,301 @@
+"""Build a run's parts from its config: objective, model, batch fields, stream, evaluators.
+
+This is where the three layers meet (vlp knows nothing of shards or eval sets, data_pipelines
+and evals nothing of objectives): the objective's declared fields (views with augmentation
+presets, text fields with tokenizers, JSON keys) become the stream's ``BatchFields``; the
+``eval`` section becomes evaluators through one registry. Every problem a user can fix is a
+:class:`StartupError` with one sentence naming the key, field or shard and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.tokenizer import HFTokenizer
+
+from data_pipelines.augment import build_preset
+from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
+from data_pipelines.fields import missing_batch_fields
+from data_pipelines.shards import split_sources
+from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.transforms import fast_transforms_for_model
+from evals.dataset_evaluator import DatasetEvaluator
+from evals.datasets import load_labelled_shards, open_eval_set
+from evals.eval_set import EvalDataError
+from evals.heldout import HeldoutEvaluator
+from vlp.config import Config
+from vlp.models import PretrainedError, create_model, model_config, preprocess_config
+from vlp.objectives import Objective, create_objective, objective_class
+from vlp.objectives.base import Fields, TextSpec
+
+logger = logging.getLogger("vlp")
+
+Evaluator = Callable[..., dict[str, float]]
+OPENCLIP_PRESET = "openclip"
+"""The preset that reproduces open_clip's own train transform (the model's preprocess cfg)."""
+
+
+class StartupError(RuntimeError):
+    """A problem with the user's config or data found before training starts."""
+
+
+def build_objective(config: Config) -> Objective:
+    """The objective named by ``objective.name`` with its resolved ``objective.<name>`` section."""
+    try:
+        return create_objective(config.objective.name, config.objective.section())
+    except (ValueError, TypeError) as error:
+        raise StartupError(f"objective.{config.objective.name}: {error}") from None
+
+
+def shard_urls(urls: str, what: str, weights: list[float] | None = None) -> list[str]:
+    """Expanded shard URLs (``::`` sources), or a StartupError naming what is wrong."""
+    try:
+        return split_sources(urls, weights)[0]
+    except FileNotFoundError as error:
+        raise StartupError(f"{what} shards not found: {error}") from None
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+
+
+def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """The open_clip model, its transforms and tokenizer, and the metadata stored with
+    checkpoints (model name and config, preprocessing, the objective and its settings)."""
+    objective = objective_class(config.objective.name)
+    try:
+        model, preprocess_train, preprocess_val, tokenizer = create_model(
+            config.model.name,
+            config.model.pretrained,
+            lock_image=config.model.lock_image,
+            lock_text=config.model.lock_text,
+            tokenizer=config.model.tokenizer,
+            model_kwargs=objective.model_kwargs,
+        )
+    except PretrainedError as error:
+        raise StartupError(f"model.pretrained='{config.model.pretrained}': {error}") from None
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        raise StartupError(f"model.name='{config.model.name}': {error}") from None
+    info = {
+        "model_name": config.model.name,
+        "model_cfg": model_config(config.model.name) | objective.model_kwargs,
+        "preprocess_cfg": preprocess_config(model),
+        "objective": {
+            "name": config.objective.name,
+            "settings": dataclasses.asdict(config.objective.section()),
+        },
+    }
+    return model, preprocess_train, preprocess_val, tokenizer, info
+
+
+def train_transforms(
+    model: Any, preprocess_train: Any
+) -> tuple[Any, int | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(per-sample transform, JPEG draft size, on-device normalisation) of the ``openclip``
+    preset: open_clip's train preprocessing on the fast uint8 path
+    (``data_pipelines.transforms``); where the model's preprocessing has something the fast
+    path does not reproduce, open_clip's own transform (float, normalised in the workers)."""
+    try:
+        fast = fast_transforms_for_model(model)
+    except ValueError as reason:
+        logger.info("open_clip's train preprocessing in the workers (fast path: %s)", reason)
+        return preprocess_train, None, None
+    return fast.train, fast.draft_size, fast.normalize
+
+
+@dataclass
+class StreamParts:
+    """What the stream and the trainer need from the objective's fields."""
+
+    fields: BatchFields
+    draft_size: int | None
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None
+    """Applied on the device to every image view (uint8 -> normalised float)."""
+
+
+def batch_fields(
+    config: Config, declared: Fields, model: Any, preprocess_train: Any, tokenizer: Any
+) -> StreamParts:
+    """The stream's fields for what the objective declared, with the model's preprocessing.
+
+    A text field whose source is ``txt`` reads the user's caption (``data.text_key`` or
+    ``data.caption_field``). The ``openclip`` preset and the model tokenizer carry no name into
+    the fingerprint, so a CLIP run's stream (and a saved position) is today's.
+    """
+    transform, draft_size, normalize = train_transforms(model, preprocess_train)
+    size = preprocess_config(model)["size"]
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    views, drafts = [], []
+    for name, preset in declared.views.items():
+        if preset == OPENCLIP_PRESET:
+            views.append(ImageView(name, transform))
+            drafts.append(draft_size)
+            continue
+        if normalize is None:
+            raise StartupError(
+                f"augmentation preset '{preset}' (view '{name}') needs the fast uint8 path, "
+                f"which model '{config.model.name}' does not allow"
+            )
+        try:
+            augmentation = build_preset(preset, size)
+        except ValueError as error:
+            raise StartupError(f"objective.{config.objective.name}: {error}") from None
+        views.append(ImageView(name, augmentation, preset=preset))
+        drafts.append(getattr(augmentation, "draft_size", None))
+    texts = [_text_field(config, name, spec, tokenizer) for name, spec in declared.texts.items()]
+    json = [JsonField(name, name) for name in declared.json]
+    try:
+        fields = BatchFields(views=tuple(views), texts=tuple(texts), json=tuple(json))
+    except ValueError as error:
+        raise StartupError(f"objective '{config.objective.name}': {error}") from None
+    draft = None if None in drafts else max(d for d in drafts if d is not None)
+    return StreamParts(fields, draft, normalize)
+
+
+def _text_field(config: Config, name: str, spec: TextSpec, tokenizer: Any) -> TextField:
+    source = spec.source
+    if source == "txt":  # the caption, where the user's data keeps it
+        field = config.data.caption_field
+        source = f"json:{field}" if field else config.data.text_key
+    if spec.tokenizer == "model":
+        return TextField(name, tokenizer, source, spec.choose, spec.min_words)
+    context_length = getattr(tokenizer, "context_length", 77)
+    try:
+        hf = HFTokenizer(spec.tokenizer, context_length=context_length)
+    except (OSError, ValueError) as error:
+        raise StartupError(
+            f"text field '{name}': tokenizer '{spec.tokenizer}' does not load ({error}); give "
+            "a local Hugging Face tokenizer folder or, with a network, a hub name"
+        ) from None
+    return TextField(name, hf, source, spec.choose, spec.min_words, tokenizer_name=spec.tokenizer)
+
+
+def check_data(config: Config, fields: BatchFields) -> list[str]:
+    """Expand the shard URLs and check that the first shard carries every field the objective
+    reads (image, text members or json keys)."""
+    if not config.data.train_shards:
+        raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
+    urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
+    try:
+        missing = missing_batch_fields(urls, fields, image_keys=config.data.image_keys)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+    if missing:
+        raise StartupError(
+            f"objective '{config.objective.name}': {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; write that field into the shards or pick another objective"
+        )
+    return urls
+
+
+def build_stream(config: Config, parts: StreamParts, rank: int, world_size: int) -> TrainStream:
+    """This rank's training stream, reading exactly the objective's fields."""
+    data = config.data
+    return make_train_stream(
+        data.train_shards,
+        fields=parts.fields,
+        draft_size=parts.draft_size,
+        batch_size=data.batch_size,
+        rank=rank,
+        world_size=world_size,
+        workers=data.workers,
+        seed=config.train.seed,
+        resampled=data.resampled,
+        shuffle_buffer=data.shuffle_buffer,
+        shards_in_flight=data.shards_in_flight,
+        weights=data.train_weights,
+        image_keys=data.image_keys,
+        prefetch_factor=data.prefetch_factor,
+        timeout=data.batch_timeout,
+        max_skip_fraction=data.max_skip_fraction,
+        remote_timeout=data.remote_timeout,
+        remote_retries=data.remote_retries,
+    )
+
+
+# ------------------------------------------------------------------------------- evaluators
+
+
+@dataclass
+class EvalContext:
+    """What every evaluator factory gets: the config and the model's eval-side tools."""
+
+    config: Config
+    preprocess_val: Any
+    tokenizer: Any
+    out_dir: Path
+
+
+EvaluatorFactory = Callable[[EvalContext], list[Evaluator]]
+_EVALUATORS: dict[str, EvaluatorFactory] = {}
+
+
+def register_evaluator(kind: str) -> Callable[[EvaluatorFactory], EvaluatorFactory]:
+    """Register a factory that turns the ``eval`` section into evaluators of one kind."""
+
+    def decorate(factory: EvaluatorFactory) -> EvaluatorFactory:
+        _EVALUATORS[kind] = factory
+        return factory
+
+    return decorate
+
+
+@register_evaluator("heldout")
+def _heldout(context: EvalContext) -> list[Evaluator]:
+    """``eval.zeroshot_shards``: labelled held-out shards, zero-shot and retrieval."""
+    config = context.config.eval
+    if not config.zeroshot_shards:
+        return []
+    if not config.classnames:
+        raise StartupError("eval.zeroshot_shards is set but eval.classnames is empty")
+    urls = shard_urls(config.zeroshot_shards, "eval")
+    return [
+        HeldoutEvaluator(
+            "heldout",
+            load_labelled_shards(urls, context.preprocess_val),
+            config.classnames,
+            config.templates,
+            context.tokenizer,
+            context.out_dir,
+            model_name=context.config.model.name,
+            batch_size=config.batch_size,
+        )
+    ]
+
+
+@register_evaluator("datasets")
+def _datasets(context: EvalContext) -> list[Evaluator]:
+    """``eval.datasets``: CLIP_benchmark roots, class folders or CSV tables, by name."""
+    config = context.config.eval
+    evaluators: list[Evaluator] = []
+    for name, path in config.datasets.items():
+        try:
+            eval_set = open_eval_set(path)
+        except EvalDataError as error:
+            raise StartupError(f"eval.datasets.{name}: {error}") from None
+        evaluators.append(
+            DatasetEvaluator(
+                name,
+                eval_set,
+                context.preprocess_val,
+                context.tokenizer,
+                config.templates,
+                context.out_dir,
+                model_name=context.config.model.name,
+                batch_size=config.batch_size,
+            )  # fmt: skip
+        )
+    return evaluators
+
+
+def build_evaluators(
+    config: Config, preprocess_val: Any, tokenizer: Any, out_dir: Path
+) -> list[Evaluator]:
+    """Every registered kind's evaluators for the ``eval`` section, in registration order."""
+    context = EvalContext(config, preprocess_val, tokenizer, out_dir)
+    return [evaluator for factory in _EVALUATORS.values() for evaluator in factory(context)]

@@ -1,0 +1,84 @@
+"""Start-up check of a stream's BatchFields against the shards' first samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
+from data_pipelines.fields import MissingField, first_sample_fields, missing_batch_fields
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+
+from .conftest import fake_tokenizer, preprocess, write_tar
+
+
+def _fields(*texts: TextField, json: tuple[JsonField, ...] = ()) -> BatchFields:
+    views = (ImageView("global", preprocess()), ImageView("local", preprocess()))
+    return BatchFields(views=views, texts=texts, json=json)
+
+
+def _shards(out: Path, meta: dict[str, Any]) -> list[str]:
+    samples = [{**s, "json": meta} for s in generate_samples(6, seed=0)]
+    return write_shards(samples, out, samples_per_shard=3)
+
+
+def test_nothing_is_missing_when_the_shards_carry_every_field(tmp_path: Path) -> None:
+    urls = _shards(tmp_path, {"summary": "red star", "boxes": [[0, 0, 1, 1]]})
+    fields = _fields(
+        TextField("caption", fake_tokenizer),
+        TextField("summary", fake_tokenizer, source="json:summary"),
+        json=(JsonField("boxes", "boxes"),),
+    )
+    assert missing_batch_fields(urls, fields, shards=2) == []
+
+
+def test_missing_json_keys_and_members_are_named_with_the_shard(tmp_path: Path) -> None:
+    urls = _shards(tmp_path, {"report": "The lungs are clear."})
+    fields = _fields(
+        TextField("summary", fake_tokenizer, source="json:summary"),
+        TextField("short", fake_tokenizer, source="summary.txt"),
+        TextField("report", fake_tokenizer, source="json:report", choose="sentence"),
+        json=(JsonField("boxes", "boxes"),),
+    )
+    missing = missing_batch_fields(urls, fields, shards=2)
+    assert missing == [
+        MissingField("summary", "json key 'summary'", urls[0]),
+        MissingField("short", "member 'summary.txt'", urls[0]),
+        MissingField("boxes", "json key 'boxes'", urls[0]),
+        MissingField("summary", "json key 'summary'", urls[1]),
+        MissingField("short", "member 'summary.txt'", urls[1]),
+        MissingField("boxes", "json key 'boxes'", urls[1]),
+    ]
+    assert str(missing[0]) == f"field 'summary' (json key 'summary') is missing in shard {urls[0]}"
+    assert [m.shard for m in missing_batch_fields(urls, fields)] == [urls[0]] * 3  # shards=1
+
+
+def test_a_shard_without_images_or_json_names_each_view_and_key(tmp_path: Path) -> None:
+    url = write_tar(tmp_path / "00000.tar", [("a", {"txt": b"a caption"})])
+    fields = _fields(TextField("caption", fake_tokenizer), json=(JsonField("boxes", "boxes"),))
+    missing = missing_batch_fields([url], fields)
+    assert [(m.field, m.source) for m in missing] == [
+        ("global", "image member, one of jpg, jpeg, png, webp"),
+        ("local", "image member, one of jpg, jpeg, png, webp"),
+        ("boxes", "json key 'boxes'"),
+    ]
+    assert missing_batch_fields([url], fields, image_keys=("txt",))[0].field == "boxes"
+
+
+def test_unreadable_shards_or_bad_json_raise_naming_them(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar file at all" * 40)
+    fields = _fields(TextField("caption", fake_tokenizer))
+    with pytest.raises(ValueError, match="bad.tar"):
+        missing_batch_fields([str(bad)], fields)
+    bad_json = write_tar(tmp_path / "j.tar", [("k", {"jpg": b"x", "json": b"{nope"})])
+    with pytest.raises(ValueError, match="sample k: bad json"):
+        missing_batch_fields([bad_json], _fields(json=(JsonField("b", "b"),)))
+
+
+def test_first_sample_fields_still_merges_members_and_json_keys(tmp_path: Path) -> None:
+    urls = _shards(tmp_path, {"summary": "red star"})
+    assert {"jpg", "txt", "json", "cls", "summary", "key", "image"} <= first_sample_fields(urls[0])

@@ -1,0 +1,45 @@
+"""The ConVIRT demo recipe end to end: 2 gloo processes under `accelerate launch`, accumulated
+micro-batches, heads checkpointed beside open_clip's weights and applied when evaluating."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
+
+RECIPE = ROOT / "launch" / "configs" / "convirt_demo.yaml"
+
+
+@pytest.mark.slow
+def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(shards, tmp_path):  # noqa: F811
+    from evals.loading import load_model
+    from vlp.models.vlp_model import VlpModel
+
+    out = tmp_path / "run"
+    extra = {"train.steps": 3, "train.accum_steps": 2, "data.batch_size": 4}
+    done = _accelerate(_overrides(shards, out, **extra), recipe=RECIPE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "step 3/3" in log and "contrastive_loss" in log and "logit_scale" not in log
+    checkpoint = out / "checkpoints" / "step_00000003"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch"] == 16
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    heads = load_file(str(checkpoint / "heads.safetensors"))
+    assert not any(k.startswith(("clip.", "heads.")) for k in weights)  # open_clip's own keys
+    assert sorted(heads) == ["image.1.bias", "image.1.weight", "text.1.bias", "text.1.weight"]
+    meta = json.loads((checkpoint / "model_config.json").read_text())
+    assert meta["objective"]["name"] == "convirt"
+    assert meta["objective"]["settings"]["frozen_text_layers"] == 1
+
+    loaded = load_model(out)
+    assert isinstance(loaded.model, VlpModel)
+    torch.testing.assert_close(
+        loaded.model.heads.state_dict()["image.1.weight"], heads["image.1.weight"]
+    )
+    image = torch.zeros(2, 3, 32, 32)
+    assert loaded.model.encode_image(image, normalize=True).shape == (2, 128)  # the head's width

@@ -1,0 +1,83 @@
+"""The run directory (``train.out_dir``): claimed by a fresh run, laid out, and appended to.
+
+A fresh run must not mix into an earlier run's folder (its metrics would be appended to, its
+checkpoints pruned by step order), so it refuses a folder that holds checkpoints unless
+``train.overwrite`` says to clear it. Every start then writes the resolved config and the
+provenance, and every logged value goes to the trackers and to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from vlp.config import Config
+from vlp.training import checkpoint as ckpt
+from vlp.training.provenance import provenance
+from vlp.training.trainer_checkpoint import ResumeError
+
+logger = logging.getLogger(__name__)
+
+SUBDIRS = ("checkpoints", "results", "plots")
+
+
+class RunDir:
+    """One run's folder, seen from every rank; files are written by the main process.
+
+    Args:
+        path: ``train.out_dir``.
+        accelerator: the run's Accelerator (which rank writes, and the barriers around it).
+    """
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path = path
+        self.accelerator = accelerator
+        self.checkpoints = path / "checkpoints"
+        self.metrics = path / "metrics.jsonl"
+
+    def claim(self, overwrite: bool) -> None:
+        """A fresh run (no ``train.resume``) refuses a folder that holds checkpoints, unless
+        ``overwrite`` (``train.overwrite``): then the old run's checkpoints and metrics go first."""
+        existing = ckpt.list_checkpoints(self.checkpoints)
+        if existing and not overwrite:
+            raise ResumeError(
+                f"train.out_dir='{self.path}' already holds a run (checkpoint "
+                f"{existing[-1].name}); continue it with train.resume=latest, pick a new "
+                "train.out_dir, or replace it with train.overwrite=true"
+            )
+        acc = self.accelerator
+        acc.wait_for_everyone()  # every rank has looked before the main process deletes
+        if existing and acc.is_main_process:
+            logger.warning("train.overwrite=true: removing the run in %s", self.path)
+            for sub in SUBDIRS:
+                shutil.rmtree(self.path / sub, ignore_errors=True)
+            for stale in (self.metrics, *self.path.glob("data_skips_*")):
+                stale.unlink(missing_ok=True)
+        acc.wait_for_everyone()
+
+    def prepare(self, config: Config, step: int, global_batch: int) -> None:
+        """Make the sub-folders, drop stale checkpoint temporaries, write ``config.yaml`` and
+        ``provenance.json`` (a run starting at step 0 also drops an old ``metrics.jsonl``), and
+        start the trackers."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            for sub in SUBDIRS:
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.checkpoints)
+            config.save(self.path / "config.yaml")
+            if step == 0:  # a fresh run: no loss history of an earlier run in this dir
+                self.metrics.unlink(missing_ok=True)
+            ckpt.write_json(self.path / "provenance.json", provenance(acc, global_batch))
+        acc.wait_for_everyone()
+        acc.init_trackers("vlp")  # the trackers made by create_trackers (none for a check)
+
+    def record(self, values: dict[str, float], step: int) -> None:
+        """Send ``values`` to the trackers and append them to ``metrics.jsonl`` (main process)."""
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")

@@ -1,0 +1,46 @@
+"""Preemption notices (SIGTERM, SIGUSR1) turned into a flag the training loop polls.
+
+A scheduler that preempts a job sends a signal and waits a grace period before killing it. The
+loop must not die mid-step or mid-save: the handler only records the request, and the loop
+finishes its step, writes a checkpoint and stops (:meth:`vlp.training.Trainer.fit`).
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+"""Preemption notices: the loop finishes its step, writes a checkpoint and stops."""
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1 so the loop can write a checkpoint and leave (preemption).
+
+    A context manager: entering installs the handlers (on the main thread only, the one place
+    Python delivers signals), leaving puts the previous ones back.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                break
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)

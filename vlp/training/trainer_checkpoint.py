@@ -1,0 +1,234 @@
+"""What a training run puts into a checkpoint, and what a resume checks before it continues.
+
+The directory format (temporary name, ``COMPLETE`` marker, fsync, rename, pruning) lives in
+:mod:`vlp.training.checkpoint`; this module fills it: the model (open_clip's weights in
+``model.safetensors``, the objective's heads beside them), the optimizer moments, the schedule,
+every rank's RNG states and data position, and the run's counters. A resume refuses a checkpoint
+written with another world size or global batch, since the data order would differ from an
+uninterrupted run's. The skip report of the data stream is refreshed with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlp.models.vlp_model import HEADS_FILE, join_state, split_state
+from vlp.training import checkpoint as ckpt
+from vlp.training.model_state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
+from vlp.training.optim import group_settings, keep_config_settings
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """``train.resume`` names a checkpoint this run cannot continue (another world size or
+    batch, another data configuration, not a checkpoint), or a fresh run was pointed at a folder
+    that already holds a run's checkpoints."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """The run's counters, stored in ``trainer_state.json`` next to the schedule."""
+
+    step: int
+    nonfinite_steps: int
+    run_id: str
+    """Names the run's checkpoints (kept across resumes); pruning touches only its own."""
+
+
+def write_skips(batches: Iterable[Any], out_dir: Path, rank: int) -> None:
+    """Bad samples ``batches`` skipped so far, per shard, into ``data_skips_rank<r>.json`` (and
+    the log); nothing when the stream keeps no ``skips``."""
+    skips = getattr(batches, "skips", None)
+    if skips is None:
+        return
+    counts = skips.to_json()
+    ckpt.write_json(out_dir / f"data_skips_rank{rank}.json", counts)
+    if counts["skipped"]:
+        logger.warning(
+            "rank %d skipped %d bad samples so far (%d used), in %d shards; see %s",
+            rank, counts["skipped"], counts["ok"], len(counts["by_shard"]),
+            out_dir / "data_skips_rank*.json",
+        )  # fmt: skip
+
+
+class TrainerCheckpoints:
+    """Writes and reads ``checkpoints/step_N`` for a Trainer's prepared parts.
+
+    Args:
+        accelerator: the run's Accelerator; saving and loading are collective (every rank).
+        model, optimizer, scheduler: as returned by ``accelerator.prepare``.
+        scalars: 0-dim parameters reshaped for FSDP (0-dim again in the checkpoint).
+        batches: the training stream; its ``state_dict`` (if any) is the data position.
+        model_info: JSON metadata stored with every checkpoint (model name/config, preprocess).
+        directory: where the checkpoints go (``<train.out_dir>/checkpoints``).
+        out_dir: the run directory (``train.out_dir``), where the skip report goes.
+        global_batch: samples per optimizer step over all ranks; a resume must match it.
+        keep: ``train.keep_checkpoints``, the newest of this run to keep.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        scalars: list[str],
+        batches: Iterable[dict[str, Any]],
+        model_info: dict[str, Any],
+        directory: Path,
+        out_dir: Path,
+        global_batch: int,
+        keep: int,
+    ) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scalars = scalars
+        self.batches = batches
+        self.model_info = model_info
+        self.directory = directory
+        self.out_dir = out_dir
+        self.global_batch = global_batch
+        self.keep = keep
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint ``train.resume`` names (a path, or ``latest``); None when ``latest``
+        finds none yet (the run starts from step 0). Raises :class:`ResumeError` for a path that
+        is not a complete checkpoint."""
+        try:
+            path = ckpt.resolve_resume(resume, self.directory)
+        except FileNotFoundError as error:
+            raise ResumeError(str(error)) from None
+        if path is None:
+            logger.info("train.resume=latest: no checkpoint yet, starting from step 0")
+        return path
+
+    def save(self, state: TrainerState) -> Path:
+        """Write ``checkpoints/step_N`` atomically and durably, then prune this run's old ones.
+
+        The files go into a temporary directory, closed by a ``COMPLETE`` marker, synced to disk
+        and renamed (:func:`vlp.training.checkpoint.publish`). A failed write (disk full) raises
+        :class:`CheckpointWriteError` naming the checkpoint; the previous checkpoint is untouched.
+        """
+        name = ckpt.checkpoint_name(state.step)
+        tmp = self.directory / f"{ckpt.TMP_PREFIX}{name}"
+        final = self.directory / name
+        try:
+            self._write(tmp, final, state)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            previous = [p for p in ckpt.list_checkpoints(self.directory) if p != final]
+            kept = f"{previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+            raise CheckpointWriteError(
+                error.errno,
+                f"could not write checkpoint {final}: {error.strerror or error}; {kept}. "
+                "Free disk space (or fix permissions) and resume with train.resume=latest",
+            ) from error
+        return final
+
+    def _write(self, tmp: Path, final: Path, state: TrainerState) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.save_state_parts(tmp, f"rng_rank{acc.process_index}", ckpt.rng_state())
+        if hasattr(self.batches, "state_dict"):
+            ckpt.write_json(tmp / f"data_rank{acc.process_index}.json", self.batches.state_dict())
+        write_skips(self.batches, self.out_dir, acc.process_index)
+        model_state = full_model_state(self.model, self.scalars)  # collectives: every rank
+        optimizer_state = full_optimizer_state(self.model, self.optimizer, self.scalars)
+        if acc.is_main_process:
+            clip_state, heads_state = split_state(model_state)
+            save_file(clip_state, str(tmp / "model.safetensors"))  # what open_clip loads
+            if heads_state:
+                save_file(heads_state, str(tmp / HEADS_FILE))
+            ckpt.save_state_parts(tmp, "optimizer", optimizer_state)
+            ckpt.write_json(tmp / "model_config.json", self.model_info)
+            ckpt.write_json(
+                tmp / "trainer_state.json",
+                {
+                    "step": state.step,
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": acc.num_processes,
+                    "global_batch": self.global_batch,
+                    "samples_seen": state.step * self.global_batch,
+                    "nonfinite_steps": state.nonfinite_steps,
+                    "run_id": state.run_id,
+                },
+            )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.publish(tmp, final)
+            ckpt.prune_checkpoints(self.directory, self.keep, state.run_id, state.step)
+            logger.info("checkpoint written: %s", final)
+        acc.wait_for_everyone()
+
+    def load(self, path: Path) -> TrainerState:
+        """Restore model, optimizer, scheduler, this rank's RNG states and data position from
+        ``path``; return the run's counters. Raises :class:`ResumeError` when this run cannot
+        continue the checkpoint."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != acc.num_processes:
+            raise ResumeError(
+                f"train.resume: checkpoint {path} was written by {state['world_size']} processes; "
+                f"this run has {acc.num_processes}. Resume with the same number of processes."
+            )
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            raise ResumeError(
+                f"train.resume: checkpoint {path} was written with global batch "
+                f"{state['global_batch']}; this run has {self.global_batch} (data.batch_size x "
+                "train.accum_steps x processes). Resume with the same data.batch_size and "
+                "train.accum_steps, or start a new train.out_dir."
+            )
+        heads_file = path / HEADS_FILE
+        heads_state = load_file(str(heads_file)) if heads_file.is_file() else {}
+        model_state = join_state(load_file(str(path / "model.safetensors")), heads_state)
+        load_full_model_state(self.model, model_state, self.scalars)
+        settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
+        optimizer_state = ckpt.load_state_parts(path, "optimizer")
+        load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self.scalars)
+        # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
+        # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
+        scheduler_state = state["scheduler"]
+        scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("lr_lambdas", [None]))
+        self.scheduler.load_state_dict(scheduler_state)
+        keep_config_settings(self.optimizer, self.scheduler, settings)
+        ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
+        data_state = path / f"data_rank{acc.process_index}.json"
+        if hasattr(self.batches, "load_state_dict"):
+            if not data_state.is_file():
+                raise ResumeError(f"checkpoint {path} has no data position ({data_state.name})")
+            try:
+                self.batches.load_state_dict(json.loads(data_state.read_text()))
+            except ValueError as error:
+                raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
+        return TrainerState(
+            step=int(state["step"]),
+            nonfinite_steps=int(state["nonfinite_steps"]),
+            run_id=str(state.get("run_id", "")),  # "": a checkpoint from before run ids
+        )
