@@ -43,3 +43,19 @@ def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(
     )
     image = torch.zeros(2, 3, 32, 32)
     assert loaded.model.encode_image(image, normalize=True).shape == (2, 128)  # the head's width
+
+    # export: open_clip's files load in open_clip alone; the heads travel beside them
+    import open_clip
+
+    from evals.export import export_run
+
+    export = export_run(out, tmp_path / "export")
+    assert (export / "heads.safetensors").is_file()
+    again = load_model(export)
+    assert isinstance(again.model, VlpModel)
+    torch.testing.assert_close(
+        again.model.encode_image(image, normalize=True),
+        loaded.model.encode_image(image, normalize=True),
+    )
+    bare, *_ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    assert bare.encode_image(image).shape[-1] == 128  # the tower's own embedding, no heads

@@ -4,6 +4,7 @@ for any objective that declares its outputs (embeddings, shared scalars, per-sam
 from __future__ import annotations
 
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from torch import nn
 
 from tests.ddp_helpers import run_on_ranks
 from vlp.distributed import contrastive_loss
-from vlp.models.vlp_model import VlpModel
 from vlp.objectives import Objective, create_objective, total_loss
 from vlp.objectives.base import Coupled, PerSample, Shared
+from vlp.objectives.convirt import ConvirtObjective
 from vlp.training.gradcache import cached_batch_loss, replay_backward
 
 CPU = torch.device("cpu")
@@ -33,6 +34,8 @@ class TinyClip(nn.Module):
         self.text.double()
         self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
         self.logit_bias = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64)) if bias else None
+
+        self.visual = SimpleNamespace(output_dim=4)  # what heads read (open_clip's towers)
 
     def encode_image(self, image, normalize=False):
         features = self.image(image)
@@ -103,8 +106,7 @@ class ThreeLevels(Objective):
 
 def wrap(objective, **tiny):
     """The VlpModel the trainer builds: TinyClip plus the objective's heads."""
-    clip = TinyClip(**tiny)
-    return VlpModel(clip, objective.heads(clip), objective.encode)
+    return objective.build_model(TinyClip(**tiny)).double()
 
 
 def full_batch_loss(model, objective, batch):
@@ -117,6 +119,8 @@ OBJECTIVES = {
     "clip+sample": ClipWithSampleTerm,
     "siglip": lambda: create_objective("siglip"),
     "three-levels": ThreeLevels,
+    # heads on both towers, a fixed τ (the learned scale frozen), λ = 0.75
+    "convirt": lambda: ConvirtObjective(frozen_text_layers=-1, head_dim=3),
 }
 
 
@@ -170,12 +174,13 @@ def test_four_micro_batches_equal_one_batch_four_times_larger(name):
     reference = full_batch_loss(big, objective, batch)
     reference.backward()
     loss = accumulate(small, objective, _split(batch, 4))
-    if name in ("clip", "siglip"):  # a sample term is not part of the cached batch loss
+    if name in ("clip", "siglip", "convirt"):  # a sample term is not in the cached batch loss
         torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
     got = _grads(small)
     assert_same_tensors(got, _grads(big))
-    assert "clip.logit_scale" in got and ("clip.logit_bias" in got) == (name == "siglip")
-    assert any(key.startswith("heads.") for key in got) == (name == "three-levels")
+    assert ("clip.logit_scale" in got) == (name != "convirt")
+    assert ("clip.logit_bias" in got) == (name == "siglip")
+    assert any(key.startswith("heads.") for key in got) == (name in ("three-levels", "convirt"))
 
 
 def test_per_sample_outputs_are_not_cached():
