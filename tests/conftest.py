@@ -20,6 +20,7 @@ def _own_vlp_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     process and the ones it starts: tests never touch ``~/.cache/vlp``."""
     os.environ["VLP_CACHE_DIR"] = str(tmp_path_factory.mktemp("vlp-cache"))
 
+
 pytest_plugins = ["pytester"]
 
 # ``pytest.importorskip``'s reason starts with this; every dev dependency is in requirements.txt
