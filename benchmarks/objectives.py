@@ -90,7 +90,9 @@ def seconds_per_step(metrics_file: Path, batch: int) -> float:
     return batch / statistics.median(rates[1:] or rates)
 
 
-def linear_probe_acc1(run_dir: Path, train_dir: Path, heldout_dir: Path) -> tuple[float, dict]:
+def linear_probe_acc1(
+    run_dir: Path, train_dir: Path, heldout_dir: Path
+) -> tuple[float, dict[str, Any]]:
     """Probe acc1 of the run's newest checkpoint, and its model config (for the tower check)."""
     from evals.datasets import open_eval_set
     from evals.loading import load_model
@@ -106,7 +108,12 @@ def linear_probe_acc1(run_dir: Path, train_dir: Path, heldout_dir: Path) -> tupl
 
 
 def run_objective(
-    name: str, recipe: Path, overrides: Sequence[str], out: Path, data: Path, args: Any
+    name: str,
+    recipe: Path,
+    overrides: Sequence[str],
+    out: Path,
+    data: Path,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Train ``name`` into ``out`` on the shared shards in ``data``; its row of the table."""
     from launch.demo import run_demo
@@ -144,7 +151,7 @@ def run_objective(
     }
 
 
-def markdown(rows: list[dict[str, Any]], args: Any, date: str) -> str:
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, date: str) -> str:
     """The RESULTS.md section: heading, how to read it, the command, the table."""
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objectives.py"
     if args.steps != DEFAULT_STEPS:
