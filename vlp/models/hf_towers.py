@@ -17,6 +17,7 @@ Any other value (a hub name such as a ClinicalBERT, a folder) passes through unc
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -76,29 +77,25 @@ def cache_dir() -> Path:
 def tiny_bert_path() -> Path:
     """The tiny random BERT of :func:`write_tiny_bert` (defaults), written on first use.
 
-    Written into a temporary folder and renamed into place, so that processes starting together
-    (the ranks of one run) never see half a folder; each process gets identical files.
+    Processes starting together (the ranks of one run) take turns through a file lock: the first
+    writes the folder (into a temporary folder renamed into place, so no reader ever sees half
+    of it), the others find it complete. A torn folder (files deleted by hand) is rewritten.
     """
     final = cache_dir() / "hf_towers" / _TINY_BERT_FOLDER
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # torn (a writer killed mid-way, or files deleted): move it aside first
-        stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "config.json").is_file():  # another process wrote it while we waited
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # torn; nobody can be using it
+        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            os.rename(final, stale / final.name)
-        except OSError:
-            pass  # another process moved or replaced it meanwhile
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        write_tiny_bert(scratch)
-        os.rename(scratch, final)
-    except OSError:
-        if not (final / "config.json").is_file():  # not another process winning the rename
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            write_tiny_bert(scratch)
+            os.rename(scratch, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return final
 
 
