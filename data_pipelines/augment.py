@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from data_pipelines.transforms import TrainTransform
 
-__all__ = ["PRESET_DOCS", "Augmentation", "build_preset", "list_presets"]
+__all__ = ["PRESET_DOCS", "Augmentation", "WholeImage", "build_preset", "list_presets"]
 
 _INTERPOLATIONS = ("bicubic", "bilinear")
 
@@ -99,7 +99,8 @@ def _protoclip_light_ops(image_size: int) -> list[v2.Transform]:
 
 @dataclass(frozen=True)
 class _Spec:
-    scale: tuple[float, float]
+    scale: tuple[float, float] | None
+    """The random resized crop's area range; None: no crop, the whole image resized."""
     ops: Callable[[int], list[v2.Transform]] | None
     doc: str
 
@@ -132,6 +133,19 @@ _PRESETS: dict[str, _Spec] = {
         "to S x S, bicubic; horizontal flip p=0.5; ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.2; "
         "RandomGrayscale(p=0.2); GaussianBlur(kernel 21, sigma in [0.1, 2.0] = torchvision's "
         "default) with p=0.2.",
+    ),
+    "pyramid-local": _Spec(
+        (0.5, 1.0),
+        None,
+        "PyramidCLIP's local view (Gao et al. 2022, §3.1): RandomResizedCrop(scale=(0.5, 1.0), "
+        "ratio=(3/4, 4/3)) to S x S, bicubic. Its global view is 'openclip' (scale 0.9-1).",
+    ),
+    "whole": _Spec(
+        None,
+        None,
+        "The whole image resized to S x S (antialiased; the aspect ratio is not kept), "
+        "nothing random: normalised box coordinates of the image are those of this view "
+        "(PyramidCLIP pools region features from it).",
     ),
 }
 
@@ -169,6 +183,27 @@ class Augmentation:
         return self.crop.draft_size
 
 
+@dataclass(frozen=True)
+class WholeImage:
+    """The whole image resized to ``size x size``: a callable ``PIL.Image -> uint8 [3, S, S]``."""
+
+    name: str
+    size: int
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Resize without cropping, so that a box in [0, 1] image coordinates stays put."""
+        pixels = TF.pil_to_tensor(image.convert("RGB"))[None].float()
+        size = (self.size, self.size)
+        resized = F.interpolate(pixels, size=size, mode=self.interpolation, antialias=True)
+        return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+    @property
+    def draft_size(self) -> int:
+        """JPEGs may decode at any scale whose sides stay >= ``size``."""
+        return self.size
+
+
 def list_presets() -> list[str]:
     """The preset names :func:`build_preset` accepts, sorted."""
     return sorted(_PRESETS)
@@ -181,7 +216,7 @@ def build_preset(
 
     ``interpolation`` is the crop's resize kernel (``bicubic`` as open_clip trains, or
     ``bilinear``); ConVIRT's affine always resamples bilinearly (torchvision's tensor affine
-    has no bicubic). Returns an :class:`Augmentation`. Ops and parameters: :data:`PRESET_DOCS`.
+    has no bicubic). Returns an :class:`Augmentation` (a :class:`WholeImage` for ``whole``). Ops and parameters: :data:`PRESET_DOCS`.
 
     Raises:
         ValueError: an unknown preset (naming the closest one), a non-positive size or an
@@ -201,6 +236,8 @@ def build_preset(
             f"{interpolation!r}"
         )
     spec = _PRESETS[name]
+    if spec.scale is None:
+        return WholeImage(name, image_size, interpolation)
     return Augmentation(
         name=name,
         crop=TrainTransform((image_size, image_size), scale=spec.scale),

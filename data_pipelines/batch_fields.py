@@ -23,9 +23,8 @@ import torch
 from PIL import Image
 
 from data_pipelines.decode import SampleError
+from data_pipelines.text_sources import TextSource
 
-JSON_PREFIX = "json:"
-"""``TextField.source`` of the form ``json:<key>`` reads that key of the sample's json."""
 CHOICES = ("all", "sentence")
 """``TextField.choose``: the whole text, or one sentence of it drawn per sample and step."""
 STREAM_KEYS = ("__key__", "__stream__")
@@ -37,6 +36,11 @@ FingerprintParts = tuple[tuple[str | int, ...], ...]
 def mask_key(name: str) -> str:
     """The batch key of JSON field ``name``'s padding mask."""
     return f"{name}_mask"
+
+
+def fallback_key(name: str) -> str:
+    """The batch key of text field ``name``'s per-sample "used its fallback" flags."""
+    return f"{name}_fallback"
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -69,8 +73,11 @@ class ImageView:
 class TextField:
     """A text of the sample, tokenised per batch, under batch key ``name``.
 
-    ``source``: a tar member suffix (``"txt"``, ``"summary.txt"``) or ``"json:<key>"`` for a
-    text value of the sample's json. ``choose="sentence"`` draws ONE sentence of the text
+    ``source``: a tar member suffix (``"txt"``, ``"summary.txt"``), ``"json:<key>"`` for a
+    text value of the sample's json, ``"phrases:<key>"`` or ``"first_clause:<source>"``
+    (:mod:`data_pipelines.text_sources`). ``fallback``: another source, read when the sample
+    lacks ``source``; the batch then carries ``<name>_fallback`` (bool ``[b]``) so that its
+    use is counted. ``choose="sentence"`` draws ONE sentence of the text
     (:func:`data_pipelines.sentences.split_sentences`), uniformly, from a seed of the sample's
     place in the stream: the same sample read in another epoch draws again, independently,
     and a resumed stream draws exactly what the uninterrupted one did. Sentences (or, with
@@ -85,16 +92,17 @@ class TextField:
     choose: str = "all"
     min_words: int = 0
     tokenizer_name: str = ""
+    fallback: str = ""
 
     def __post_init__(self) -> None:
         _check_name("text field", self.name)
         if not callable(self.tokenizer):
             raise ValueError(f"text field '{self.name}': tokenizer must be callable")
-        if not self.source or self.source == JSON_PREFIX:
-            raise ValueError(
-                f"text field '{self.name}': source must be a member suffix such as 'txt' or "
-                f"'json:<key>', got {self.source!r}"
-            )
+        for source in (self.source, self.fallback) if self.fallback else (self.source,):
+            try:
+                TextSource.parse(source)
+            except ValueError as error:
+                raise ValueError(f"text field '{self.name}': {error}") from None
         if self.choose not in CHOICES:
             raise ValueError(
                 f"text field '{self.name}': choose must be one of {CHOICES}, got {self.choose!r}"
@@ -103,9 +111,14 @@ class TextField:
             raise ValueError(f"text field '{self.name}': min_words must be >= 0")
 
     @property
+    def sources(self) -> tuple[TextSource, ...]:
+        """The parsed source, then the fallback if any."""
+        return tuple(TextSource.parse(s) for s in (self.source, self.fallback) if s)
+
+    @property
     def json_key(self) -> str | None:
         """The json key the text comes from, or None when it is a tar member."""
-        return self.source[len(JSON_PREFIX) :] if self.source.startswith(JSON_PREFIX) else None
+        return self.sources[0].json_key
 
     def pick(self, text: str, seed: int) -> str:
         """The text this field uses from the sample's ``text``, drawn with ``seed``.
@@ -135,22 +148,32 @@ class TextField:
             from data_pipelines.sentences import SPLITTER
 
             splitter = SPLITTER
-        return ("text", self.name, self.source, self.choose, self.min_words,
-                self.tokenizer_name, splitter)  # fmt: skip
+        parts: tuple[str | int, ...] = ("text", self.name, self.source, self.choose,
+                                        self.min_words, self.tokenizer_name, splitter)  # fmt: skip
+        return (*parts, self.fallback) if self.fallback else parts
 
 
 @dataclass(frozen=True)
 class JsonField:
     """The value of key ``source`` of the sample's json, under batch key ``name``, collated by
-    :func:`collate_json`. A sample without the key is skipped and counted as bad data."""
+    :func:`collate_json`. A sample without the key is skipped and counted as bad data.
+
+    ``item``: the value is a list of objects and the field takes key ``item`` of each
+    (``source="objects", item="box"``: the boxes, padded with a mask).
+    """
 
     name: str
     source: str
+    item: str = ""
 
     def __post_init__(self) -> None:
         _check_name("json field", self.name)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"json field '{self.name}': source must be a json key")
+
+    def fingerprint(self) -> tuple[str, ...]:
+        """What about this field changes the stream's batches."""
+        return ("json", self.name, self.source, *((self.item,) if self.item else ()))
 
 
 @dataclass(frozen=True)
@@ -203,6 +226,11 @@ class BatchFields:
         users: dict[str, list[str]] = {k: ["the stream"] for k in STREAM_KEYS}
         named = [(v.name, f"image view '{v.name}'") for v in self.views]
         named += [(t.name, f"text field '{t.name}'") for t in self.texts]
+        named += [
+            (fallback_key(t.name), f"the fallback flags of text field '{t.name}'")
+            for t in self.texts
+            if t.fallback
+        ]
         named += [(j.name, f"json field '{j.name}'") for j in self.json]
         named += [(mask_key(j.name), f"the mask of json field '{j.name}'") for j in self.json]
         for key, user in named:
@@ -215,14 +243,14 @@ class BatchFields:
 
     def required_members(self) -> frozenset[str]:
         """Tar members the stream reads besides the image (``json`` if any value comes from it)."""
-        members = {t.source for t in self.texts if t.json_key is None}
+        members = {s.key for t in self.texts for s in t.sources if s.kind == "member"}
         if self.required_json_keys():
             members.add("json")
         return frozenset(members)
 
     def required_json_keys(self) -> frozenset[str]:
         """Keys of the sample's json that the stream reads."""
-        keys = {t.json_key for t in self.texts if t.json_key is not None}
+        keys = {s.key for t in self.texts for s in t.sources if s.json_key is not None}
         return frozenset(keys | {j.source for j in self.json})
 
     def fingerprint_parts(self) -> FingerprintParts:
@@ -231,7 +259,7 @@ class BatchFields:
         return (
             *(("view", v.name, v.preset) for v in self.views),
             *(t.fingerprint() for t in self.texts),
-            *(("json", j.name, j.source) for j in self.json),
+            *(j.fingerprint() for j in self.json),
         )
 
 

@@ -17,6 +17,7 @@ import webdataset as wds
 from data_pipelines.batch_fields import BatchFields
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
 from data_pipelines.tario import iter_samples
+from data_pipelines.text_sources import TextSource
 
 IMAGE_FIELDS = frozenset(IMAGE_MEMBERS)
 
@@ -70,6 +71,14 @@ def missing_fields(url: str, required: set[str] | frozenset[str]) -> set[str]:
     return (set(required) | {"image"}) - first_sample_fields(url)
 
 
+def _carries(source: TextSource, members: set[str], keys: set[str]) -> bool:
+    return source.key in (members if source.kind == "member" else keys)
+
+
+def _where(source: TextSource) -> str:
+    return f"member '{source.key}'" if source.kind == "member" else f"json key '{source.key}'"
+
+
 def missing_batch_fields(
     urls: Sequence[str],
     fields: BatchFields,
@@ -94,11 +103,9 @@ def missing_batch_fields(
             where = f"image member, one of {', '.join(image_keys)}"
             missing += [MissingField(view.name, where, url) for view in fields.views]
         for text in fields.texts:
-            key = text.json_key
-            if key is None and text.source not in members:
-                missing.append(MissingField(text.name, f"member '{text.source}'", url))
-            elif key is not None and key not in keys:
-                missing.append(MissingField(text.name, f"json key '{key}'", url))
+            absent = [_where(s) for s in text.sources if not _carries(s, members, keys)]
+            if len(absent) == len(text.sources):  # neither the source nor its fallback
+                missing.append(MissingField(text.name, " or ".join(absent), url))
         for value in fields.json:
             if value.source not in keys:
                 missing.append(MissingField(value.name, f"json key '{value.source}'", url))

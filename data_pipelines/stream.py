@@ -28,7 +28,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.batch_fields import JSON_PREFIX, BatchFields
+from data_pipelines.batch_fields import BatchFields
 from data_pipelines.decode import DEFAULT_MAX_PIXELS, IMAGE_MEMBERS
 from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import Urls, count_samples, expand_urls, shard_sizes, split_sources
@@ -40,6 +40,7 @@ from data_pipelines.stream_plan import (
     epoch_quota,
     shard_url,
 )
+from data_pipelines.text_sources import JSON_PREFIX
 from data_pipelines.worker_stream import (
     Preprocess,
     SkipCounts,

@@ -20,11 +20,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data_pipelines.batch_fields import BatchFields, JsonField, TextField, collate_json
+from data_pipelines.batch_fields import (
+    BatchFields,
+    JsonField,
+    TextField,
+    collate_json,
+    fallback_key,
+)
 from data_pipelines.decode import SampleError, decode_caption, decode_image
 from data_pipelines.shard_reader import Ref, ShardReader
 from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_quota
 from data_pipelines.tario import RawSample
+from data_pipelines.text_sources import MissingText
 from vlp.config import redact_url
 
 logger = logging.getLogger("data_pipelines.stream")
@@ -122,21 +129,40 @@ def _decode_extra(suffix: str, data: bytes) -> Any:
     return data
 
 
-def _text(raw: RawSample, field: TextField, meta: Any) -> str:
-    """The whole text of ``field``'s source (a member, or a key of the parsed json ``meta``)."""
-    key = field.json_key
-    if key is None:
-        return decode_caption(_member(raw, field.source))
-    value = meta.get(key) if isinstance(meta, dict) else None
-    if not isinstance(value, str):
-        raise SampleError(f"json field '{key}' is missing or not text")
-    return decode_caption(value.encode("utf-8"))
+def _text(raw: RawSample, field: TextField, meta: Any) -> tuple[str, bool]:
+    """The whole text of ``field`` (from its source, else its fallback), and whether it came
+    from the fallback."""
+
+    def member(key: str) -> str | None:
+        return decode_caption(raw.members[key]) if key in raw.members else None
+
+    missing = []
+    for used_fallback, source in enumerate(field.sources):
+        try:
+            text = source.read(member, meta)
+        except MissingText as absent:
+            missing.append(str(absent))
+            continue
+        except ValueError as error:
+            raise SampleError(f"text field '{field.name}': {error}") from error
+        return decode_caption(text.encode("utf-8")), bool(used_fallback)
+    raise SampleError(f"text field '{field.name}': missing {' and '.join(missing)}")
 
 
 def _json_value(field: JsonField, meta: Any) -> Any:
     if not isinstance(meta, dict) or field.source not in meta:
         raise SampleError(f"json key '{field.source}' (json field '{field.name}') is missing")
-    return meta[field.source]
+    value = meta[field.source]
+    if not field.item:
+        return value
+    if not isinstance(value, list) or not all(
+        isinstance(v, dict) and field.item in v for v in value
+    ):
+        raise SampleError(
+            f"json key '{field.source}' (json field '{field.name}') is not a list of objects "
+            f"that each have '{field.item}'"
+        )
+    return [v[field.item] for v in value]
 
 
 def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) -> dict[str, Any]:
@@ -156,10 +182,12 @@ def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) ->
         meta = None
         if fields.required_json_keys():
             meta = _decode_extra("json", _member(raw, "json"))
-        texts = {
-            t.name: t.pick(_text(raw, t, meta), derive_seed(seed, 29, i))
-            for i, t in enumerate(fields.texts)
-        }
+        texts: dict[str, Any] = {}
+        for i, t in enumerate(fields.texts):
+            text, used_fallback = _text(raw, t, meta)
+            texts[t.name] = t.pick(text, derive_seed(seed, 29, i))
+            if t.fallback:
+                texts[fallback_key(t.name)] = used_fallback
         values = {j.name: _json_value(j, meta) for j in fields.json}
         extras = {k: _decode_extra(k, _member(raw, k)) for k in spec.extra_keys}
     except SampleError as error:
@@ -181,6 +209,9 @@ def _collate(
     }
     for text in fields.texts:
         batch[text.name] = text.tokenizer([s[text.name] for s in samples])
+        if text.fallback:
+            key = fallback_key(text.name)
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.bool)
     batch["__key__"] = [s["__key__"] for s in samples]
     for value in fields.json:
         batch.update(collate_json(value.name, [s[value.name] for s in samples]))

@@ -24,6 +24,7 @@ from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextF
 from data_pipelines.fields import missing_batch_fields
 from data_pipelines.shards import split_sources
 from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
 from data_pipelines.transforms import fast_transforms_for_model
 from evals.dataset_evaluator import DatasetEvaluator
 from evals.datasets import load_labelled_shards, open_eval_set
@@ -147,7 +148,7 @@ def batch_fields(
         views.append(ImageView(name, augmentation, preset=preset))
         drafts.append(getattr(augmentation, "draft_size", None))
     texts = [_text_field(config, name, spec, tokenizer) for name, spec in declared.texts.items()]
-    json = [JsonField(name, name) for name in declared.json]
+    json = [JsonField(name, spec.source, spec.item) for name, spec in declared.json.items()]
     try:
         fields = BatchFields(views=tuple(views), texts=tuple(texts), json=tuple(json))
     except ValueError as error:
@@ -156,22 +157,33 @@ def batch_fields(
     return StreamParts(fields, draft, normalize)
 
 
+def _caption_source(config: Config, source: str) -> str:
+    """``txt`` (also inside ``first_clause:txt``) is the user's caption: ``data.text_key`` or
+    ``json:<data.caption_field>``; other sources are unchanged."""
+    inner = source.removeprefix(FIRST_CLAUSE_PREFIX)
+    if inner != "txt":
+        return source
+    field = config.data.caption_field
+    caption = f"{JSON_PREFIX}{field}" if field else config.data.text_key
+    return source[: len(source) - len(inner)] + caption
+
+
 def _text_field(config: Config, name: str, spec: TextSpec, tokenizer: Any) -> TextField:
-    source = spec.source
-    if source == "txt":  # the caption, where the user's data keeps it
-        field = config.data.caption_field
-        source = f"json:{field}" if field else config.data.text_key
-    if spec.tokenizer == "model":
-        return TextField(name, tokenizer, source, spec.choose, spec.min_words)
-    context_length = getattr(tokenizer, "context_length", 77)
-    try:
-        hf = HFTokenizer(spec.tokenizer, context_length=context_length)
-    except (OSError, ValueError) as error:
-        raise StartupError(
-            f"text field '{name}': tokenizer '{spec.tokenizer}' does not load ({error}); give "
-            "a local Hugging Face tokenizer folder or, with a network, a hub name"
-        ) from None
-    return TextField(name, hf, source, spec.choose, spec.min_words, tokenizer_name=spec.tokenizer)
+    source, fallback = (
+        _caption_source(config, s) if s else s for s in (spec.source, spec.fallback)
+    )
+    tokenizer_name = ""
+    if spec.tokenizer != "model":
+        context_length = getattr(tokenizer, "context_length", 77)
+        try:
+            tokenizer = HFTokenizer(spec.tokenizer, context_length=context_length)
+        except (OSError, ValueError) as error:
+            raise StartupError(
+                f"text field '{name}': tokenizer '{spec.tokenizer}' does not load ({error}); "
+                "give a local Hugging Face tokenizer folder or, with a network, a hub name"
+            ) from None
+        tokenizer_name = spec.tokenizer
+    return TextField(name, tokenizer, source, spec.choose, spec.min_words, tokenizer_name, fallback)
 
 
 def check_data(config: Config, fields: BatchFields) -> list[str]:

@@ -24,6 +24,7 @@ from data_pipelines.write import write_shards
 from .conftest import fake_tokenizer
 
 PRESETS = list_presets()
+RANDOM_PRESETS = [name for name in PRESETS if name != "whole"]
 SEEDS = range(20)
 
 
@@ -42,7 +43,7 @@ def seeded(transform: Preprocess, image: Image.Image, seed: int) -> torch.Tensor
 
 
 def test_every_preset_is_documented() -> None:
-    assert PRESETS == ["convirt", "openclip", "protoclip-light"]
+    assert PRESETS == ["convirt", "openclip", "protoclip-light", "pyramid-local", "whole"]
     assert sorted(PRESET_DOCS) == PRESETS
 
 
@@ -62,7 +63,7 @@ def test_output_is_uint8_3_by_s_by_s(
         assert out.dtype == torch.uint8 and out.shape == (3, size, size)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", RANDOM_PRESETS)
 def test_same_seed_same_pixels_other_seeds_other_pixels(name: str) -> None:
     """Python's and NumPy's RNGs are scrambled between the calls: only torch's seed may count."""
     transform = build_preset(name, 32)
@@ -77,6 +78,19 @@ def test_same_seed_same_pixels_other_seeds_other_pixels(name: str) -> None:
     # RandomResizedCrop falls back to the whole image after 10 rejected boxes, which at open_clip's
     # scale (0.9, 1) happens for ~14 % of seeds on a square image: identical outputs are allowed.
     assert len(set(outputs)) >= len(SEEDS) // 2
+
+
+def test_whole_keeps_every_box_where_it_was() -> None:
+    """The ``whole`` view is deterministic and does not crop: a box in normalised image
+    coordinates covers the same part of the view (PyramidCLIP pools regions from it)."""
+    canvas = np.zeros((60, 90, 3), np.uint8)  # height 60, width 90: not square
+    canvas[15:45, 30:60] = 255  # box (x0, y0, x1, y1) = (1/3, 1/4, 2/3, 3/4)
+    view = build_preset("whole", 36)
+    out = seeded(view, Image.fromarray(canvas), 0)
+    assert torch.equal(out, seeded(view, Image.fromarray(canvas), 1))
+    bright = (out[0] > 128).nonzero()
+    assert bright[:, 0].min() == 9 and bright[:, 0].max() == 26  # rows 36/4 .. 3*36/4 - 1
+    assert bright[:, 1].min() == 12 and bright[:, 1].max() == 23  # cols 36/3 .. 2*36/3 - 1
 
 
 def test_openclip_is_todays_train_transform() -> None:

@@ -2,6 +2,7 @@
 
 from vlp.objectives import clip as _clip  # noqa: F401  (registers "clip")
 from vlp.objectives import convirt as _convirt  # noqa: F401  (registers "convirt")
+from vlp.objectives import pyramidclip as _pyramidclip  # noqa: F401  (registers "pyramidclip")
 from vlp.objectives import siglip as _siglip  # noqa: F401  (registers "siglip")
 from vlp.objectives.base import Objective, total_loss
 from vlp.objectives.registry import create_objective, list_objectives, objective_class

@@ -69,27 +69,44 @@ class TextSpec:
     """A text field the batch carries.
 
     Args:
-        source: the sample member (``txt``) or ``json:<key>`` (a key of the sample's json).
+        source: the sample member (``txt``), ``json:<key>`` (a key of the sample's json),
+            ``phrases:<key>`` or ``first_clause:<source>`` (:mod:`data_pipelines.text_sources`).
         tokenizer: ``model`` (the model's own tokenizer) or a Hugging Face tokenizer path/name.
         choose: ``all`` (the whole text) or ``sentence`` (one sentence per sample per step,
             seeded, so identical after a resume).
         min_words: with ``sentence``, drop sentences of fewer words.
+        fallback: a source read when the sample lacks ``source`` (the batch then carries
+            ``<name>_fallback`` flags); empty: such a sample is skipped and counted.
     """
 
     source: str = "txt"
     tokenizer: str = "model"
     choose: str = "all"
     min_words: int = 0
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class JsonSpec:
+    """A value of the sample's json the batch carries (padded, with ``<name>_mask``).
+
+    Args:
+        source: the json key.
+        item: with a list of objects, the key taken from each (``objects`` → ``box``).
+    """
+
+    source: str
+    item: str = ""
 
 
 @dataclass(frozen=True)
 class Fields:
     """What an objective needs from each sample: named image views (view -> augmentation preset
-    name), named text fields, and JSON keys passed through (padded, with a mask)."""
+    name), named text fields, and named JSON values passed through (padded, with a mask)."""
 
     views: Mapping[str, str] = field(default_factory=lambda: {"image": "openclip"})
     texts: Mapping[str, TextSpec] = field(default_factory=lambda: {"text": TextSpec()})
-    json: tuple[str, ...] = ()
+    json: Mapping[str, JsonSpec] = field(default_factory=dict)
 
 
 @dataclass

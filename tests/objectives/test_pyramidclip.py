@@ -1,0 +1,241 @@
+"""PyramidCLIP: each of the six terms against a plain float64 reference (forward and
+backward), the combination weights, α = 0 and the CLIP ablation, the split tower, the ROI branch
+(masking, no regions, pooling inside boxes), GradCache exactness with three image and three text
+embeddings, and start-up checks naming the missing field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.launch.test_pretrain import DEMO, _overrides, shards  # noqa: F401
+from tests.training.test_gradcache import _grads, accumulate, assert_same_tensors
+from vlp.models import create_model, vit_split
+from vlp.objectives import create_objective, total_loss
+from vlp.objectives.pyramidclip import TERMS, PyramidClipObjective, pooled_regions
+
+SIDES = ("global", "local", "roi", "summary", "caption", "attributes")
+
+
+def softened_infonce(image: torch.Tensor, text: torch.Tensor, scale, alpha: float):
+    """Symmetric InfoNCE with targets 1−α on the positive and α/(N−1) on each negative,
+    written with explicit loops over rows."""
+    n = len(image)
+    logits = scale * image @ text.T
+    total = 0.0
+    for matrix in (logits, logits.T):
+        for i in range(n):
+            log_p = matrix[i] - torch.logsumexp(matrix[i], dim=0)
+            target = torch.full((n,), alpha / (n - 1), dtype=image.dtype)
+            target[i] = 1 - alpha
+            total = total - (target * log_p).sum() / 2
+    return total / n
+
+
+def _features(n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    features = {
+        f"{side}_features": F.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=-1)
+        for side in SIDES
+    }
+    features["logit_scale"] = torch.tensor(7.0, dtype=torch.float64)
+    return {k: v.requires_grad_() for k, v in features.items()}
+
+
+@pytest.mark.parametrize("lam,mu,alpha", [(1 / 3, 1 / 3, 0.2), (0.2, 0.5, 0.0), (0.0, 0.1, 0.4)])
+def test_each_term_matches_a_float64_reference_forward_and_backward(lam, mu, alpha):
+    objective = PyramidClipObjective(lam=lam, mu=mu, smoothing=alpha)
+    features = _features()
+    losses = objective.batch_loss(features)
+    level = {"gs": 1 - lam - mu, "lt": 1 - lam - mu, "ga": lam, "rs": lam, "la": mu, "rt": mu}
+    expected = 0.0
+    for term, (image, text) in TERMS.items():
+        reference = softened_infonce(
+            features[f"{image}_features"], features[f"{text}_features"], 7.0, alpha
+        )
+        if level[term] == 0:
+            assert f"{term}_loss" not in losses  # switched off: not computed
+            continue
+        torch.testing.assert_close(losses[f"L_{term}"], reference.detach(), rtol=1e-12, atol=0)
+        expected = expected + level[term] / 2 * reference
+    leaves = list(features.values())
+    got = torch.autograd.grad(total_loss(losses), leaves)
+    want = torch.autograd.grad(expected, leaves[:-1])  # the reference used a fixed scale
+    for a, b in zip(got[:-1], want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(total_loss(losses), expected.detach(), rtol=1e-12, atol=0)
+
+
+def test_term_weights_switch_terms_off_and_the_model_builds_what_is_left():
+    objective = PyramidClipObjective(w_rs=0.0, w_rt=0.0, w_la=2.0)
+    weights = objective.settings.term_weights()
+    assert weights["la"] == pytest.approx(1 / 3)  # μ/2 · 2
+    assert sorted(objective.settings.active_terms()) == ["ga", "gs", "la", "lt"]
+    fields = objective.fields()
+    assert sorted(fields.views) == ["global", "local"] and not fields.json  # no ROI branch
+    assert objective.heads(create_model("vlp-tiny-vit")[0]) == {}
+    losses = objective.batch_loss(_features())
+    assert "rs_loss" not in losses and "rt_loss" not in losses
+
+
+def test_alpha_zero_is_plain_infonce_and_clip_only_is_clip():
+    features = _features()
+    clip = create_objective("clip")
+
+    def clip_on(image, text):
+        pair = {"image_features": features[image], "text_features": features[text]}
+        return clip.batch_loss({**pair, "logit_scale": features["logit_scale"]})["contrastive_loss"]
+
+    plain = PyramidClipObjective(smoothing=0.0).batch_loss(features)
+    torch.testing.assert_close(
+        plain["L_gs"], clip_on("global_features", "summary_features"), rtol=1e-12, atol=0
+    )
+    ablation = PyramidClipObjective(clip_only=True, smoothing=0.0)
+    losses = ablation.batch_loss(features)
+    assert [k for k in losses if k.endswith("_loss")] == ["clip_loss"]
+    torch.testing.assert_close(
+        total_loss(losses), clip_on("global_features", "caption_features"), rtol=1e-12, atol=0
+    )
+    fields = ablation.fields()
+    assert list(fields.views) == ["global"] and list(fields.texts) == ["caption"]
+
+
+def test_the_split_tower_is_the_open_clip_tower_and_resnets_are_refused():
+    model = create_model("vlp-tiny-vit")[0].eval()
+    images = torch.randn(3, 3, 32, 32)
+    for k in (1, 2, 4):
+        split = vit_split.f2(model.visual, vit_split.f1(model.visual, images, k), k)
+        torch.testing.assert_close(split, model.visual(images), rtol=0, atol=0)
+    with pytest.raises(vit_split.SplitError, match="ResNets are not supported"):
+        vit_split.check_splittable(nn.Linear(2, 2), 3)
+    with pytest.raises(vit_split.SplitError, match=r"last_blocks must be in \[1, 4\]"):
+        vit_split.check_splittable(model.visual, 5)
+
+
+def test_pooled_regions_read_inside_each_box():
+    grid = torch.zeros(1, 2, 8, 8)
+    grid[0, 0, :4, :4] = 1.0  # top-left quadrant
+    grid[0, 1, 4:, 4:] = 3.0  # bottom-right quadrant
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    regions = pooled_regions(grid, boxes)
+    torch.testing.assert_close(regions, torch.tensor([[[1.0, 0.0], [0.0, 3.0]]]))
+
+
+def _pyramid_model(**settings):
+    torch.manual_seed(0)
+    objective = PyramidClipObjective(last_blocks=2, **settings)
+    clip, _, _, tokenizer = create_model("vlp-tiny-vit")
+    return objective, objective.build_model(clip).double(), tokenizer
+
+
+def _inputs(tokenizer, b: int, regions: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    texts = [f"a photo of shape {i}" for i in range(b)]
+    corner = torch.rand(b, regions, 2, generator=g, dtype=torch.float64) * 0.5
+    boxes = torch.cat([corner, corner + 0.4], dim=-1)
+    return {
+        **{v: torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64) for v in ("global", "local", "roi")},
+        **{t: tokenizer(texts) for t in ("summary", "caption", "attributes")},
+        "boxes": boxes,
+        "boxes_mask": torch.ones(b, regions, dtype=torch.bool),
+    }  # fmt: skip
+
+
+def test_roi_branch_masks_padding_and_a_sample_without_regions_is_finite():
+    objective, model, tokenizer = _pyramid_model()
+    inputs = _inputs(tokenizer, 3, 2)
+    roi = model(inputs)["roi_features"]
+    padded = dict(inputs)  # a third, padded region full of garbage changes nothing
+    padded["boxes"] = torch.cat([inputs["boxes"], torch.rand(3, 1, 4, dtype=torch.float64)], 1)
+    padded["boxes_mask"] = torch.cat([inputs["boxes_mask"], torch.zeros(3, 1, dtype=torch.bool)], 1)
+    torch.testing.assert_close(model(padded)["roi_features"], roi, rtol=1e-10, atol=1e-12)
+    padded["boxes_mask"][1] = False  # sample 1: no region at all
+    outputs = model(padded)
+    assert torch.isfinite(outputs["roi_features"]).all()
+    empty = {
+        **inputs,
+        "boxes": torch.zeros(3, 0),
+        "boxes_mask": torch.zeros(3, 0, dtype=torch.bool),
+    }
+    without = model(empty)["roi_features"]  # a batch without regions collates as [b, 0]
+    assert torch.isfinite(without).all()
+    torch.testing.assert_close(without[1], outputs["roi_features"][1], rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(total_loss(objective(outputs, padded)))
+
+
+def test_json_region_features_go_through_phi_into_f2():
+    objective, model, tokenizer = _pyramid_model(regions="json", region_dim=7)
+    inputs = _inputs(tokenizer, 2, 3)
+    inputs["regions"] = torch.randn(2, 3, 7, dtype=torch.float64)
+    inputs["regions_mask"] = inputs["boxes_mask"]
+    assert "roi" not in objective.fields().views and "regions" in objective.fields().json
+    roi = model(objective.model_inputs(inputs))["roi_features"]
+    roi.sum().backward()
+    assert model.heads["roi"].embed.weight.grad.abs().sum() > 0
+
+
+def test_gradcache_with_three_image_and_three_text_embeddings_is_exact():
+    """k = 4 micro-batches of 2 equal one batch of 8, in float64 on the tiny ViT."""
+    objective, big, tokenizer = _pyramid_model()
+    _, small, _ = _pyramid_model()
+    batch = _inputs(tokenizer, 8, 2)
+    reference = total_loss(objective(big(objective.model_inputs(batch)), batch))
+    reference.backward()
+    micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    loss = accumulate(small, objective, micro)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    got = _grads(small)
+    assert any(k.startswith("heads.roi.") for k in got) and "clip.logit_scale" in got
+    assert_same_tensors(got, _grads(big))
+
+
+def test_temperature_starts_at_0_07_and_is_clamped_as_clips():
+    objective, model, _ = _pyramid_model()
+    assert model.clip.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(10.0)
+    objective.after_step(model)
+    assert model.clip.logit_scale.item() == pytest.approx(math.log(100))
+
+
+PYRAMID = "objective.name=pyramidclip objective.pyramidclip.last_blocks=2"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            f"{PYRAMID} objective.pyramidclip.summary_source=json:abstract "
+            "objective.pyramidclip.summary_fallback=",
+            "field 'summary' (json key 'abstract') is missing in shard",
+        ),
+        (
+            f"{PYRAMID} objective.pyramidclip.objects_key=detections",
+            "field 'attributes' (json key 'detections') is missing in shard",
+        ),
+        (f"{PYRAMID} model.name=convirt-RN50-minilm", "ResNets are not supported"),
+        (f"{PYRAMID} objective.pyramidclip.mu=0.9", "lam + mu <= 1"),
+    ],
+)
+def test_startup_names_what_is_missing(shards, tmp_path, capsys, override, message):  # noqa: F811
+    from launch.cli import main
+
+    args = ["train", "--check", "--config", str(DEMO), *_overrides(shards, tmp_path)]
+    assert main([*args, *override.split(" ")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1] and error[-1].startswith("vlp: error: "), error
+
+
+def test_a_missing_summary_falls_back_to_the_first_clause_and_is_counted(shards, tmp_path):  # noqa: F811
+    from launch.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--config", str(DEMO), *_overrides(shards, out, **{"train.steps": 1})]
+    args += [*PYRAMID.split(" "), "objective.pyramidclip.summary_source=json:abstract"]
+    assert main(args) == 0
+    log = (out / "metrics.jsonl").read_text()
+    assert '"train/summary_fallback": 1.0' in log and '"train/L_rt"' in log
