@@ -1,0 +1,33 @@
+"""ProtoCLIP's math (Chen et al., arXiv 2206.10996; official code megvii-research/protoclip):
+episodic k-means, Prototypical Back Translation, the prototype losses and the projection heads.
+No objective is registered here yet; the trainer wiring comes later."""
+
+from vlp.objectives.protoclip.heads import ProjectionHead, no_decay_parameter_names
+from vlp.objectives.protoclip.kmeans import KMeansResult, kmeans
+from vlp.objectives.protoclip.prototypes import (
+    EpisodePrototypes,
+    ExternalPrototypes,
+    TermWeights,
+    episode_prototypes,
+    hard_targets,
+    pbt_centroids,
+    protoclip_terms,
+    prototype_loss,
+    soft_targets,
+)
+
+__all__ = [
+    "EpisodePrototypes",
+    "ExternalPrototypes",
+    "KMeansResult",
+    "ProjectionHead",
+    "TermWeights",
+    "episode_prototypes",
+    "hard_targets",
+    "kmeans",
+    "no_decay_parameter_names",
+    "pbt_centroids",
+    "protoclip_terms",
+    "prototype_loss",
+    "soft_targets",
+]
