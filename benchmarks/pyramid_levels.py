@@ -83,6 +83,7 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
     """The RESULTS.md section."""
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pyramid_levels.py"
     command += f" --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    command += f" --parallel {args.parallel}" if args.parallel > 1 else ""
     about = (
         f"PyramidCLIP's demo recipe (tiny ViT, f2 = its last 2 blocks, regions pooled from f1), "
         f"{args.steps} steps, batch {args.batch}, on the procedural shapes; metrics on the 1,000 "
