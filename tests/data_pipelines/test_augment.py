@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from data_pipelines.worker_stream import Preprocess
 from data_pipelines.write import write_shards
 
 from .conftest import fake_tokenizer
+from .test_stream_resume import _take
 
 PRESETS = list_presets()
 RANDOM_PRESETS = [name for name in PRESETS if name != "whole"]
@@ -154,17 +154,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("augment_shards")
     write_shards(generate_samples(30, seed=3, image_size=48), out, samples_per_shard=6)
     return str(out)
-
-
-def _take(stream: TrainStream, n: int) -> list[dict[str, Any]]:
-    """n batches, starting a new epoch (a new ``iter``) whenever one ends."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        for batch in stream:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def _resumed_equals_uninterrupted(

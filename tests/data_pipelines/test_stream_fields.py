@@ -20,6 +20,7 @@ from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
 from .conftest import fake_tokenizer
+from .test_stream_resume import _take
 
 WIDTH = 64
 SENTENCES = [
@@ -98,17 +99,6 @@ def _stream(urls: str, fields: BatchFields | None = None, **kw: Any) -> TrainStr
     kw.setdefault("batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
     return make_train_stream(urls, fields=_fields() if fields is None else fields, **kw)
-
-
-def _take(stream: TrainStream, n: int) -> list[dict[str, Any]]:
-    """n batches, starting a new epoch (a new ``iter``) whenever one ends."""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        for batch in stream:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:

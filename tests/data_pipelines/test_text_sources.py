@@ -14,7 +14,8 @@ from data_pipelines.fields import missing_batch_fields
 from data_pipelines.text_sources import MissingText, TextSource, first_clause, object_phrases
 from data_pipelines.transforms import TrainTransform
 
-from .test_stream_fields import _stream, _take, _write, decode_codes, text_codes
+from .test_stream_fields import _stream, _write, decode_codes, text_codes
+from .test_stream_resume import _take
 
 
 def test_sources_parse_and_read() -> None:
