@@ -9,7 +9,8 @@ fields is refused instead of silently continuing another sequence.
 
 Batch keys: each view's name -> stacked transform outputs ``[b, ...]``; each text's name ->
 its tokenizer's tensor; each JSON field's name -> :func:`collate_json` (with ``<name>_mask``
-for padded lists); ``__key__`` -> the sample keys. Names must not clash (``ValueError``).
+for padded lists); each array field's name -> :func:`collate_arrays` (with its mask);
+``__key__`` -> the sample keys. Names must not clash (``ValueError``).
 """
 
 from __future__ import annotations
@@ -177,6 +178,23 @@ class JsonField:
 
 
 @dataclass(frozen=True)
+class ArrayField:
+    """A ``.npy`` member of the sample (``member``, e.g. ``regions.npy``: a 2-D ``[n, d]`` array,
+    such as a detector's region features), under batch key ``name``: float32 ``[b, n, d]``
+    zero-padded to the longest ``n`` of the batch, with ``<name>_mask`` (:func:`collate_arrays`).
+    Read without pickle; a sample without the member, or whose array is not 2-D numbers, is
+    skipped and counted as bad data."""
+
+    name: str
+    member: str
+
+    def __post_init__(self) -> None:
+        _check_name("array field", self.name)
+        if not isinstance(self.member, str) or not self.member.endswith(".npy"):
+            raise ValueError(f"array field '{self.name}': member must end in .npy")
+
+
+@dataclass(frozen=True)
 class BatchFields:
     """Everything a batch carries besides ``__key__``; see the module docstring for the keys.
 
@@ -187,9 +205,10 @@ class BatchFields:
     views: tuple[ImageView, ...]
     texts: tuple[TextField, ...] = ()
     json: tuple[JsonField, ...] = ()
+    arrays: tuple[ArrayField, ...] = ()
 
     def __post_init__(self) -> None:
-        for attr in ("views", "texts", "json"):  # lists are accepted; stored as tuples
+        for attr in ("views", "texts", "json", "arrays"):  # lists are accepted; stored as tuples
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         if not self.views:
             raise ValueError("BatchFields needs at least one image view")
@@ -210,7 +229,7 @@ class BatchFields:
     def plain_source(self) -> str | None:
         """The text source if these fields are exactly :meth:`single`'s (no preset, no
         tokenizer name): such a stream is today's, with today's fingerprint. Else None."""
-        if len(self.views) != 1 or len(self.texts) != 1 or self.json:
+        if len(self.views) != 1 or len(self.texts) != 1 or self.json or self.arrays:
             return None
         view, text = self.views[0], self.texts[0]
         plain_view = view.name == "image" and not view.preset
@@ -233,6 +252,8 @@ class BatchFields:
         ]
         named += [(j.name, f"json field '{j.name}'") for j in self.json]
         named += [(mask_key(j.name), f"the mask of json field '{j.name}'") for j in self.json]
+        named += [(a.name, f"array field '{a.name}'") for a in self.arrays]
+        named += [(mask_key(a.name), f"the mask of array field '{a.name}'") for a in self.arrays]
         for key, user in named:
             users.setdefault(key, []).append(user)
         clashes = {k: u for k, u in users.items() if len(u) > 1}
@@ -244,6 +265,7 @@ class BatchFields:
     def required_members(self) -> frozenset[str]:
         """Tar members the stream reads besides the image (``json`` if any value comes from it)."""
         members = {s.key for t in self.texts for s in t.sources if s.kind == "member"}
+        members |= {a.member for a in self.arrays}
         if self.required_json_keys():
             members.add("json")
         return frozenset(members)
@@ -260,6 +282,7 @@ class BatchFields:
             *(("view", v.name, v.preset) for v in self.views),
             *(t.fingerprint() for t in self.texts),
             *(j.fingerprint() for j in self.json),
+            *(("array", a.name, a.member) for a in self.arrays),
         )
 
 
@@ -286,6 +309,23 @@ def _padded(lists: Sequence[list[Any]], flat: list[Any], inner: tuple[int, ...])
         if values:
             out[i, : len(values)] = torch.tensor(values, dtype=dtype)
     return out
+
+
+def collate_arrays(name: str, arrays: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's ``[n_i, d]`` arrays -> ``{name: [b, max n_i, d], <name>_mask: [b, max n_i]}``.
+
+    Raises:
+        ValueError: the arrays' widths ``d`` differ within the batch.
+    """
+    widths = {int(a.shape[1]) for a in arrays}
+    if len(widths) > 1:
+        raise ValueError(f"array field '{name}': widths {sorted(widths)} differ within a batch")
+    longest = max((len(a) for a in arrays), default=0)
+    out = torch.zeros(len(arrays), longest, widths.pop() if widths else 0)
+    for i, array in enumerate(arrays):
+        out[i, : len(array)] = array
+    lengths = torch.tensor([len(a) for a in arrays])
+    return {name: out, mask_key(name): torch.arange(longest)[None, :] < lengths[:, None]}
 
 
 def collate_json(name: str, values: Sequence[Any]) -> dict[str, Any]:

@@ -109,4 +109,7 @@ def missing_batch_fields(
         for value in fields.json:
             if value.source not in keys:
                 missing.append(MissingField(value.name, f"json key '{value.source}'", url))
+        for array in fields.arrays:
+            if array.member not in members:
+                missing.append(MissingField(array.name, f"member '{array.member}'", url))
     return missing

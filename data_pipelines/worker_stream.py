@@ -11,12 +11,14 @@ Every batch carries the worker's position after it, from which :func:`worker_bat
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,6 +26,7 @@ from data_pipelines.batch_fields import (
     BatchFields,
     JsonField,
     TextField,
+    collate_arrays,
     collate_json,
     fallback_key,
 )
@@ -165,6 +168,17 @@ def _json_value(field: JsonField, meta: Any) -> Any:
     return [v[field.item] for v in value]
 
 
+def _array(data: bytes, member: str) -> torch.Tensor:
+    """A ``.npy`` member as a float32 ``[n, d]`` tensor (no pickle: arrays of numbers only)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise SampleError(f"member '{member}' is not a .npy array of numbers: {error}") from error
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise SampleError(f"member '{member}' holds a {array.dtype} array of shape {array.shape}, not [n, d] numbers")  # fmt: skip
+    return torch.from_numpy(array.astype(np.float32))
+
+
 def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) -> dict[str, Any]:
     """One sample -> its views, chosen texts, json values and extras (``seed``: its stream seed).
 
@@ -189,6 +203,7 @@ def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) ->
             if t.fallback:
                 texts[fallback_key(t.name)] = used_fallback
         values = {j.name: _json_value(j, meta) for j in fields.json}
+        values |= {a.name: _array(_member(raw, a.member), a.member) for a in fields.arrays}
         extras = {k: _decode_extra(k, _member(raw, k)) for k in spec.extra_keys}
     except SampleError as error:
         raise SampleError(f"shard {raw.url} sample {raw.key}: {error}", raw.url, raw.key) from error
@@ -215,6 +230,8 @@ def _collate(
     batch["__key__"] = [s["__key__"] for s in samples]
     for value in fields.json:
         batch.update(collate_json(value.name, [s[value.name] for s in samples]))
+    for array in fields.arrays:
+        batch.update(collate_arrays(array.name, [s[array.name] for s in samples]))
     for k in extra_keys:
         values = [s[k] for s in samples]
         if all(isinstance(v, int) for v in values):

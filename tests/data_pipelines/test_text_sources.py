@@ -1,18 +1,25 @@
-"""Text sources (phrases from objects, first clauses, fallbacks) and json item fields, alone and
-through the stream: what PyramidCLIP's text pyramid and ROI boxes read."""
+"""Text sources (phrases from objects, first clauses, fallbacks), json item fields and ``.npy``
+array fields, alone and through the stream: what PyramidCLIP's text pyramid and ROI branch
+read."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
+from data_pipelines.batch_fields import ArrayField, BatchFields, ImageView, JsonField, TextField
+from data_pipelines.decode import SampleError
 from data_pipelines.fields import missing_batch_fields
+from data_pipelines.synthetic import generate_samples
 from data_pipelines.text_sources import MissingText, TextSource, first_clause, object_phrases
 from data_pipelines.transforms import TrainTransform
+from data_pipelines.worker_stream import _array
+from data_pipelines.write import write_shards
 
 from .test_stream_fields import _stream, _write, decode_codes, text_codes
 from .test_stream_resume import _take
@@ -121,3 +128,46 @@ def test_startup_check_accepts_a_fallback_and_names_both_when_neither_is_there(
     assert str(missing).startswith(
         "field 'summary' (json key 'summary' or json key 'abstract') is missing"
     )
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_npy_members_collate_padded_with_a_mask(tmp_path: Path) -> None:
+    samples = []
+    for index, sample in enumerate(generate_samples(12, seed=0)):
+        regions = np.full((index % 3, 5), float(index), np.float32)
+        samples.append({**sample, "json": {"index": index}, "regions.npy": _npy(regions)})
+    write_shards(samples, tmp_path / "shards", samples_per_shard=4)
+    fields = BatchFields(
+        views=_fields().views,
+        json=(JsonField("index", "index"),),
+        arrays=(ArrayField("regions", "regions.npy"),),
+    )
+    assert ("array", "regions", "regions.npy") in fields.fingerprint_parts()
+    for batch in _take(_stream(str(tmp_path / "shards"), fields, batch_size=4), 3):
+        assert batch["regions"].shape[-1] == 5 or batch["regions"].shape[1] == 0
+        for row, index in enumerate(batch["index"].tolist()):
+            n = index % 3
+            assert batch["regions_mask"][row].tolist() == [True] * n + [False] * (
+                batch["regions_mask"].shape[1] - n
+            )
+            assert (batch["regions"][row, :n] == index).all() and (
+                batch["regions"][row, n:] == 0
+            ).all()
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (_npy(np.array([{"a": 1}], dtype=object)), "not a .npy array of numbers"),
+        (_npy(np.zeros(4)), r"shape \(4,\), not \[n, d\]"),
+        (b"not an array", "not a .npy array of numbers"),
+    ],
+)
+def test_bad_npy_members_are_sample_errors_naming_the_member(data: bytes, match: str) -> None:
+    with pytest.raises(SampleError, match=match):
+        _array(data, "regions.npy")

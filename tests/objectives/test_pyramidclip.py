@@ -167,12 +167,15 @@ def test_roi_branch_masks_padding_and_a_sample_without_regions_is_finite():
     assert torch.isfinite(total_loss(objective(outputs, padded)))
 
 
-def test_json_region_features_go_through_phi_into_f2():
-    objective, model, tokenizer = _pyramid_model(regions="json", region_dim=7)
+@pytest.mark.parametrize("regions", ["json", "npy"])
+def test_stored_region_features_go_through_phi_into_f2(regions):
+    objective, model, tokenizer = _pyramid_model(regions=regions, region_dim=7)
     inputs = _inputs(tokenizer, 2, 3)
     inputs["regions"] = torch.randn(2, 3, 7, dtype=torch.float64)
     inputs["regions_mask"] = inputs["boxes_mask"]
-    assert "roi" not in objective.fields().views and "regions" in objective.fields().json
+    fields = objective.fields()
+    assert "roi" not in fields.views and "boxes" not in fields.json
+    assert "regions" in (fields.json if regions == "json" else fields.arrays)
     roi = model(objective.model_inputs(inputs))["roi_features"]
     roi.sum().backward()
     assert model.heads["roi"].embed.weight.grad.abs().sum() > 0

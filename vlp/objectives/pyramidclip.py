@@ -11,7 +11,8 @@ marked, from secondary reading notes (shared/REFERENCES.md); §3 of the paper wa
   learned CLS token is prepended, and the sequence enters f2 directly, skipping f1; up to
   ``max_regions`` regions, padded ones masked out of attention.
 - **Region features.** ``regions=json``: each object's ``feature`` (detector features written
-  by ``vlp shards attach``). ``regions=pooled`` (the default, no detector needed): f1's
+  by ``vlp shards attach``); ``regions=npy``: a ``[n, d]`` ``.npy`` member of the sample.
+  ``regions=pooled`` (the default, no detector needed): f1's
   patch-token grid of the ``whole`` view (the image resized without cropping, so a box's
   normalised coordinates hold) pooled inside each box with ``torchvision.ops.roi_align``,
   without gradient, as a frozen detector's features would be.
@@ -67,7 +68,7 @@ TERMS: dict[str, tuple[str, str]] = {
     "rt": ("roi", "caption"),
 }
 """Each term: (image side, text side)."""
-REGIONS = ("pooled", "json")
+REGIONS = ("pooled", "json", "npy")
 
 
 @dataclass
@@ -94,9 +95,12 @@ class PyramidClipSettings:
     max_regions: int = 10
     """Regions per sample on the ROI branch (the first ones; more are dropped)."""
     regions: str = "pooled"
-    """``pooled`` (from f1's token grid inside each box) or ``json`` (each object's feature)."""
+    """``pooled`` (from f1's token grid inside each box), ``json`` (each object's ``feature``)
+    or ``npy`` (the sample's ``region_member``, ``[n, region_dim]``)."""
     region_dim: int = 0
-    """Width of the objects' ``feature`` with ``regions=json``."""
+    """Width of the stored region features (``regions=json`` or ``npy``)."""
+    region_member: str = "regions.npy"
+    """The ``.npy`` member with ``regions=npy``."""
     objects_key: str = "objects"
     """The json list of ``{"box", "tag", "attributes"[, "feature"]}`` objects."""
     summary_source: str = "json:summary"
@@ -118,8 +122,8 @@ class PyramidClipSettings:
             raise ValueError("every term has weight 0; set a w_* or clip_only=true")
         if self.regions not in REGIONS:
             raise ValueError(f"regions must be one of {REGIONS}, got '{self.regions}'")
-        if self.regions == "json" and self.region_dim < 1:
-            raise ValueError("regions=json needs region_dim, the width of the objects' features")
+        if self.regions != "pooled" and self.region_dim < 1:
+            raise ValueError(f"regions={self.regions} needs region_dim, the features' width")
         if self.last_blocks < 1 or self.max_regions < 1:
             raise ValueError("last_blocks and max_regions must be >= 1")
 
@@ -198,17 +202,19 @@ class PyramidClipObjective(Objective):
             "caption": TextSpec("txt"),
             "attributes": TextSpec(f"phrases:{s.objects_key}"),
         }
-        json = {}
-        if "roi" in sides:
+        json, arrays = {}, {}
+        if "roi" in sides and s.regions == "pooled":
+            views["roi"] = "whole"
             json["boxes"] = JsonSpec(s.objects_key, "box")
-            if s.regions == "json":
-                json["regions"] = JsonSpec(s.objects_key, "feature")
-            else:
-                views["roi"] = "whole"
+        elif "roi" in sides and s.regions == "json":
+            json["regions"] = JsonSpec(s.objects_key, "feature")
+        elif "roi" in sides:
+            arrays["regions"] = s.region_member
         return Fields(
             views={k: v for k, v in views.items() if k in sides},
             texts={k: v for k, v in texts.items() if k in sides},
             json=json,
+            arrays=arrays,
         )
 
     def build_model(self, clip: nn.Module) -> VlpModel:
@@ -229,7 +235,7 @@ class PyramidClipObjective(Objective):
         """The declared views, texts and boxes (regions) of the batch."""
         declared = self.fields()
         keys = [*declared.views, *declared.texts]
-        keys += [k for name in declared.json for k in (name, f"{name}_mask")]
+        keys += [k for name in [*declared.json, *declared.arrays] for k in (name, f"{name}_mask")]
         return {key: batch[key] for key in keys if key in batch}
 
     def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
@@ -242,7 +248,7 @@ class PyramidClipObjective(Objective):
         outputs = {
             f"{v}_features": F.normalize(x, dim=-1) for v, x in zip(views, images, strict=True)
         }
-        if "boxes" in inputs:
+        if "boxes" in inputs or "regions" in inputs:
             outputs["roi_features"] = F.normalize(self._roi(model, inputs), dim=-1)
         texts = [t for t in ("summary", "caption", "attributes") if t in inputs]
         encoded = model.encode_text(torch.cat([inputs[t] for t in texts]), normalize=True)
@@ -253,18 +259,18 @@ class PyramidClipObjective(Objective):
     def _roi(self, model: VlpModel, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The ROI branch: regions -> φ -> [CLS, regions] -> f2 (skipping f1)."""
         s, visual = self.settings, model.clip.visual
-        boxes, valid = inputs["boxes"], inputs["boxes_mask"]
-        if boxes.ndim != 3:  # a batch without any region collates as [b, 0]
-            boxes = boxes.reshape(boxes.shape[0], 0, 4)
-        boxes, valid = boxes[:, : s.max_regions], valid[:, : s.max_regions]
-        if s.regions == "json":
-            regions = inputs["regions"][:, : s.max_regions]
-            if regions.ndim != 3:
-                regions = regions.reshape(regions.shape[0], 0, s.region_dim)
-        else:
+        name = "boxes" if s.regions == "pooled" else "regions"
+        width = 4 if s.regions == "pooled" else s.region_dim
+        stored, valid = inputs[name], inputs[f"{name}_mask"][:, : s.max_regions]
+        if stored.ndim != 3:  # a batch without any region collates as [b, 0]
+            stored = stored.reshape(stored.shape[0], 0, width)
+        stored = stored[:, : s.max_regions]
+        if s.regions == "pooled":
             with torch.no_grad():  # a frozen detector's features, from the trained f1
                 grid = vit_split.token_grid(vit_split.f1(visual, inputs["roi"], s.last_blocks))
-            regions = pooled_regions(grid, boxes)
+            regions = pooled_regions(grid, stored)
+        else:
+            regions = stored
         branch: Any = model.heads["roi"]
         tokens, mask = branch(regions.to(branch.cls.dtype), valid)
         return vit_split.f2(visual, tokens, s.last_blocks, mask)
