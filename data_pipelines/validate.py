@@ -5,15 +5,18 @@ rules (:mod:`data_pipelines.decode`), so "valid" here means "decodes in training
 checked as a tar: one that does not open, and one that is truncated (a read error, or, since
 Python's streaming tar reader stops silently when a tar is cut at a member boundary, an
 uncompressed tar that does not end with the two zero blocks of the end-of-archive marker) are
-reported, and so is a sample count that disagrees with ``sizes.json``. A warning (not a
-problem) says when most shards hold a single class (``cls``): shards written in class order,
-whose batches would hold one or two classes when the stream's shuffle buffer holds about a
-shard; write them shuffled (``vlp shards write`` does by default).
+reported, and so is a sample count that disagrees with ``sizes.json``. A json member's
+``summary`` and ``objects`` keys, where present, are checked with ``vlp shards attach``'s rules
+(:func:`data_pipelines.object_fields.check_fields`). A warning (not a problem) says when most
+shards hold a single class (``cls``): shards written in class order, whose batches would hold
+one or two classes when the stream's shuffle buffer holds about a shard; write them shuffled
+(``vlp shards write`` does by default).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections import Counter
@@ -30,6 +33,7 @@ from data_pipelines.decode import (
     decode_caption,
     decode_image,
 )
+from data_pipelines.object_fields import FieldError, check_fields
 from data_pipelines.shards import Urls, expand_patterns, listed_shards, listed_sizes
 from data_pipelines.tario import iter_samples
 
@@ -43,6 +47,8 @@ PROBLEM_KINDS = (
     "missing_caption",
     "empty_caption",
     "caption_not_utf8",
+    "bad_summary",
+    "bad_objects",
 )
 _END_OF_ARCHIVE = b"\0" * 1024
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gz bz2 xz zstd
@@ -145,6 +151,22 @@ class _TailReader(io.RawIOBase):
         return self.length % 512 == 0 and self.tail == _END_OF_ARCHIVE
 
 
+def _check_json_fields(data: bytes, key: str) -> list[Problem]:
+    """A problem when the json's ``summary`` or ``objects`` break their format; a json member
+    that is not a JSON object is not checked (the stream reads it only for json fields)."""
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting ([[[[...)
+        return []
+    if not isinstance(meta, dict):
+        return []
+    try:
+        check_fields(meta)
+    except FieldError as error:
+        return [Problem(f"bad_{error.field}", key, str(error))]
+    return []
+
+
 def _check_sample(
     members: dict[str, bytes], key: str, caption_key: str, max_pixels: int
 ) -> list[Problem]:
@@ -166,6 +188,8 @@ def _check_sample(
             not_utf8 = isinstance(error.__cause__, UnicodeDecodeError)
             kind = "caption_not_utf8" if not_utf8 else "empty_caption"
             problems.append(Problem(kind, key, str(error)))
+    if "json" in members:
+        problems += _check_json_fields(members["json"], key)
     return problems
 
 

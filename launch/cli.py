@@ -1,4 +1,4 @@
-"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect`,
+"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect|attach`,
 `vlp eval zeroshot|retrieval|linear-probe`, `vlp export`, `vlp watch` — thin shells over tested
 functions."""
 
@@ -168,6 +168,27 @@ def _shards_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _attach_errors() -> tuple[type[Exception], ...]:
+    from data_pipelines.attach import AttachError
+
+    return (*_shards_errors(), AttachError)
+
+
+def _shards_attach(args: argparse.Namespace) -> int:
+    from data_pipelines.attach import attach_fields
+
+    report = attach_fields(
+        args.shards, args.jsonl, args.out, overwrite=args.overwrite, require_all=args.require_all
+    )
+    unused = f" (e.g. {', '.join(report.unused_examples)})" if report.unused_records else ""
+    print(
+        f"attached {report.attached} records to {report.samples} samples in {report.shards} "
+        f"shards -> {args.out}: {report.without_record} samples without a record, "
+        f"{report.unused_records} unused records{unused}, {report.overridden} json keys replaced"
+    )
+    return 0
+
+
 def _shards_inspect(args: argparse.Namespace) -> int:
     from data_pipelines.preview import describe, first_samples, write_grid
 
@@ -178,7 +199,9 @@ def _shards_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_shards(commands: argparse._SubParsersAction) -> None:
-    shards = commands.add_parser("shards", help="write, validate and inspect webdataset shards")
+    shards = commands.add_parser(
+        "shards", help="write, validate, inspect and attach fields to webdataset shards"
+    )
     sub = shards.add_subparsers(dest="shards_command", required=True)
 
     write = sub.add_parser(
@@ -243,6 +266,22 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--grid", default="shards_inspect.png", help="PNG to write")
     inspect.add_argument("--caption-key", default="txt", help="caption member (default: txt)")
     inspect.set_defaults(func=_shards_inspect, user_errors=_shards_errors)
+
+    attach = sub.add_parser(
+        "attach",
+        help="copy shards into OUT with fields (summary, objects, ...) from a JSONL merged into "
+        "each sample's json by key",
+    )
+    attach.add_argument("shards", help="shard folder, brace pattern or URL")
+    attach.add_argument(
+        "--jsonl", required=True, help='records, one a line: {"key": <sample key>, <field>: ...}'
+    )
+    attach.add_argument("--out", required=True, help="output folder (new shards, same names)")
+    attach.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    attach.add_argument(
+        "--require-all", action="store_true", help="a sample without a record is an error"
+    )
+    attach.set_defaults(func=_shards_attach, user_errors=_attach_errors)
 
 
 def build_parser() -> argparse.ArgumentParser:
