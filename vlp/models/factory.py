@@ -104,6 +104,18 @@ def model_config(name_or_config: str) -> dict[str, Any]:
     return config
 
 
+def init_caption_projection(model: nn.Module) -> None:
+    """Initialise a fresh CoCa decoder's output projection, which open_clip 3.3.0 leaves as
+    ``torch.empty`` (open_clip issue #554): zeros or leftover memory would give constant caption
+    logits and no caption gradient to the towers. Normal with std width^-1/2, as open_clip
+    initialises its other projections. No-op for models without a captioning decoder."""
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, nn.Parameter):
+        with torch.no_grad():
+            projection.normal_(std=projection.shape[0] ** -0.5)
+
+
 def create_model(
     name_or_config: str,
     pretrained: str | None = None,
@@ -161,6 +173,8 @@ def create_model(
         raise HFTowerError(
             f"text_cfg.hf_model_name '{text_cfg['hf_model_name']}' does not load: {why}"
         ) from None
+    if not (pretrained or schema):
+        init_caption_projection(model)
     if lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if lock_text:

@@ -1,7 +1,6 @@
-"""PRIOR's building blocks (Chen et al. 2025, arXiv 2505.08971) for a CoCa-style model: token
-weights from a frozen text-only reference LM and the re-weighted caption loss.
-
-Library only: no objective is registered and no trainer hook uses it yet.
+"""PRIOR (Chen et al. 2025, arXiv 2505.08971) for a CoCa-style model: token weights from a
+frozen text-only reference LM, the re-weighted caption loss, and the objectives ``prior`` and
+``prior_reference`` (:mod:`vlp.objectives.prior.objective`).
 """
 
 from vlp.objectives.prior.reference_lm import (

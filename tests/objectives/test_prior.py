@@ -1,0 +1,165 @@
+"""The PRIOR objectives: ``prior`` equals CoCa's loss at α = 0 and without a reference, its
+weights come from the frozen reference (kept out of parameters and checkpoints), caption logits
+are never cached by GradCache while accumulation stays exact, and ``prior_reference`` trains
+a text-only LM whose run ``prior`` loads (or refuses, naming why)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from open_clip.loss import CoCaLoss
+from safetensors.torch import save_file
+
+from tests.training.test_gradcache import CPU, _grads, accumulate, assert_same_tensors
+from vlp.models import create_model
+from vlp.objectives import create_objective, total_loss
+from vlp.objectives.prior.objective import PriorObjective, load_reference_run
+from vlp.objectives.prior.reference_lm import TinyCausalLM
+from vlp.objectives.prior.weights import token_weights
+from vlp.training.gradcache import cached_batch_loss
+
+CAPTIONS = ["a small red star", "a large blue circle on dark", "a green square", "a cross"]
+
+
+@pytest.fixture(scope="module")
+def coca():
+    torch.manual_seed(0)
+    model, _, _, tokenizer = create_model("vlp-tiny-coca")
+    return model.double(), tokenizer
+
+
+def _reference_run(folder: Path, clip, seed: int = 3) -> Path:
+    """A minimal ``prior_reference`` run: one complete checkpoint with the LM as heads."""
+    torch.manual_seed(seed)
+    lm = TinyCausalLM(clip.text.vocab_size, clip.text.context_length, 32, 1, 4)
+    checkpoint = folder / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    save_file({f"lm.{k}": v.contiguous() for k, v in lm.state_dict().items()},
+              str(checkpoint / "heads.safetensors"))  # fmt: skip
+    text_cfg = {"vocab_size": clip.text.vocab_size, "context_length": clip.text.context_length}
+    meta = {"model_cfg": {"text_cfg": text_cfg},
+            "objective": {"name": "prior_reference", "settings": {"width": 32, "layers": 1, "heads": 4}}}  # fmt: skip
+    (checkpoint / "model_config.json").write_text(json.dumps(meta))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    from vlp.training.checkpoint import mark_complete
+
+    mark_complete(checkpoint)
+    return folder
+
+
+def _batch(tokenizer, n: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    texts = [CAPTIONS[i % len(CAPTIONS)] + f" number {i}" for i in range(n)]
+    return {"image": torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
+            "text": tokenizer(texts)}  # fmt: skip
+
+
+def _coca_loss(outputs):
+    loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    return sum(
+        loss(
+            outputs["image_features"],
+            outputs["text_features"],
+            outputs["logits"],
+            outputs["labels"],
+            outputs["logit_scale"],
+        )  # fmt: skip
+    )
+
+
+@pytest.mark.parametrize("settings", [{}, {"alpha": 0.0, "reference": "REF"}])
+def test_without_reference_or_at_alpha_zero_it_is_cocas_loss(coca, tmp_path, settings):
+    clip, tokenizer = coca
+    if settings.get("reference"):
+        settings = {**settings, "reference": str(_reference_run(tmp_path / "ref", clip))}
+    objective = create_objective("prior", **settings)
+    model = objective.build_model(clip)
+    batch = _batch(tokenizer)
+    outputs = model(objective.model_inputs(batch))
+    got = total_loss(objective(outputs, batch))
+    torch.testing.assert_close(got, _coca_loss(outputs), rtol=1e-12, atol=0)
+
+
+def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coca, tmp_path):
+    clip, tokenizer = coca
+    reference = _reference_run(tmp_path / "ref", clip)
+    objective = PriorObjective(reference=str(reference), alpha=1.0)
+    model = objective.build_model(clip)
+    lm = model.frozen("reference")
+    assert not any(p is q for p in model.parameters() for q in lm.parameters())
+    assert not any("reference" in key for key in model.state_dict())
+    assert all(not p.requires_grad for p in lm.parameters())
+    batch = _batch(tokenizer)
+    outputs = model(objective.model_inputs(batch))
+    labels = outputs["labels"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(batch["text"]).double()[:, :-1], -1)
+    expected = token_weights(logp.gather(-1, labels[..., None])[..., 0], labels != 0, 1.0)
+    torch.testing.assert_close(outputs["token_weights"], expected, rtol=1e-5, atol=1e-6)
+    mask = labels != 0
+    means = (outputs["token_weights"] * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(means, torch.ones_like(means))
+    assert not torch.allclose(outputs["token_weights"][mask], torch.ones(int(mask.sum())).double())
+
+
+def test_caption_logits_are_never_cached_and_accumulation_is_exact(coca, tmp_path):
+    clip, tokenizer = coca
+    reference = str(_reference_run(tmp_path / "ref", clip))
+    objective = PriorObjective(reference=reference)
+    torch.manual_seed(0)
+    big = objective.build_model(create_model("vlp-tiny-coca")[0].double())
+    torch.manual_seed(0)
+    small = objective.build_model(create_model("vlp-tiny-coca")[0].double())
+    small.load_state_dict(big.state_dict())
+    batch = _batch(tokenizer, 8)
+    micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    cached = cached_batch_loss(small, objective, micro, autocast=nullcontext, device=CPU)
+    assert set(cached.grads) == {"image_features", "text_features", "logit_scale"}
+    assert set(cached.shared) == {"logit_scale"}  # no [b, L, V] logits kept across micro-batches
+    small.zero_grad()
+    # the caption term is per micro-batch: k = 4 of 2 equals one batch of 8 only for the
+    # contrastive part, so compare with the caption weight at 0 for gradients of the whole loss
+    contrastive = PriorObjective(reference=reference, caption_weight=0.0)
+    total_loss(contrastive(big(contrastive.model_inputs(batch)), batch)).backward()
+    accumulate(small, contrastive, micro)
+    assert_same_tensors(_grads(small), _grads(big))
+
+
+def test_a_reference_of_another_vocabulary_or_objective_is_refused(coca, tmp_path):
+    clip, _ = coca
+    run = _reference_run(tmp_path / "ref", clip)
+    meta_file = run / "checkpoints" / "step_00000001" / "model_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model_cfg"]["text_cfg"]["vocab_size"] = 1000
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="P_r must use the captioning model's tokenizer"):
+        load_reference_run(run, clip)
+    meta["objective"]["name"] = "clip"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not prior_reference"):
+        load_reference_run(run, clip)
+    with pytest.raises(ValueError, match="needs a CoCa model"):
+        PriorObjective().build_model(create_model("vlp-tiny-vit")[0])
+
+
+def test_the_reference_objective_trains_a_text_only_lm(coca):
+    clip, tokenizer = coca
+    torch.manual_seed(0)
+    objective = create_objective("prior_reference", width=32, layers=1, heads=4)
+    model = objective.build_model(create_model("vlp-tiny-coca")[0])
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("heads.lm.") for name in trainable)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batch = {"text": tokenizer(CAPTIONS), "image": torch.zeros(4, 3, 32, 32)}
+    losses = []
+    for _ in range(30):
+        loss = total_loss(objective(model(objective.model_inputs(batch)), batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,243 @@
+"""PRIOR (Chen, Peng, Zhang, Ji 2025, arXiv 2505.08971) on a CoCa-style model, and the
+text-only reference LM P_r it needs, as two objectives of the v2 contract.
+
+``prior_reference`` trains P_r: a causal LM (:class:`TinyCausalLM`, the captioning model's
+vocabulary and context length) on the captions of the training shards, without images. It runs
+through the ordinary trainer (``vlp prior train-reference`` is ``vlp train`` with this
+objective), so it gets Accelerate, checkpoints and exact resume; the LM is the run's
+``heads["lm"]`` and the open_clip model beside it is frozen and unused.
+
+``prior`` trains a CoCa model (open_clip ``coca_model.py``; ``vlp-tiny-coca`` on the CPU):
+L = w_c·L_contrastive + w_cap·L_PRIOR, CoCa's weights (1, 2) by default. L_contrastive goes
+through the shared tiled core (batch-coupled); L_PRIOR = −Σ_i ŵ_i log p(t_i | v, t_<i) averaged
+over the batch's caption tokens as CoCa's caption loss is, per micro-batch (its logits are
+``PerSample``: GradCache never caches them). Token weights (the paper's released formula; the
+exponent α is ours, default 1): w_i = (1 − P_r(t_i | t_<i))^α, ŵ = k·w/Σw over a caption's k
+tokens (:func:`~vlp.objectives.prior.weights.token_weights`). P_r is frozen
+(:meth:`VlpModel.attach_frozen`: not optimised, wrapped, checkpointed or exported). α = 0, or
+no ``reference``, is plain CoCa captioning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from vlp.distributed import contrastive_loss
+from vlp.models.vlp_model import HEADS_FILE, VlpModel
+from vlp.objectives.base import (
+    Coupled,
+    Fields,
+    Objective,
+    Output,
+    PerSample,
+    Shared,
+    Tensors,
+    learned_scale,
+)
+from vlp.objectives.clip import clamp_logit_scale
+from vlp.objectives.prior.reference_lm import TinyCausalLM
+from vlp.objectives.prior.weights import (
+    reference_target_logprobs,
+    token_weights,
+    weighted_caption_loss,
+)
+from vlp.objectives.registry import register_objective
+
+PAD_ID = 0
+"""open_clip's tokenizers pad with id 0 (CoCa's ``pad_id``)."""
+
+
+def _text_cfg(clip: Any) -> tuple[int, int]:
+    """(vocab size, context length) of a CoCa/CLIP model's text tower."""
+    text: Any = getattr(clip, "text", None)
+    vocab = int(getattr(text, "vocab_size", 0) or clip.token_embedding.num_embeddings)
+    context = int(getattr(text, "context_length", 0) or clip.context_length)
+    return vocab, context
+
+
+@dataclass
+class PriorReferenceSettings:
+    """``objective.prior_reference.*``: the reference LM's size."""
+
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+
+    def validate(self) -> None:
+        """Reject sizes that cannot build."""
+        if min(self.width, self.layers, self.heads) < 1 or self.width % self.heads:
+            raise ValueError("width, layers, heads must be >= 1 and heads must divide width")
+
+
+@register_objective("prior_reference")
+class PriorReferenceObjective(Objective):
+    """Next-token cross-entropy of a text-only LM on the captions (P_r of PRIOR)."""
+
+    Config = PriorReferenceSettings
+    outputs: ClassVar[Mapping[str, Output]] = {"lm_logits": PerSample(), "tokens": PerSample()}
+
+    def __init__(self, **settings: Any):
+        super().__init__()
+        self.settings = PriorReferenceSettings(**settings)
+        self.settings.validate()
+
+    def fields(self) -> Fields:
+        """The caption (an image view is still decoded: the stream needs one; it is unused)."""
+        return Fields()
+
+    def build_model(self, clip: nn.Module) -> VlpModel:
+        """The open_clip model frozen (unused), the LM as the only trainable head."""
+        clip.requires_grad_(False)
+        return super().build_model(clip)
+
+    def heads(self, clip: nn.Module) -> dict[str, nn.Module]:
+        """``lm``: a :class:`TinyCausalLM` over the model's vocabulary and context length."""
+        vocab, context = _text_cfg(clip)
+        s = self.settings
+        return {"lm": TinyCausalLM(vocab, context, s.width, s.layers, s.heads)}
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The caption tokens only."""
+        return {"text": batch["text"]}
+
+    def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
+        """Next-token logits of the LM."""
+        return {"lm_logits": model.heads["lm"](inputs["text"]), "tokens": inputs["text"]}
+
+    def sample_loss(self, outputs: Tensors, batch: Mapping[str, Any]) -> Tensors:
+        """Mean next-token cross-entropy over the captions' non-padding targets."""
+        logits, tokens = outputs["lm_logits"][:, :-1], outputs["tokens"][:, 1:]
+        loss = F.cross_entropy(logits.transpose(1, 2), tokens, ignore_index=PAD_ID)
+        return {"lm_loss": loss}
+
+
+def load_reference_run(run_dir: str | Path, clip: nn.Module) -> TinyCausalLM:
+    """P_r from the newest checkpoint of a ``prior_reference`` run, checked against ``clip``'s
+    vocabulary and context length (the LM must read the captioning model's token ids)."""
+    from vlp.training.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not checkpoints:
+        raise ValueError(f"reference '{run_dir}' holds no complete checkpoint (checkpoints/)")
+    newest = checkpoints[-1]
+    meta = json.loads((newest / "model_config.json").read_text())
+    objective = meta.get("objective", {})
+    if objective.get("name") != "prior_reference":
+        raise ValueError(
+            f"reference '{run_dir}' was trained with objective '{objective.get('name')}', not "
+            "prior_reference (make one with `vlp prior train-reference`)"
+        )
+    text_cfg = meta["model_cfg"]["text_cfg"]
+    ours = _text_cfg(clip)
+    theirs = (int(text_cfg["vocab_size"]), int(text_cfg["context_length"]))
+    if ours != theirs:
+        raise ValueError(
+            f"reference '{run_dir}' reads vocab/context {theirs}, the captioning model {ours}: "
+            "P_r must use the captioning model's tokenizer"
+        )
+    settings = PriorReferenceSettings(**objective.get("settings", {}))
+    lm = TinyCausalLM(*theirs, settings.width, settings.layers, settings.heads)
+    state = {k[len("lm.") :]: v for k, v in load_file(str(newest / HEADS_FILE)).items()}
+    lm.load_state_dict(state)
+    return lm
+
+
+@dataclass
+class PriorSettings:
+    """``objective.prior.*``: CoCa's loss weights and PRIOR's token weights."""
+
+    reference: str = ""
+    """P_r: a ``prior_reference`` run folder. Empty: no re-weighting (plain CoCa)."""
+    alpha: float = 1.0
+    """Exponent of 1 − P_r (0: plain CoCa; the paper's formula has none, i.e. 1)."""
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+
+    def validate(self) -> None:
+        """Reject settings that cannot train."""
+        if self.alpha < 0 or self.contrastive_weight < 0 or self.caption_weight < 0:
+            raise ValueError("alpha and the loss weights must be >= 0")
+        if self.reference and not Path(self.reference).is_dir():
+            raise ValueError(f"reference '{self.reference}' is not a folder")
+
+
+@register_objective("prior")
+class PriorObjective(Objective):
+    """CoCa's contrastive + captioning loss with PRIOR's token weights (module docstring)."""
+
+    Config = PriorSettings
+    outputs: ClassVar[Mapping[str, Output]] = {
+        "image_features": Coupled(),
+        "text_features": Coupled(),
+        "logit_scale": Shared(),
+        "logits": PerSample(),
+        "labels": PerSample(),
+        "token_weights": PerSample(),
+    }
+
+    def __init__(self, **settings: Any):
+        super().__init__()
+        self.settings = PriorSettings(**settings)
+        self.settings.validate()
+
+    def build_model(self, clip: nn.Module) -> VlpModel:
+        """A CoCa model (refused otherwise) with P_r attached frozen when there is one."""
+        if not hasattr(clip, "text_decoder"):
+            raise ValueError(
+                f"PRIOR needs a CoCa model (a captioning decoder); this model is "
+                f"{type(clip).__name__}: pick e.g. coca_ViT-B-32 or vlp-tiny-coca"
+            )
+        model = super().build_model(clip)
+        if self.settings.reference:
+            model.attach_frozen("reference", load_reference_run(self.settings.reference, clip))
+        return model
+
+    def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
+        """CoCa's forward (embeddings, caption logits and labels) and the token weights."""
+        out = model.clip(inputs["image"], inputs["text"])
+        labels = out["labels"]
+        mask = labels != PAD_ID
+        if self.settings.reference and self.settings.alpha != 0:
+            reference = model.frozen("reference").to(labels.device)
+            logprobs, _ = reference_target_logprobs(reference, inputs["text"], PAD_ID)
+            weights = token_weights(logprobs, mask, self.settings.alpha).to(out["logits"].dtype)
+        else:
+            weights = mask.to(out["logits"].dtype)
+        return {
+            "image_features": out["image_features"],
+            "text_features": out["text_features"],
+            "logit_scale": learned_scale(model),
+            "logits": out["logits"],
+            "labels": labels,
+            "token_weights": weights,
+        }
+
+    def after_step(self, model: VlpModel) -> None:
+        """Clamp the learned scale (s <= 100), as CLIP/CoCa do."""
+        clamp_logit_scale(model)
+
+    def batch_loss(self, features: Tensors) -> Tensors:
+        """CoCa's contrastive term through the shared core."""
+        loss = contrastive_loss(
+            features["image_features"],
+            features["text_features"],
+            features["logit_scale"],
+            group=self.group,
+            tile_size=self.tile_size,
+        )
+        return {"contrastive_loss": self.settings.contrastive_weight * loss}
+
+    def sample_loss(self, outputs: Tensors, batch: Mapping[str, Any]) -> Tensors:
+        """The re-weighted caption cross-entropy of this micro-batch (weight ``caption_weight``)."""
+        loss = weighted_caption_loss(
+            outputs["logits"], outputs["labels"], outputs["token_weights"], PAD_ID
+        )
+        return {"caption_loss": self.settings.caption_weight * loss}
