@@ -1,6 +1,6 @@
 """The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect|attach`,
-`vlp eval zeroshot|retrieval|linear-probe`, `vlp export`, `vlp watch` — thin shells over tested
-functions."""
+`vlp prior train-reference`, `vlp eval zeroshot|retrieval|linear-probe`, `vlp export`,
+`vlp watch` — thin shells over tested functions."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from launch.watch import add_watch_command
 from vlp.config import ConfigError, load_config
 
 DEMO_RECIPE = Path(__file__).parent / "configs" / "demo.yaml"
+PRIOR_REFERENCE_RECIPE = Path(__file__).parent / "configs" / "prior_reference.yaml"
 
 if TYPE_CHECKING:
     from data_pipelines.prepare import Skipped
@@ -50,6 +51,37 @@ def _train(args: argparse.Namespace) -> int:
 EXIT_PREEMPTED = 75
 """`vlp train`'s status after SIGTERM/SIGUSR1 (EX_TEMPFAIL): a checkpoint was written and the
 same command with train.resume=latest continues; schedulers can requeue on it."""
+
+
+def _prior_train_reference(args: argparse.Namespace) -> int:
+    """`vlp prior train-reference`: `vlp train` with the reference-LM recipe on these shards."""
+    args.overrides = [f"data.train_shards={args.shards}", f"train.out_dir={args.out}",
+                      *args.overrides]  # fmt: skip
+    args.check = False
+    return _train(args)
+
+
+def _add_prior(commands: argparse._SubParsersAction) -> None:
+    prior = commands.add_parser("prior", help="PRIOR's reference LM (train it before `prior`)")
+    sub = prior.add_subparsers(dest="prior_command", required=True)
+    reference = sub.add_parser(
+        "train-reference",
+        help="train the text-only reference LM P_r on the shards' captions (no images)",
+        description="Trains objective prior_reference (a causal LM over the captioning model's "
+        "tokenizer) with the same trainer as `vlp train`: checkpoints, train.resume=latest, and "
+        "`accelerate launch launch/pretrain.py --config <recipe>` for several processes. The run "
+        "folder is what objective.prior.reference names.",
+    )
+    reference.add_argument("--shards", required=True, help="training shards (folder/pattern/URL)")
+    reference.add_argument("--out", required=True, help="run folder of the reference LM")
+    reference.add_argument(
+        "--config",
+        default=str(PRIOR_REFERENCE_RECIPE),
+        help="recipe (default: launch/configs/prior_reference.yaml, CoCa ViT-B/32's tokenizer; "
+        "prior_reference_demo.yaml for the tiny CoCa)",
+    )
+    reference.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
+    reference.set_defaults(func=_prior_train_reference, user_errors=_run_errors)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -308,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo, user_errors=_run_errors)
 
     _add_shards(commands)
+    _add_prior(commands)
     add_eval_commands(commands)
     add_export_command(commands)
     add_watch_command(commands)

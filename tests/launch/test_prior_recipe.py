@@ -1,0 +1,54 @@
+"""PRIOR's demo recipes end to end: `vlp prior train-reference` trains P_r on the captions, then
+2 gloo processes under `accelerate launch` train PRIOR on a tiny CoCa with it, accumulating 2
+micro-batches; P_r stays out of the checkpoint, and the export loads in open_clip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
+
+CONFIGS = ROOT / "launch" / "configs"
+
+
+@pytest.mark.slow
+def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
+    import open_clip
+
+    from evals.export import export_run
+    from launch.cli import main
+
+    reference = tmp_path / "reference"
+    args = ["prior", "train-reference", "--shards", str(shards), "--out", str(reference),
+            "--config", str(CONFIGS / "prior_reference_demo.yaml"),
+            *_overrides(shards, reference, **{"train.steps": 2})]  # fmt: skip
+    assert main(args) == 0
+    lm = load_file(str(reference / "checkpoints" / "step_00000002" / "heads.safetensors"))
+    assert lm and all(key.startswith("lm.") for key in lm)
+
+    out = tmp_path / "run"
+    extra = {"train.steps": 2, "train.accum_steps": 2, "data.batch_size": 4,
+             "objective.prior.reference": reference}  # fmt: skip
+    done = _accelerate(_overrides(shards, out, **extra), recipe=CONFIGS / "prior_demo.yaml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [line for line in lines if "train/loss" in line][-1]
+    assert last["train/caption_loss"] > 0 and last["train/contrastive_loss"] > 0
+    checkpoint = out / "checkpoints" / "step_00000002"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_batch"] == 16
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert "text_decoder.text_projection" in weights
+    assert not any("reference" in key or key.startswith("lm.") for key in weights)
+    assert not (checkpoint / "heads.safetensors").exists() or not load_file(
+        str(checkpoint / "heads.safetensors")
+    )
+
+    export = export_run(out, tmp_path / "export")
+    coca, *_ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    assert hasattr(coca, "text_decoder")
+    assert coca.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 64)
