@@ -15,6 +15,8 @@ for padded lists); each array field's name -> :func:`collate_arrays` (with its m
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -195,6 +197,50 @@ class ArrayField:
 
 
 @dataclass(frozen=True)
+class SidecarField:
+    """A per-sample tensor looked up by sample key in a safetensors file beside the shards
+    (``path``; one tensor per key, all of one shape), under batch key ``name``, stacked.
+
+    Precomputed per-sample values (PRIOR's reference log-probabilities) travel this way. The
+    file's size and its ``id`` metadata (written with it) join the resume fingerprint, so a
+    resume against a recomputed sidecar is refused. A sample the file lacks is skipped and
+    counted as bad data.
+    """
+
+    name: str
+    path: str
+
+    def __post_init__(self) -> None:
+        _check_name("sidecar field", self.name)
+        if not str(self.path).endswith(".safetensors"):
+            raise ValueError(f"sidecar field '{self.name}': path must be a .safetensors file")
+
+    def fingerprint(self) -> tuple[str, ...]:
+        """Name, path, file size and the file's ``id``: what identifies its values."""
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as handle:
+            metadata = handle.metadata() or {}
+        size = str(os.path.getsize(self.path))
+        return ("sidecar", self.name, str(self.path), size, metadata.get("id", ""))
+
+    def lookup(self, key: str) -> torch.Tensor:
+        """The tensor of sample ``key``; SampleError when the file lacks it."""
+        handle = open_sidecar(str(self.path))
+        if key not in handle.keys():
+            raise SampleError(f"sample key '{key}' is not in sidecar {self.path}")
+        return handle.get_tensor(key)
+
+
+@functools.lru_cache(maxsize=8)
+def open_sidecar(path: str) -> Any:
+    """One open safetensors handle per file and process (memory-mapped; lookups are cheap)."""
+    from safetensors import safe_open
+
+    return safe_open(path, "pt")
+
+
+@dataclass(frozen=True)
 class BatchFields:
     """Everything a batch carries besides ``__key__``; see the module docstring for the keys.
 
@@ -206,9 +252,16 @@ class BatchFields:
     texts: tuple[TextField, ...] = ()
     json: tuple[JsonField, ...] = ()
     arrays: tuple[ArrayField, ...] = ()
+    sidecars: tuple[SidecarField, ...] = ()
 
     def __post_init__(self) -> None:
-        for attr in ("views", "texts", "json", "arrays"):  # lists are accepted; stored as tuples
+        for attr in (
+            "views",
+            "texts",
+            "json",
+            "arrays",
+            "sidecars",
+        ):  # lists are accepted; stored as tuples
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         if not self.views:
             raise ValueError("BatchFields needs at least one image view")
@@ -229,7 +282,13 @@ class BatchFields:
     def plain_source(self) -> str | None:
         """The text source if these fields are exactly :meth:`single`'s (no preset, no
         tokenizer name): such a stream is today's, with today's fingerprint. Else None."""
-        if len(self.views) != 1 or len(self.texts) != 1 or self.json or self.arrays:
+        if (
+            len(self.views) != 1
+            or len(self.texts) != 1
+            or self.json
+            or self.arrays
+            or self.sidecars
+        ):
             return None
         view, text = self.views[0], self.texts[0]
         plain_view = view.name == "image" and not view.preset
@@ -253,6 +312,7 @@ class BatchFields:
         named += [(j.name, f"json field '{j.name}'") for j in self.json]
         named += [(mask_key(j.name), f"the mask of json field '{j.name}'") for j in self.json]
         named += [(a.name, f"array field '{a.name}'") for a in self.arrays]
+        named += [(c.name, f"sidecar field '{c.name}'") for c in self.sidecars]
         named += [(mask_key(a.name), f"the mask of array field '{a.name}'") for a in self.arrays]
         for key, user in named:
             users.setdefault(key, []).append(user)
@@ -283,6 +343,7 @@ class BatchFields:
             *(t.fingerprint() for t in self.texts),
             *(j.fingerprint() for j in self.json),
             *(("array", a.name, a.member) for a in self.arrays),
+            *(c.fingerprint() for c in self.sidecars),
         )
 
 

@@ -9,12 +9,13 @@ message naming the shard and the missing field, not at step 5000 inside webdatas
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import webdataset as wds
 
-from data_pipelines.batch_fields import BatchFields
+from data_pipelines.batch_fields import BatchFields, open_sidecar
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
 from data_pipelines.tario import iter_samples
 from data_pipelines.text_sources import TextSource
@@ -97,7 +98,7 @@ def missing_batch_fields(
     """
     missing: list[MissingField] = []
     for url in list(urls)[:shards]:
-        members, _, meta = _first_sample(url)
+        members, key, meta = _first_sample(url)
         keys = set(meta or ())
         if not members & set(image_keys):
             where = f"image member, one of {', '.join(image_keys)}"
@@ -112,4 +113,10 @@ def missing_batch_fields(
         for array in fields.arrays:
             if array.member not in members:
                 missing.append(MissingField(array.name, f"member '{array.member}'", url))
+        for sidecar in fields.sidecars:
+            if not os.path.isfile(sidecar.path):
+                missing.append(MissingField(sidecar.name, f"sidecar file {sidecar.path}", url))
+            elif key not in open_sidecar(sidecar.path).keys():
+                where = f"key '{key}' in sidecar {sidecar.path}"
+                missing.append(MissingField(sidecar.name, where, url))
     return missing

@@ -204,6 +204,7 @@ def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) ->
                 texts[fallback_key(t.name)] = used_fallback
         values = {j.name: _json_value(j, meta) for j in fields.json}
         values |= {a.name: _array(_member(raw, a.member), a.member) for a in fields.arrays}
+        values |= {c.name: c.lookup(raw.key) for c in fields.sidecars}
         extras = {k: _decode_extra(k, _member(raw, k)) for k in spec.extra_keys}
     except SampleError as error:
         raise SampleError(f"shard {raw.url} sample {raw.key}: {error}", raw.url, raw.key) from error
@@ -232,6 +233,8 @@ def _collate(
         batch.update(collate_json(value.name, [s[value.name] for s in samples]))
     for array in fields.arrays:
         batch.update(collate_arrays(array.name, [s[array.name] for s in samples]))
+    for sidecar in fields.sidecars:
+        batch[sidecar.name] = torch.stack([s[sidecar.name] for s in samples])
     for k in extra_keys:
         values = [s[k] for s in samples]
         if all(isinstance(v, int) for v in values):

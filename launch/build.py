@@ -20,7 +20,14 @@ import torch
 from open_clip.tokenizer import HFTokenizer
 
 from data_pipelines.augment import build_preset
-from data_pipelines.batch_fields import ArrayField, BatchFields, ImageView, JsonField, TextField
+from data_pipelines.batch_fields import (
+    ArrayField,
+    BatchFields,
+    ImageView,
+    JsonField,
+    SidecarField,
+    TextField,
+)
 from data_pipelines.fields import missing_batch_fields
 from data_pipelines.shards import split_sources
 from data_pipelines.stream import TrainStream, make_train_stream
@@ -150,9 +157,14 @@ def batch_fields(
     texts = [_text_field(config, name, spec, tokenizer) for name, spec in declared.texts.items()]
     json = [JsonField(name, spec.source, spec.item) for name, spec in declared.json.items()]
     arrays = [ArrayField(name, member) for name, member in declared.arrays.items()]
+    sidecars = [SidecarField(name, path) for name, path in declared.sidecars.items()]
     try:
         fields = BatchFields(
-            views=tuple(views), texts=tuple(texts), json=tuple(json), arrays=tuple(arrays)
+            views=tuple(views),
+            texts=tuple(texts),
+            json=tuple(json),
+            arrays=tuple(arrays),
+            sidecars=tuple(sidecars),
         )
     except ValueError as error:
         raise StartupError(f"objective '{config.objective.name}': {error}") from None

@@ -1,5 +1,5 @@
 """The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect|attach`,
-`vlp prior train-reference`, `vlp eval zeroshot|retrieval|linear-probe`, `vlp export`,
+`vlp prior train-reference|weights`, `vlp eval zeroshot|retrieval|linear-probe`, `vlp export`,
 `vlp watch` — thin shells over tested functions."""
 
 from __future__ import annotations
@@ -61,6 +61,16 @@ def _prior_train_reference(args: argparse.Namespace) -> int:
     return _train(args)
 
 
+def _prior_weights(args: argparse.Namespace) -> int:
+    """`vlp prior weights`: log P_r of every caption, keyed by sample key."""
+    from launch.prior_weights import write_reference_sidecar
+
+    count = write_reference_sidecar(args.reference, args.shards, args.out, text_key=args.text_key)
+    print(f"wrote log P_r of {count} captions to {args.out}; train with "
+          f"objective.prior.sidecar={args.out}")  # fmt: skip
+    return 0
+
+
 def _add_prior(commands: argparse._SubParsersAction) -> None:
     prior = commands.add_parser("prior", help="PRIOR's reference LM (train it before `prior`)")
     sub = prior.add_subparsers(dest="prior_command", required=True)
@@ -82,6 +92,15 @@ def _add_prior(commands: argparse._SubParsersAction) -> None:
     )
     reference.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
     reference.set_defaults(func=_prior_train_reference, user_errors=_run_errors)
+    weights = sub.add_parser(
+        "weights",
+        help="precompute P_r's log-probabilities of every caption (objective.prior.sidecar)",
+    )
+    weights.add_argument("--reference", required=True, help="a `train-reference` run folder")
+    weights.add_argument("--shards", required=True, help="the shards PRIOR will train on")
+    weights.add_argument("--out", required=True, help="the .safetensors file to write")
+    weights.add_argument("--text-key", default="txt", help="caption member (default: txt)")
+    weights.set_defaults(func=_prior_weights, user_errors=_run_errors)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def coca():
     return model.double(), tokenizer
 
 
-def _reference_run(folder: Path, clip, seed: int = 3) -> Path:
+def reference_run(folder: Path, clip, seed: int = 3) -> Path:
     """A minimal ``prior_reference`` run: one complete checkpoint with the LM as heads."""
     torch.manual_seed(seed)
     lm = TinyCausalLM(clip.text.vocab_size, clip.text.context_length, 32, 1, 4)
@@ -41,7 +41,7 @@ def _reference_run(folder: Path, clip, seed: int = 3) -> Path:
     save_file({f"lm.{k}": v.contiguous() for k, v in lm.state_dict().items()},
               str(checkpoint / "heads.safetensors"))  # fmt: skip
     text_cfg = {"vocab_size": clip.text.vocab_size, "context_length": clip.text.context_length}
-    meta = {"model_cfg": {"text_cfg": text_cfg},
+    meta = {"model_name": "vlp-tiny-coca", "model_cfg": {"text_cfg": text_cfg},
             "objective": {"name": "prior_reference", "settings": {"width": 32, "layers": 1, "heads": 4}}}  # fmt: skip
     (checkpoint / "model_config.json").write_text(json.dumps(meta))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))
@@ -75,7 +75,7 @@ def _coca_loss(outputs):
 def test_without_reference_or_at_alpha_zero_it_is_cocas_loss(coca, tmp_path, settings):
     clip, tokenizer = coca
     if settings.get("reference"):
-        settings = {**settings, "reference": str(_reference_run(tmp_path / "ref", clip))}
+        settings = {**settings, "reference": str(reference_run(tmp_path / "ref", clip))}
     objective = create_objective("prior", **settings)
     model = objective.build_model(clip)
     batch = _batch(tokenizer)
@@ -86,7 +86,7 @@ def test_without_reference_or_at_alpha_zero_it_is_cocas_loss(coca, tmp_path, set
 
 def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coca, tmp_path):
     clip, tokenizer = coca
-    reference = _reference_run(tmp_path / "ref", clip)
+    reference = reference_run(tmp_path / "ref", clip)
     objective = PriorObjective(reference=str(reference), alpha=1.0)
     model = objective.build_model(clip)
     lm = model.frozen("reference")
@@ -108,7 +108,7 @@ def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coc
 
 def test_caption_logits_are_never_cached_and_accumulation_is_exact(coca, tmp_path):
     clip, tokenizer = coca
-    reference = str(_reference_run(tmp_path / "ref", clip))
+    reference = str(reference_run(tmp_path / "ref", clip))
     objective = PriorObjective(reference=reference)
     torch.manual_seed(0)
     big = objective.build_model(create_model("vlp-tiny-coca")[0].double())
@@ -131,7 +131,7 @@ def test_caption_logits_are_never_cached_and_accumulation_is_exact(coca, tmp_pat
 
 def test_a_reference_of_another_vocabulary_or_objective_is_refused(coca, tmp_path):
     clip, _ = coca
-    run = _reference_run(tmp_path / "ref", clip)
+    run = reference_run(tmp_path / "ref", clip)
     meta_file = run / "checkpoints" / "step_00000001" / "model_config.json"
     meta = json.loads(meta_file.read_text())
     meta["model_cfg"]["text_cfg"]["vocab_size"] = 1000

@@ -103,12 +103,14 @@ class JsonSpec:
 class Fields:
     """What an objective needs from each sample: named image views (view -> augmentation preset
     name), named text fields, named JSON values passed through (padded, with a mask), and named
-    ``.npy`` members (name -> member suffix, e.g. ``regions.npy``: ``[b, n, d]`` with a mask)."""
+    ``.npy`` members (name -> member suffix, e.g. ``regions.npy``: ``[b, n, d]`` with a mask),
+    and named sidecars (name -> a safetensors file of one tensor per sample key, stacked)."""
 
     views: Mapping[str, str] = field(default_factory=lambda: {"image": "openclip"})
     texts: Mapping[str, TextSpec] = field(default_factory=lambda: {"text": TextSpec()})
     json: Mapping[str, JsonSpec] = field(default_factory=dict)
     arrays: Mapping[str, str] = field(default_factory=dict)
+    sidecars: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass

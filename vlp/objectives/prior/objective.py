@@ -53,6 +53,8 @@ from vlp.objectives.registry import register_objective
 
 PAD_ID = 0
 """open_clip's tokenizers pad with id 0 (CoCa's ``pad_id``)."""
+SIDECAR_KEY = "reference_logprobs"
+"""Batch key of the precomputed log P_r(t_i | t_<i) (``[b, L-1]``, ``vlp prior weights``)."""
 
 
 def _text_cfg(clip: Any) -> tuple[int, int]:
@@ -156,6 +158,10 @@ class PriorSettings:
 
     reference: str = ""
     """P_r: a ``prior_reference`` run folder. Empty: no re-weighting (plain CoCa)."""
+    sidecar: str = ""
+    """P_r's log-probabilities precomputed by ``vlp prior weights`` (a ``.safetensors`` file
+    keyed by sample key), used instead of running P_r online; ``reference`` is then unused.
+    Part of the stream's resume fingerprint."""
     alpha: float = 1.0
     """Exponent of 1 − P_r (0: plain CoCa; the paper's formula has none, i.e. 1)."""
     contrastive_weight: float = 1.0
@@ -167,6 +173,10 @@ class PriorSettings:
             raise ValueError("alpha and the loss weights must be >= 0")
         if self.reference and not Path(self.reference).is_dir():
             raise ValueError(f"reference '{self.reference}' is not a folder")
+        if self.sidecar and not Path(self.sidecar).is_file():
+            raise ValueError(
+                f"sidecar '{self.sidecar}' is not a file (make it with `vlp prior weights`)"
+            )
 
 
 @register_objective("prior")
@@ -188,6 +198,16 @@ class PriorObjective(Objective):
         self.settings = PriorSettings(**settings)
         self.settings.validate()
 
+    def fields(self) -> Fields:
+        """One image view and the caption; the sidecar's log-probabilities when there is one."""
+        sidecars = {SIDECAR_KEY: self.settings.sidecar} if self.settings.sidecar else {}
+        return Fields(sidecars=sidecars)
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Image and caption (and the precomputed log-probabilities)."""
+        keys = ("image", "text", SIDECAR_KEY)
+        return {key: batch[key] for key in keys if key in batch}
+
     def build_model(self, clip: nn.Module) -> VlpModel:
         """A CoCa model (refused otherwise) with P_r attached frozen when there is one."""
         if not hasattr(clip, "text_decoder"):
@@ -196,7 +216,7 @@ class PriorObjective(Objective):
                 f"{type(clip).__name__}: pick e.g. coca_ViT-B-32 or vlp-tiny-coca"
             )
         model = super().build_model(clip)
-        if self.settings.reference:
+        if self.settings.reference and not self.settings.sidecar:
             model.attach_frozen("reference", load_reference_run(self.settings.reference, clip))
         return model
 
@@ -205,7 +225,10 @@ class PriorObjective(Objective):
         out = model.clip(inputs["image"], inputs["text"])
         labels = out["labels"]
         mask = labels != PAD_ID
-        if self.settings.reference and self.settings.alpha != 0:
+        if SIDECAR_KEY in inputs and self.settings.alpha != 0:
+            logprobs = inputs[SIDECAR_KEY].to(labels.device)
+            weights = token_weights(logprobs, mask, self.settings.alpha).to(out["logits"].dtype)
+        elif self.settings.reference and self.settings.alpha != 0:
             reference = model.frozen("reference").to(labels.device)
             logprobs, _ = reference_target_logprobs(reference, inputs["text"], PAD_ID)
             weights = token_weights(logprobs, mask, self.settings.alpha).to(out["logits"].dtype)

@@ -1,0 +1,90 @@
+"""`vlp prior weights`: PRIOR's reference log-probabilities, precomputed once per sample.
+
+PRIOR weighs caption tokens by 1 − P_r(t_i | t_<i) of a frozen reference LM. Online, P_r runs
+at every step; this writes log P_r(t_i | t_<i) of every sample's caption (``[L-1]`` float32,
+aligned with CoCa's labels) into one safetensors file keyed by sample key, which
+``objective.prior.sidecar`` reads through the stream instead (the weights, exponent α
+included, are then computed from it exactly as online). The file carries an ``id`` that joins
+the stream's resume fingerprint. Captions are read whole (``text_key``), as training reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from safetensors.torch import save_file
+
+from data_pipelines.decode import SampleError, decode_caption
+from data_pipelines.tario import iter_samples
+from launch.build import StartupError, shard_urls
+from vlp.models import create_model
+from vlp.objectives.prior.objective import PAD_ID, load_reference_run
+from vlp.objectives.prior.weights import reference_target_logprobs
+from vlp.training.checkpoint import list_checkpoints
+
+
+def _captions(urls: list[str], text_key: str) -> Iterator[tuple[str, str]]:
+    """(sample key, caption) of every sample of the shards, in order."""
+    for url in urls:
+        with wds.gopen(url) as stream:
+            for sample in iter_samples(stream, url):
+                if text_key not in sample.members:
+                    raise SampleError(f"shard {url} sample {sample.key}: no member '{text_key}'")
+                yield sample.key, decode_caption(sample.members[text_key])
+
+
+def write_reference_sidecar(
+    reference: str | Path, shards: str, out: str | Path, *, text_key: str = "txt",
+    batch_size: int = 256,
+) -> int:  # fmt: skip
+    """Write log P_r of every caption of ``shards`` into ``out`` (atomically); the count.
+
+    Raises:
+        StartupError: no complete checkpoint in ``reference``, a reference of another
+            tokenizer, a sample without ``text_key`` or a sample key seen twice.
+    """
+    checkpoints = list_checkpoints(Path(reference) / "checkpoints")
+    if not checkpoints:
+        raise StartupError(f"reference '{reference}' holds no complete checkpoint")
+    meta = json.loads((checkpoints[-1] / "model_config.json").read_text())
+    clip, _, _, tokenizer = create_model(meta["model_name"])
+    try:
+        lm = load_reference_run(reference, clip).eval()
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+    tensors: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def flush() -> None:
+        logprobs, _ = reference_target_logprobs(lm, tokenizer([c for _, c in pending]), PAD_ID)
+        for (key, _), row in zip(pending, logprobs.float(), strict=True):
+            tensors[key] = row.contiguous()
+        pending.clear()
+
+    try:
+        for key, caption in _captions(shard_urls(shards, "training"), text_key):
+            if key in seen:
+                raise StartupError(f"sample key '{key}' appears twice in {shards}")
+            seen.add(key)
+            pending.append((key, caption))
+            if len(pending) == batch_size:
+                flush()
+    except SampleError as error:
+        raise StartupError(str(error)) from None
+    if pending:
+        flush()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
+                "checkpoint": checkpoints[-1].name}  # fmt: skip
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return len(tensors)

@@ -1,0 +1,102 @@
+"""`vlp prior weights`: P_r's log-probabilities precomputed per sample key give exactly the
+weights computed online, reach the batch through the stream, and join its resume fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField, TextField
+from data_pipelines.decode import SampleError
+from data_pipelines.stream import make_train_stream
+from data_pipelines.transforms import TrainTransform
+from launch.prior_weights import write_reference_sidecar
+from tests.launch.test_pretrain import shards  # noqa: F401
+from tests.objectives.test_prior import reference_run
+from vlp.models import create_model
+from vlp.objectives.prior.objective import PAD_ID, SIDECAR_KEY, PriorObjective, load_reference_run
+from vlp.objectives.prior.weights import reference_target_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shards):  # noqa: F811
+    torch.manual_seed(0)
+    clip, _, _, tokenizer = create_model("vlp-tiny-coca")
+    folder = tmp_path_factory.mktemp("prior")
+    reference = reference_run(folder / "reference", clip)
+    sidecar = folder / "logprobs.safetensors"
+    assert write_reference_sidecar(reference, str(shards), sidecar, batch_size=100) == 256
+    return clip, tokenizer, reference, sidecar
+
+
+def _batches(shards, fields, n):  # noqa: F811
+    stream = make_train_stream(str(shards), batch_size=8, fields=fields, shuffle_buffer=16)
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    return batches
+
+
+def test_precomputed_equals_online(tiny, shards):  # noqa: F811
+    clip, tokenizer, reference, sidecar = tiny
+    fields = BatchFields(
+        views=(ImageView("image", TrainTransform((32, 32), scale=(0.9, 1.0))),),
+        texts=(TextField("text", tokenizer),),
+        sidecars=(SidecarField(SIDECAR_KEY, str(sidecar)),),
+    )
+    lm = load_reference_run(reference, clip).eval()
+    online = PriorObjective(reference=str(reference))
+    offline = PriorObjective(reference=str(reference), sidecar=str(sidecar))
+    assert SIDECAR_KEY in offline.fields().sidecars
+    model = online.build_model(clip)
+    for batch in _batches(shards, fields, 3):
+        batch["image"] = batch["image"].float() / 255  # the trainer normalises on the device
+        expected, _ = reference_target_logprobs(lm, batch["text"], PAD_ID)
+        torch.testing.assert_close(batch[SIDECAR_KEY], expected.float(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            weights = model(online.model_inputs(batch))["token_weights"]
+            precomputed = model(offline.model_inputs(batch))["token_weights"]
+        torch.testing.assert_close(precomputed, weights, rtol=1e-5, atol=1e-5)
+
+
+def test_sidecar_fingerprint_and_missing_key(tiny, shards, tmp_path):  # noqa: F811
+    """A recomputed file is another stream; a key the file lacks is a SampleError."""
+    _, _, reference, sidecar = tiny
+    again = tmp_path / "again.safetensors"
+    write_reference_sidecar(reference, str(shards), again)
+    first, second = SidecarField("lp", str(sidecar)), SidecarField("lp", str(again))
+    with safe_open(str(sidecar), "pt") as handle:
+        assert handle.metadata()["id"] in first.fingerprint()
+    assert first.fingerprint()[-1] != second.fingerprint()[-1]  # a recomputed file is another
+    with pytest.raises(SampleError, match="'no-such-key' is not in sidecar"):
+        first.lookup("no-such-key")
+
+
+def test_cli_writes_the_sidecar_and_names_a_bad_reference(tiny, shards, tmp_path, capsys):  # noqa: F811
+    from launch.cli import main
+
+    _, _, reference, _ = tiny
+    out = tmp_path / "lp.safetensors"
+    assert main(["prior", "weights", "--reference", str(reference), "--shards", str(shards),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert out.is_file() and "objective.prior.sidecar=" in capsys.readouterr().out
+    assert main(["prior", "weights", "--reference", str(tmp_path), "--shards", str(shards),
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_startup_names_a_missing_sidecar_or_key(tiny, shards, tmp_path):  # noqa: F811
+    from safetensors.torch import save_file
+
+    from data_pipelines.fields import missing_batch_fields
+
+    view = ImageView("image", TrainTransform((32, 32), scale=(0.9, 1.0)))
+    other = tmp_path / "other.safetensors"
+    save_file({"not-a-key": torch.zeros(3)}, str(other))
+    for path, where in ((tmp_path / "none.safetensors", "sidecar file"), (other, "key '")):
+        fields = BatchFields(views=(view,), sidecars=(SidecarField("lp", str(path)),))
+        (missing,) = missing_batch_fields([f"{shards}/00000.tar"], fields)
+        assert str(missing).startswith(f"field 'lp' ({where}")
