@@ -7,8 +7,10 @@ open in pyplot's registry by a long-running job.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -211,6 +213,31 @@ def plot_retrieval_grid(
                 spine.set_linewidth(3)
             if column == 0:
                 axes.set_title(caption[:60], loc="left", fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_caption_grid(
+    examples: Sequence[tuple[Image.Image, str, Sequence[str]]],
+    path: str | os.PathLike[str],
+    *,
+    columns: int = 4,
+) -> Path:
+    """A grid of images (PIL), each with its generated caption above (bold) and its first
+    reference caption below (grey), to read what a captioning model writes."""
+    if not examples:
+        raise ValueError("no captioned images to draw")
+    columns = min(columns, len(examples))
+    rows = math.ceil(len(examples) / columns)
+    figure = Figure(figsize=(2.6 * columns, 3.2 * rows))
+    for position, (image, generated, references) in enumerate(examples):
+        axes = figure.add_subplot(rows, columns, position + 1)
+        axes.imshow(image)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.set_title(textwrap.fill(generated or "(empty)", 30), fontsize=8, fontweight="bold")
+        reference = references[0] if references else ""
+        axes.set_xlabel(textwrap.fill(reference, 30), fontsize=7, color="dimgray")
     figure.tight_layout()
     return _save(figure, path)
 

@@ -1,6 +1,6 @@
 """The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect|attach`,
-`vlp prior train-reference|weights`, `vlp eval zeroshot|retrieval|linear-probe`, `vlp export`,
-`vlp watch` — thin shells over tested functions."""
+`vlp prior train-reference|weights`, `vlp eval zeroshot|retrieval|linear-probe|captioning`,
+`vlp export`, `vlp watch` — thin shells over tested functions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`vlp eval zeroshot|retrieval|linear-probe` and `vlp export`: thin shells over :mod:`evals`.
+"""`vlp eval zeroshot|retrieval|linear-probe|captioning` and `vlp export`: thin shells over
+:mod:`evals`.
 
 Each eval command loads a model reference (a run, checkpoint or export directory, or an
 open_clip name with ``--pretrained``), opens each ``--dataset`` (CLIP_benchmark's webdataset
@@ -241,6 +242,39 @@ def linear_probe_command(args: argparse.Namespace) -> int:
 
 
 @_as_startup_errors
+def captioning_command(args: argparse.Namespace) -> int:
+    """`vlp eval captioning`: a CoCa's captions per dataset, BLEU-4 and CIDEr, JSON + PNG grid."""
+    from evals.captioning import CaptioningError, captioning_task
+    from evals.loading import load_model
+    from launch.run import StartupError
+
+    options = _options(args)
+    eval_sets = [_open(args, dataset, "retrieval") for dataset in args.dataset]
+    model, preprocess, tokenizer, info = load_model(
+        args.model, args.pretrained, device=options.device
+    )
+    results = []
+    for eval_set in eval_sets:
+        try:
+            result = captioning_task(
+                model,
+                preprocess,
+                tokenizer,
+                eval_set,
+                method=args.method,
+                max_len=args.max_len,
+                num_beams=args.num_beams,
+                options=options,
+            )
+        except CaptioningError as error:
+            raise StartupError(f"{args.model}: {error}") from None
+        _write(args, info, eval_set.name, result)
+        results.append((eval_set.name, result))
+    _print_summary(results)
+    return 0
+
+
+@_as_startup_errors
 def export_command(args: argparse.Namespace) -> int:
     """`vlp export RUN_DIR OUT`: open_clip hub layout, loadable as ``local-dir:OUT``."""
     from evals.export import export_run
@@ -292,9 +326,11 @@ def _common(parser: argparse.ArgumentParser, *, several: bool = True) -> None:
 
 
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `vlp eval zeroshot|retrieval|linear-probe` on `vlp`'s subcommand parsers."""
+    """Register `vlp eval zeroshot|retrieval|linear-probe|captioning` on `vlp`'s subcommand
+    parsers."""
     evaluate = subparsers.add_parser(
-        "eval", help="zero-shot classification, retrieval or linear probe, as CLIP_benchmark"
+        "eval",
+        help="zero-shot classification, retrieval, linear probe or captioning, as CLIP_benchmark",
     )
     tasks = evaluate.add_subparsers(dest="eval_command", required=True)
 
@@ -324,6 +360,17 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--val-fraction", type=float, default=0.2, help="for the decay sweep")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(func=linear_probe_command, user_errors=_user_errors)
+
+    captioning = tasks.add_parser(
+        "captioning", help="captions of a CoCa model, BLEU-4 and CIDEr against the dataset's"
+    )
+    _common(captioning)
+    captioning.add_argument("--method", choices=("greedy", "beam"), default="greedy")
+    captioning.add_argument(
+        "--max-len", type=positive_int, default=30, help="tokens per caption, start token included"
+    )
+    captioning.add_argument("--num-beams", type=positive_int, default=6, help="for --method beam")
+    captioning.set_defaults(func=captioning_command, user_errors=_user_errors)
 
 
 def add_export_command(subparsers: argparse._SubParsersAction) -> None:
