@@ -5,6 +5,7 @@ a text-only LM whose run ``prior`` loads (or refuses, naming why)."""
 
 from __future__ import annotations
 
+import gc
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -120,6 +121,21 @@ def test_caption_logits_are_never_cached_and_accumulation_is_exact(coca, tmp_pat
     cached = cached_batch_loss(small, objective, micro, autocast=nullcontext, device=CPU)
     assert set(cached.grads) == {"image_features", "text_features", "logit_scale"}
     assert set(cached.shared) == {"logit_scale"}  # no [b, L, V] logits kept across micro-batches
+    vocab = clip.text.vocab_size
+    alive_during_coupled_loss = []
+
+    def batch_loss(features):  # step (2): every micro-batch encoded, the coupled loss next
+        gc.collect()
+        alive_during_coupled_loss.extend(
+            o.shape
+            for o in gc.get_objects()
+            if torch.is_tensor(o) and o.ndim == 3 and o.shape[-1] == vocab
+        )
+        return PriorObjective.batch_loss(objective, features)
+
+    objective.batch_loss = batch_loss  # type: ignore[method-assign]
+    cached_batch_loss(small, objective, micro, autocast=nullcontext, device=CPU)
+    assert alive_during_coupled_loss == []  # not k x [b, L, V], not even one micro-batch's
     small.zero_grad()
     # the caption term is per micro-batch: k = 4 of 2 equals one batch of 8 only for the
     # contrastive part, so compare with the caption weight at 0 for gradients of the whole loss

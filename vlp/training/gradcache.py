@@ -110,6 +110,7 @@ def cached_batch_loss(
             encoded.append(
                 {k: v for k, v in outputs.items() if not isinstance(kinds[k], PerSample)}
             )
+    del outputs  # the last micro-batch's per-sample outputs (caption logits) are not kept
     after = _rng_state(device)
     coupled = [k for k, kind in kinds.items() if isinstance(kind, Coupled)]
     if not coupled:
