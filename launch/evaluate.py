@@ -141,10 +141,32 @@ def _print_summary(results: list[tuple[str, Any]]) -> None:
     print(summary_table([(name, result.metrics) for name, result in results]))
 
 
+def _evaluate_each(
+    args: argparse.Namespace,
+    options: Any,
+    jobs: list[tuple[Any, Any]],
+    run: Callable[[Any, Any, Any, Any, Any], Any],
+) -> int:
+    """Load the model once, then for each ``(eval_set, extra)`` of ``jobs`` (checked before the
+    model loads) ``run(model, preprocess, tokenizer, eval_set, extra)``; write each result and
+    print the summary table."""
+    from evals.loading import load_model
+
+    model, preprocess, tokenizer, info = load_model(
+        args.model, args.pretrained, device=options.device
+    )
+    results = []
+    for eval_set, extra in jobs:
+        result = run(model, preprocess, tokenizer, eval_set, extra)
+        _write(args, info, eval_set.name, result)
+        results.append((eval_set.name, result))
+    _print_summary(results)
+    return 0
+
+
 @_as_startup_errors
 def zeroshot_command(args: argparse.Namespace) -> int:
     """`vlp eval zeroshot`: zero-shot classification per dataset, JSON + confusion-matrix PNG."""
-    from evals.loading import load_model
     from evals.tasks import zeroshot_classification
     from evals.zeroshot import DEFAULT_TEMPLATES, expand_prompts
     from launch.run import StartupError
@@ -165,38 +187,27 @@ def zeroshot_command(args: argparse.Namespace) -> int:
         except ValueError as error:  # no {c}, a CuPL dict missing a class, ...
             raise StartupError(f"templates: {error}") from None
         jobs.append((eval_set, templates))
-    model, preprocess, tokenizer, info = load_model(
-        args.model, args.pretrained, device=options.device
-    )
-    results = []
-    for eval_set, templates in jobs:
-        result = zeroshot_classification(
+
+    def run(model: Any, preprocess: Any, tokenizer: Any, eval_set: Any, templates: Any) -> Any:
+        return zeroshot_classification(
             model, preprocess, tokenizer, eval_set, eval_set.classnames, templates, options
         )
-        _write(args, info, eval_set.name, result)
-        results.append((eval_set.name, result))
-    _print_summary(results)
-    return 0
+
+    return _evaluate_each(args, options, jobs, run)
 
 
 @_as_startup_errors
 def retrieval_command(args: argparse.Namespace) -> int:
     """`vlp eval retrieval`: image-text retrieval per dataset, JSON + recall@k PNG."""
-    from evals.loading import load_model
     from evals.tasks import zeroshot_retrieval
 
     options = _options(args)
-    eval_sets = [_open(args, dataset, "retrieval") for dataset in args.dataset]
-    model, preprocess, tokenizer, info = load_model(
-        args.model, args.pretrained, device=options.device
-    )
-    results = []
-    for eval_set in eval_sets:
-        result = zeroshot_retrieval(model, preprocess, tokenizer, eval_set, args.recall_k, options)
-        _write(args, info, eval_set.name, result)
-        results.append((eval_set.name, result))
-    _print_summary(results)
-    return 0
+    jobs = [(_open(args, dataset, "retrieval"), None) for dataset in args.dataset]
+
+    def run(model: Any, preprocess: Any, tokenizer: Any, eval_set: Any, _: Any) -> Any:
+        return zeroshot_retrieval(model, preprocess, tokenizer, eval_set, args.recall_k, options)
+
+    return _evaluate_each(args, options, jobs, run)
 
 
 @_as_startup_errors
@@ -245,18 +256,14 @@ def linear_probe_command(args: argparse.Namespace) -> int:
 def captioning_command(args: argparse.Namespace) -> int:
     """`vlp eval captioning`: a CoCa's captions per dataset, BLEU-4 and CIDEr, JSON + PNG grid."""
     from evals.captioning import CaptioningError, captioning_task
-    from evals.loading import load_model
     from launch.run import StartupError
 
     options = _options(args)
-    eval_sets = [_open(args, dataset, "retrieval") for dataset in args.dataset]
-    model, preprocess, tokenizer, info = load_model(
-        args.model, args.pretrained, device=options.device
-    )
-    results = []
-    for eval_set in eval_sets:
+    jobs = [(_open(args, dataset, "retrieval"), None) for dataset in args.dataset]
+
+    def run(model: Any, preprocess: Any, tokenizer: Any, eval_set: Any, _: Any) -> Any:
         try:
-            result = captioning_task(
+            return captioning_task(
                 model,
                 preprocess,
                 tokenizer,
@@ -268,10 +275,8 @@ def captioning_command(args: argparse.Namespace) -> int:
             )
         except CaptioningError as error:
             raise StartupError(f"{args.model}: {error}") from None
-        _write(args, info, eval_set.name, result)
-        results.append((eval_set.name, result))
-    _print_summary(results)
-    return 0
+
+    return _evaluate_each(args, options, jobs, run)
 
 
 @_as_startup_errors

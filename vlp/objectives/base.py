@@ -195,6 +195,21 @@ class Objective(nn.Module):
         return {**self.batch_loss(outputs), **self.sample_loss(outputs, batch)}
 
 
+class ConfiguredObjective(Objective):
+    """An objective built from its ``Config`` dataclass's fields, validated on construction
+    (``objective.<name>: ...`` errors come from ``Config.validate``); read them as
+    ``self.settings``."""
+
+    settings: Any
+
+    def __init__(self, **settings: Any):
+        super().__init__()
+        self.settings = self.Config(**settings)
+        validate = getattr(self.settings, "validate", None)
+        if validate is not None:
+            validate()
+
+
 def learned_scale(model: VlpModel) -> torch.Tensor:
     """s = exp(t) of open_clip's learned ``logit_scale`` t."""
     scale: torch.Tensor = model.clip.logit_scale

@@ -29,9 +29,9 @@ from vlp.distributed import contrastive_loss
 from vlp.models.freeze import freeze_text_layers
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives.base import (
+    ConfiguredObjective,
     Coupled,
     Fields,
-    Objective,
     Output,
     Shared,
     Tensors,
@@ -86,7 +86,7 @@ def projection_head(kind: str, embed_dim: int, out_dim: int) -> nn.Module:
 
 
 @register_objective("convirt")
-class ConvirtObjective(Objective):
+class ConvirtObjective(ConfiguredObjective):
     """Weighted bidirectional InfoNCE over heads on both towers (see the module docstring).
 
     Example:
@@ -95,16 +95,12 @@ class ConvirtObjective(Objective):
     """
 
     Config = ConvirtSettings
+    settings: ConvirtSettings
     outputs: ClassVar[Mapping[str, Output]] = {
         "image_features": Coupled(),
         "text_features": Coupled(),
         "logit_scale": Shared(),
     }
-
-    def __init__(self, **settings: Any):
-        super().__init__()
-        self.settings = ConvirtSettings(**settings)
-        self.settings.validate()
 
     def fields(self) -> Fields:
         """One image view with the ``convirt`` preset; one report sentence per sample per step."""

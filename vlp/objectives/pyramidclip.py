@@ -46,10 +46,10 @@ from vlp.distributed import contrastive_loss
 from vlp.models import vit_split
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives.base import (
+    ConfiguredObjective,
     Coupled,
     Fields,
     JsonSpec,
-    Objective,
     Output,
     Shared,
     Tensors,
@@ -173,7 +173,7 @@ def pooled_regions(grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 @register_objective("pyramidclip")
-class PyramidClipObjective(Objective):
+class PyramidClipObjective(ConfiguredObjective):
     """Six softened InfoNCE terms over a pyramid of views and texts (see the module docstring).
 
     Example:
@@ -182,16 +182,12 @@ class PyramidClipObjective(Objective):
     """
 
     Config = PyramidClipSettings
+    settings: PyramidClipSettings
     outputs: ClassVar[Mapping[str, Output]] = {
         **{f"{side}_features": Coupled() for side in ("global", "local", "roi")},
         **{f"{side}_features": Coupled() for side in ("summary", "caption", "attributes")},
         "logit_scale": Shared(),
     }
-
-    def __init__(self, **settings: Any):
-        super().__init__()
-        self.settings = PyramidClipSettings(**settings)
-        self.settings.validate()
 
     def fields(self) -> Fields:
         """The views, texts and json values the active terms need."""

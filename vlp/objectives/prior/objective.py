@@ -33,9 +33,9 @@ from torch import nn
 from vlp.distributed import contrastive_loss
 from vlp.models.vlp_model import HEADS_FILE, VlpModel
 from vlp.objectives.base import (
+    ConfiguredObjective,
     Coupled,
     Fields,
-    Objective,
     Output,
     PerSample,
     Shared,
@@ -80,16 +80,12 @@ class PriorReferenceSettings:
 
 
 @register_objective("prior_reference")
-class PriorReferenceObjective(Objective):
+class PriorReferenceObjective(ConfiguredObjective):
     """Next-token cross-entropy of a text-only LM on the captions (P_r of PRIOR)."""
 
     Config = PriorReferenceSettings
+    settings: PriorReferenceSettings
     outputs: ClassVar[Mapping[str, Output]] = {"lm_logits": PerSample(), "tokens": PerSample()}
-
-    def __init__(self, **settings: Any):
-        super().__init__()
-        self.settings = PriorReferenceSettings(**settings)
-        self.settings.validate()
 
     def fields(self) -> Fields:
         """The caption (an image view is still decoded: the stream needs one; it is unused)."""
@@ -180,10 +176,11 @@ class PriorSettings:
 
 
 @register_objective("prior")
-class PriorObjective(Objective):
+class PriorObjective(ConfiguredObjective):
     """CoCa's contrastive + captioning loss with PRIOR's token weights (module docstring)."""
 
     Config = PriorSettings
+    settings: PriorSettings
     outputs: ClassVar[Mapping[str, Output]] = {
         "image_features": Coupled(),
         "text_features": Coupled(),
@@ -192,11 +189,6 @@ class PriorObjective(Objective):
         "labels": PerSample(),
         "token_weights": PerSample(),
     }
-
-    def __init__(self, **settings: Any):
-        super().__init__()
-        self.settings = PriorSettings(**settings)
-        self.settings.validate()
 
     def fields(self) -> Fields:
         """One image view and the caption; the sidecar's log-probabilities when there is one."""
