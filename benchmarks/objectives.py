@@ -1,6 +1,6 @@
 """The objectives table: every registered objective trained alike on the procedural dataset.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objectives.py [--steps 300]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objectives.py [--steps 300] [--only NAME ...]
 
 Each objective in ``vlp.objectives.list_objectives()`` is trained from its demo recipe
 (:data:`RECIPES`) with the same steps, batch, seed, data worker count and image tower (the
@@ -20,6 +20,10 @@ trained on):
 Writes ``benchmarks/results/objectives.json``, ``benchmarks/results/objectives.png`` and its own
 section of ``benchmarks/RESULTS.md`` (replaced in place on a re-run, other sections untouched).
 A new objective adds its row by registering itself and adding its recipe to :data:`RECIPES`.
+``--only NAME ...`` trains those objectives and CLIP (the time reference: the new rows' ratios
+come from one session; kept rows keep the s/step they measured) and keeps the other rows of an
+existing ``objectives.json`` made with the same steps, batch and seed (the training is
+deterministic: a re-run reproduces their metrics).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ RECIPES: dict[str, tuple[Path, tuple[str, ...]]] = {
     "siglip": (CONFIGS / "demo.yaml", ("objective.name=siglip",)),
     "convirt": (CONFIGS / "convirt_demo.yaml", ()),
     "pyramidclip": (CONFIGS / "pyramidclip_demo.yaml", ()),
+    "protoclip": (CONFIGS / "protoclip_demo.yaml", ()),
 }
 """Objective name -> (recipe yaml, overrides). The recipe must use the demo's image tower."""
 NOT_IN_TABLE = {
@@ -175,6 +180,27 @@ def run_objective(
         "load_average_after": os.getloadavg()[0],
         "model_cfg": model_cfg,
     }
+
+
+def kept_rows(
+    args: argparse.Namespace, chosen: dict[str, tuple[Path, tuple[str, ...]]]
+) -> dict[str, dict[str, Any]]:
+    """With ``--only``: the rows of the existing ``objectives.json`` not to train again (all but
+    ``--only`` and the reference), or SystemExit when it was made with other settings."""
+    unknown = [name for name in args.only if name not in chosen]
+    if unknown:
+        raise SystemExit(f"--only: no recipe for {', '.join(unknown)} (have: {', '.join(chosen)})")
+    path = args.results / "objectives.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    settings = {k: getattr(args, k) for k in ("steps", "batch", "seed")}
+    if any(saved.get(k) != v for k, v in settings.items()):
+        raise SystemExit(f"--only: {path} was not made with {settings}; run the whole table")
+    rows = {row["objective"]: row for row in saved["rows"]}
+    keep = set(chosen) - set(args.only) - {REFERENCE}
+    missing = sorted(keep - set(rows))
+    if missing:
+        raise SystemExit(f"--only: {path} has no row for {', '.join(missing)}; add them to --only")
+    return {name: rows[name] for name in keep}
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, date: str) -> str:
@@ -312,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run folders (one per objective) and the shared shards")  # fmt: skip
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="train these (and clip); keep the other rows of objectives.json")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -322,11 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.torch_version = torch.__version__.split("+")[0]
     chosen = recipes(list_objectives())
+    kept = kept_rows(args, chosen) if args.only else {}
     write_demo_data(args.out / "data")
-    rows = [
-        run_objective(name, recipe, overrides, args.out / name, args.out / "data", args)
+    trained = {
+        name: run_objective(name, recipe, overrides, args.out / name, args.out / "data", args)
         for name, (recipe, overrides) in chosen.items()
-    ]
+        if name not in kept
+    }
+    rows = [trained[name] if name in trained else kept[name] for name in chosen]
     reference = next(row for row in rows if row["objective"] == REFERENCE)
     for row in rows:
         row["time_vs_clip"] = row["seconds_per_step"] / reference["seconds_per_step"]

@@ -56,22 +56,56 @@ METRICS = {"zeroshot_acc1": "zero-shot acc1", "linear_probe_acc1": "linear probe
 HEADING = "## PyramidCLIP levels (ablation)"
 
 
-def _run(job: tuple[str, int, Path, argparse.Namespace]) -> dict[str, Any]:
-    variant, seed, out, args = job
+Variant = tuple[str, Path, tuple[str, ...]]
+"""(objective name, recipe, overrides)."""
+
+
+def _run(job: tuple[str, Variant, int, Path, argparse.Namespace]) -> dict[str, Any]:
+    name, (objective, recipe, overrides), seed, out, args = job
     run_args = argparse.Namespace(**{**vars(args), "seed": seed})
     row = objectives.run_objective(
-        "pyramidclip", RECIPE, VARIANTS[variant], out / f"{variant}-{seed}", out / "data", run_args
+        objective, recipe, overrides, out / f"{name}-{seed}", out / "data", run_args
     )
-    return {"variant": variant, "seed": seed, **row}
+    return {"variant": name, "seed": seed, **row}
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_variants(
+    variants: dict[str, Variant], args: argparse.Namespace, runs_file: Path
+) -> list[dict[str, Any]]:
+    """Train every variant for every seed of ``args.seeds`` (``args.parallel`` at once) on the
+    demo's shards in ``args.out``; the rows, each also appended to ``runs_file`` as it ends."""
+    from launch.demo import write_demo_data
+
+    write_demo_data(args.out / "data")
+    jobs = [(name, v, seed, args.out, args) for name, v in variants.items() for seed in args.seeds]
+    runs_file.parent.mkdir(parents=True, exist_ok=True)
+    runs_file.write_text("")
+    rows = []
+    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
+        for done in as_completed([pool.submit(_run, job) for job in jobs]):
+            rows.append(done.result())
+            with runs_file.open("a") as runs:
+                runs.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+def machine_line() -> str:
+    """Cores, architecture, accelerator and torch version, for a results table."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return f"{os.cpu_count()}-core {platform.machine()}, {device}, torch {torch.__version__}"
+
+
+def summarise(
+    rows: list[dict[str, Any]], variants: Sequence[str], metrics: Sequence[str] = tuple(METRICS)
+) -> list[dict[str, Any]]:
     """Per variant: mean and standard deviation (0 for one seed) of every metric."""
     table = []
-    for variant in VARIANTS:
+    for variant in variants:
         runs = [row for row in rows if row["variant"] == variant]
         entry: dict[str, Any] = {"variant": variant, "seeds": [row["seed"] for row in runs]}
-        for key in METRICS:
+        for key in metrics:
             values = [row[key] for row in runs]
             entry[key] = statistics.mean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -115,24 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-
-    from launch.demo import write_demo_data
-
-    write_demo_data(args.out / "data")
-    jobs = [(variant, seed, args.out, args) for variant in VARIANTS for seed in args.seeds]
-    args.results.mkdir(parents=True, exist_ok=True)
-    runs_file = args.results / "pyramid_levels_runs.jsonl"  # each run as it ends
-    runs_file.write_text("")
-    rows = []
-    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
-        for done in as_completed([pool.submit(_run, job) for job in jobs]):
-            rows.append(done.result())
-            with runs_file.open("a") as runs:
-                runs.write(json.dumps(rows[-1]) + "\n")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    machine = f"{os.cpu_count()}-core {platform.machine()}, {device}, torch {torch.__version__}"
-    table = summarise(rows)
+    variants = {name: ("pyramidclip", RECIPE, o) for name, o in VARIANTS.items()}
+    rows = run_variants(variants, args, args.results / "pyramid_levels_runs.jsonl")
+    machine = machine_line()
+    table = summarise(rows, list(VARIANTS))
     section = markdown(table, args, machine)
     print("\n" + section)
     report = {"machine": machine, "steps": args.steps, "batch": args.batch, "seeds": args.seeds,

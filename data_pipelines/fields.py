@@ -17,7 +17,7 @@ import webdataset as wds
 
 from data_pipelines.batch_fields import BatchFields, open_sidecar
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
-from data_pipelines.tario import iter_samples
+from data_pipelines.tario import iter_keys, iter_samples
 from data_pipelines.text_sources import TextSource
 
 IMAGE_FIELDS = frozenset(IMAGE_MEMBERS)
@@ -120,3 +120,35 @@ def missing_batch_fields(
                 where = f"key '{key}' in sidecar {sidecar.path}"
                 missing.append(MissingField(sidecar.name, where, url))
     return missing
+
+
+class SidecarGaps(NamedTuple):
+    """Training samples a sidecar file has no entry for."""
+
+    missing: int
+    total: int
+    first: str
+    """The first missing sample, ``'key' in shard URL`` (empty when none is missing)."""
+
+
+def sidecar_gaps(urls: Sequence[str], path: str) -> SidecarGaps:
+    """Count the samples of ``urls`` whose key is not in the sidecar ``path`` (reads every
+    shard's member names, not its images).
+
+    Raises:
+        ValueError: a shard that cannot be read as a tar file.
+    """
+    keys = set(open_sidecar(path).keys())
+    missing = total = 0
+    first = ""
+    for url in urls:
+        try:
+            with wds.gopen(url) as stream:
+                for key in iter_keys(stream):
+                    total += 1
+                    if key not in keys:
+                        missing += 1
+                        first = first or f"'{key}' in shard {url}"
+        except DATA_ERRORS as error:
+            raise ValueError(f"shard '{url}' cannot be read as a tar file: {error}") from error
+    return SidecarGaps(missing, total, first)

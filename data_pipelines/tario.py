@@ -64,3 +64,22 @@ def iter_samples(stream: IO[bytes], url: str) -> Iterator[RawSample]:
             members[parts[1]] = data
     if key is not None:
         yield RawSample(key, members, url, index)
+
+
+def iter_keys(stream: IO[bytes]) -> Iterator[str]:
+    """The sample keys of one tar stream, in order, without reading member data into memory
+    (a start-up check that every sample has a sidecar entry reads only the headers' names)."""
+    key: str | None = None
+    suffixes: set[str] = set()
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            parts = _split(info.name) if info.isreg() else None
+            if parts is None:
+                continue
+            if parts[0] != key or parts[1] in suffixes:
+                if key is not None:
+                    yield key
+                key, suffixes = parts[0], set()
+            suffixes.add(parts[1])
+    if key is not None:
+        yield key

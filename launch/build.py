@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from data_pipelines.batch_fields import (
     SidecarField,
     TextField,
 )
-from data_pipelines.fields import missing_batch_fields
+from data_pipelines.fields import missing_batch_fields, sidecar_gaps
 from data_pipelines.shards import split_sources
 from data_pipelines.stream import TrainStream, make_train_stream
 from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
@@ -201,12 +202,18 @@ def _text_field(config: Config, name: str, spec: TextSpec, tokenizer: Any) -> Te
     return TextField(name, tokenizer, source, spec.choose, spec.min_words, tokenizer_name, fallback)
 
 
-def check_data(config: Config, fields: BatchFields) -> list[str]:
+def check_data(
+    config: Config, fields: BatchFields, sidecar_commands: Mapping[str, str] | None = None
+) -> list[str]:
     """Expand the shard URLs and check that the first shard carries every field the objective
-    reads (image, text members or json keys)."""
+    reads (image, text members or json keys), and that every sidecar file has an entry for every
+    training sample (else: how many lack one, and ``sidecar_commands``' command that makes it)."""
     if not config.data.train_shards:
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
     urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
+    for sidecar in fields.sidecars:
+        if os.path.isfile(sidecar.path):
+            _check_sidecar(config, urls, sidecar, (sidecar_commands or {}).get(sidecar.name, ""))
     try:
         missing = missing_batch_fields(urls, fields, image_keys=config.data.image_keys)
     except ValueError as error:
@@ -218,6 +225,22 @@ def check_data(config: Config, fields: BatchFields) -> list[str]:
             + "; write that field into the shards or pick another objective"
         )
     return urls
+
+
+def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, command: str) -> None:
+    try:
+        gaps = sidecar_gaps(urls, sidecar.path)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+    if not gaps.missing:
+        return
+    shards = config.data.train_shards
+    make = command.format(shards=shards, path=sidecar.path) if command else ""
+    raise StartupError(
+        f"objective '{config.objective.name}': {gaps.missing} of {gaps.total} training samples "
+        f"have no entry in sidecar '{sidecar.name}' ({sidecar.path}; first: {gaps.first}); "
+        + (f"make it for these shards with: {make}" if make else "remake it for these shards")
+    )
 
 
 def build_stream(config: Config, parts: StreamParts, rank: int, world_size: int) -> TrainStream:

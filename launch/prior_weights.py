@@ -29,14 +29,26 @@ from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.training.checkpoint import list_checkpoints
 
 
-def _captions(urls: list[str], text_key: str) -> Iterator[tuple[str, str]]:
-    """(sample key, caption) of every sample of the shards, in order."""
+def shard_captions(urls: list[str], text_key: str) -> Iterator[tuple[str, str, str]]:
+    """(shard, sample key, caption) of every sample of the shards, in order.
+
+    Shared by the commands that precompute a per-caption sidecar (`vlp prior weights`, `vlp
+    protoclip teacher`), so that they read captions exactly as each other.
+
+    Raises:
+        SampleError: a sample without ``text_key`` or with an undecodable caption, naming the
+            shard and the sample key.
+    """
     for url in urls:
         with wds.gopen(url) as stream:
             for sample in iter_samples(stream, url):
                 if text_key not in sample.members:
                     raise SampleError(f"shard {url} sample {sample.key}: no member '{text_key}'")
-                yield sample.key, decode_caption(sample.members[text_key])
+                try:
+                    caption = decode_caption(sample.members[text_key])
+                except SampleError as error:
+                    raise SampleError(f"shard {url} sample {sample.key}: {error}") from None
+                yield url, sample.key, caption
 
 
 def write_reference_sidecar(
@@ -69,7 +81,7 @@ def write_reference_sidecar(
         pending.clear()
 
     try:
-        for key, caption in _captions(shard_urls(shards, "training"), text_key):
+        for _, key, caption in shard_captions(shard_urls(shards, "training"), text_key):
             if key in seen:
                 raise StartupError(f"sample key '{key}' appears twice in {shards}")
             seen.add(key)

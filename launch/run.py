@@ -130,7 +130,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
-    urls = check_data(config, parts.fields)
+    urls = check_data(config, parts.fields, objective.sidecar_commands)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)

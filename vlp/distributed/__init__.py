@@ -2,7 +2,9 @@
 
 from vlp.distributed.checks import NonFiniteFeaturesError
 from vlp.distributed.collectives import (
+    all_gather,
     all_reduce_mean,
+    broadcast_,
     bytes_sent,
     collective_device,
     is_distributed,
@@ -16,7 +18,9 @@ from vlp.distributed.siglip import sigmoid_loss
 
 __all__ = [
     "NonFiniteFeaturesError",
+    "all_gather",
     "all_reduce_mean",
+    "broadcast_",
     "bytes_sent",
     "collective_device",
     "contrastive_group",

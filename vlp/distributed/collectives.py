@@ -8,7 +8,9 @@ around the group with :class:`RingShift` inside their own autograd functions
 with the chunk, so that it reaches the owning rank as the SUM of every rank's loss gradient (not a
 mean). DDP then averages parameter gradients over ranks, which together gives exactly the
 full-batch gradient (open_clip#616, lightly#1977 are the 1/N bugs this avoids).
-``accelerator.gather`` does not carry gradients and must not be used for features.
+``accelerator.gather`` does not carry gradients and must not be used for features. (Episodic
+objectives gather DETACHED features once per episode, :mod:`vlp.training.episodes`, to cluster
+them; that is the one all-gather of features, and no gradient goes through it.)
 
 Every collective here adds the bytes this rank sends to a per-process counter
 (:func:`bytes_sent`), so that tests and benchmarks can show what a loss communicates. The count is
@@ -121,6 +123,19 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None = None) -> list[
     dist.all_gather(parts, sent, group=group)
     _count((size - 1) * _nbytes(tensor))
     return [part.to(tensor.device) for part in parts]
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: every rank's ``tensor`` becomes (global) rank ``src``'s, without autograd;
+    counted on ``src`` (same shape and dtype everywhere). Returns ``tensor``."""
+    if world_size() > 1:
+        sent = _to_backend(tensor, None).contiguous()
+        dist.broadcast(sent, src=src)
+        if sent is not tensor:
+            tensor.copy_(sent)
+        if rank() == src:
+            _count(_nbytes(tensor))
+    return tensor
 
 
 def all_reduce_(

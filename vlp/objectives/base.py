@@ -17,7 +17,11 @@ PRIOR, so that the trainer, GradCache, checkpoints and the stream need no change
 - **GradCache declarations**: :attr:`Objective.outputs` says which outputs are batch-coupled
   embeddings (cached, with their dtype), shared scalars, or per-sample tensors used only by
   ``sample_loss`` (never cached);
-- **post-step rules**: :meth:`Objective.after_step` (CLIP clamps its learned scale).
+- **optimizer rules**: :meth:`Objective.no_decay` (parameters AdamW must not decay, beyond the
+  default rule), :meth:`Objective.before_optimizer_step` (drop gradients: a frozen phase) and
+  :meth:`Objective.after_step` (CLIP clamps its learned scale);
+- **episodes** (ProtoCLIP): an :class:`~vlp.objectives.episodic.EpisodicObjective` is driven by
+  :mod:`vlp.training.episodes` (a no-grad pass over each episode before training on it).
 
 The trainer sums every returned key that ends in ``_loss`` and logs every key.
 """
@@ -131,6 +135,10 @@ class Objective(nn.Module):
     }
     """Every output :meth:`encode` returns, with its kind (GradCache caches by these)."""
 
+    sidecar_commands: ClassVar[Mapping[str, str]] = {}
+    """Per sidecar field, the command that writes it (``{shards}``, ``{path}`` filled in): named
+    when training samples are missing from the file."""
+
     model_kwargs: ClassVar[dict[str, Any]] = {}
     """open_clip model-constructor overrides the objective needs (SigLIP: a logit bias)."""
 
@@ -185,6 +193,16 @@ class Objective(nn.Module):
         return {
             k: v.detach() for k, v in outputs.items() if isinstance(self.outputs.get(k), Shared)
         }
+
+    def no_decay(self, model: VlpModel) -> set[str]:
+        """Names (``model.named_parameters()``) AdamW must not decay besides the default rule
+        (:mod:`vlp.training.optim`); default: none."""
+        return set()
+
+    def before_optimizer_step(self, model: VlpModel) -> None:
+        """Runs when the step's gradients are final (all-reduced), before clipping and the step;
+        a parameter whose ``grad`` is set to None here is left untouched by the step (AdamW skips
+        it: no update, no decay, moments kept). Default: nothing."""
 
     @torch.no_grad()
     def after_step(self, model: VlpModel) -> None:

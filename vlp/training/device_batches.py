@@ -58,6 +58,19 @@ class DeviceBatches:
                     batch[view] = self.image_transform(batch[view])
         return batches
 
+    def position(self) -> dict[str, Any]:
+        """The stream's position after the last micro-batch handed out (``state_dict``)."""
+        return self.batches.state_dict()  # type: ignore[attr-defined]
+
+    def rewind(self, position: dict[str, Any]) -> None:
+        """Hand out again what came after ``position`` (a :meth:`position`): an episode's
+        second pass replays the first one's samples. Prefetched batches are dropped."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()  # stops the data workers of the current pass
+        self.batches.load_state_dict(position)  # type: ignore[attr-defined]
+        self._iterator = iter(self.batches)
+
     def _next_from_stream(self, step: int) -> dict[str, Any]:
         try:
             return next(self._iterator)

@@ -34,7 +34,9 @@ from vlp.config import Config, validate_config
 from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive_group
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives import Objective, total_loss
+from vlp.objectives.episodic import EpisodicObjective
 from vlp.training.device_batches import DeviceBatches
+from vlp.training.episodes import EpisodeDriver, episode_plan
 from vlp.training.evaluation import Evaluator, run_evaluators
 from vlp.training.gradcache import cached_batch_loss, replay_backward
 from vlp.training.model_state import make_scalars_shardable, register_forward_methods
@@ -106,7 +108,7 @@ class Trainer:
         self.run_dir = RunDir(Path(config.train.out_dir), accelerator)
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
         scalars = make_scalars_shardable(model) if self.sharded else []
-        optimizer = create_optimizer(model, config.optim)
+        optimizer = create_optimizer(model, config.optim, objective.no_decay(model))
         scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             model, optimizer, scheduler
@@ -118,11 +120,20 @@ class Trainer:
         )
         self.objective.group = contrastive_group(config.train.group_size)
         self.objective.tile_size = config.train.tile_size
+        self.episodes = None
+        if isinstance(objective, EpisodicObjective):
+            plan = episode_plan(objective.episode_samples(), self.global_batch, config.train.steps)
+            self.episodes = EpisodeDriver(
+                objective, plan, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, batch_size=config.data.batch_size,
+                accum_steps=config.train.accum_steps,
+            )  # fmt: skip
         self.checkpoints = TrainerCheckpoints(
             accelerator, self.model, self.optimizer, self.scheduler,
             scalars=scalars, batches=batches, model_info=model_info,
             directory=self.run_dir.checkpoints, out_dir=self.run_dir.path,
             global_batch=self.global_batch, keep=config.train.keep_checkpoints,
+            episodes=self.episodes,
         )  # fmt: skip
         self.nonfinite = NonFiniteSkips(
             config.train.max_nonfinite_steps, self.run_dir.checkpoints, accelerator.process_index
@@ -174,7 +185,14 @@ class Trainer:
         interrupted = False
         with StopFlag() as stop, logging_redirect_tqdm():
             while self.step < cfg.train.steps and not interrupted:
-                parts, interrupted = self.train_step(feed.next(self.step), stop.requested)
+                if self.episodes is not None and self.episodes.due():
+                    interrupted = self._begin_episode(feed, stop)
+                    if interrupted:
+                        break
+                micro_batches = feed.next(self.step)
+                if self.episodes is not None:
+                    self.episodes.label(micro_batches)
+                parts, interrupted = self.train_step(micro_batches, stop.requested)
                 if parts is not None:
                     progress.advance()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
@@ -257,6 +275,21 @@ class Trainer:
         self.step += 1
         return parts, stop
 
+    def _begin_episode(self, feed: DeviceBatches, stop: StopFlag) -> bool:
+        """Pass 1 of the episode starting now (:mod:`vlp.training.episodes`); True when a stop
+        was requested during it (the stream is then back at the episode's start)."""
+        assert self.episodes is not None
+        values, stopped = self.episodes.pass_one(
+            self.model, feed, self.step, self.accelerator.autocast, lambda: stop.requested
+        )
+        if values:
+            self.run_dir.record(values, self.step)
+            if self.accelerator.is_main_process:
+                logger.info("episode at step %d: %s", self.step, " ".join(
+                    f"{k.removeprefix('episode/')}={v:.4g}" for k, v in values.items()
+                ))  # fmt: skip
+        return stopped
+
     def _forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.accelerator.autocast():
             outputs = self.model(self.objective.model_inputs(batch))
@@ -265,6 +298,7 @@ class Trainer:
         return loss, {**parts, **self.objective.log_values(outputs)}
 
     def _optimizer_step(self) -> None:
+        self.objective.before_optimizer_step(self.accelerator.unwrap_model(self.model))
         if self.config.optim.grad_clip:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()

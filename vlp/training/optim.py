@@ -24,23 +24,30 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and not any(part in name for part in _NO_DECAY_NAME_PARTS)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices and undecayed everything else (trainable only)."""
+def parameter_groups(
+    model: nn.Module, weight_decay: float, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices and undecayed everything else (trainable only);
+    names in ``exclude`` (an objective's :meth:`~vlp.objectives.Objective.no_decay`) never decay."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if _decays(name, param) else no_decay).append(param)
+            decays = _decays(name, param) and name not in exclude
+            (decay if decays else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def create_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters with CLIP's decay exclusions."""
+def create_optimizer(
+    model: nn.Module, config: OptimConfig, exclude: set[str] | frozenset[str] = frozenset()
+) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters with CLIP's decay exclusions (and
+    ``exclude``'s)."""
     return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay),
+        parameter_groups(model, config.weight_decay, exclude),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,

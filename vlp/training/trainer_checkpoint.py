@@ -3,7 +3,8 @@
 The directory format (temporary name, ``COMPLETE`` marker, fsync, rename, pruning) lives in
 :mod:`vlp.training.checkpoint`; this module fills it: the model (open_clip's weights in
 ``model.safetensors``, the objective's heads beside them), the optimizer moments, the schedule,
-every rank's RNG states and data position, and the run's counters. A resume refuses a checkpoint
+every rank's RNG states and data position, the run's counters, and an episodic objective's
+episode state (``episode.safetensors``, :mod:`vlp.training.episodes`). A resume refuses a checkpoint
 written with another world size or global batch, since the data order would differ from an
 uninterrupted run's. The skip report of the data stream is refreshed with every checkpoint.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from vlp.models.vlp_model import HEADS_FILE, join_state, split_state
 from vlp.training import checkpoint as ckpt
+from vlp.training.episodes import EpisodeDriver
 from vlp.training.model_state import (
     full_model_state,
     full_optimizer_state,
@@ -34,6 +36,8 @@ from vlp.training.model_state import (
 from vlp.training.optim import group_settings, keep_config_settings
 
 logger = logging.getLogger(__name__)
+
+EPISODE_FILE = "episode.safetensors"
 
 
 class ResumeError(ValueError):
@@ -85,6 +89,7 @@ class TrainerCheckpoints:
         out_dir: the run directory (``train.out_dir``), where the skip report goes.
         global_batch: samples per optimizer step over all ranks; a resume must match it.
         keep: ``train.keep_checkpoints``, the newest of this run to keep.
+        episodes: an episodic objective's driver, whose state is saved and restored.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class TrainerCheckpoints:
         out_dir: Path,
         global_batch: int,
         keep: int,
+        episodes: EpisodeDriver | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -113,6 +119,7 @@ class TrainerCheckpoints:
         self.out_dir = out_dir
         self.global_batch = global_batch
         self.keep = keep
+        self.episodes = episodes
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint ``train.resume`` names (a path, or ``latest``); None when ``latest``
@@ -167,6 +174,10 @@ class TrainerCheckpoints:
             if heads_state:
                 save_file(heads_state, str(tmp / HEADS_FILE))
             ckpt.save_state_parts(tmp, "optimizer", optimizer_state)
+            if self.episodes is not None:
+                # cloned: the state may hold one tensor under two names (safetensors refuses)
+                episode = {k: v.detach().cpu().clone() for k, v in self.episodes.state().items()}
+                save_file(episode, str(tmp / EPISODE_FILE))
             ckpt.write_json(tmp / "model_config.json", self.model_info)
             ckpt.write_json(
                 tmp / "trainer_state.json",
@@ -227,8 +238,22 @@ class TrainerCheckpoints:
                 self.batches.load_state_dict(json.loads(data_state.read_text()))
             except ValueError as error:
                 raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
+        if self.episodes is not None:
+            self._load_episode(path, int(state["step"]))
         return TrainerState(
             step=int(state["step"]),
             nonfinite_steps=int(state["nonfinite_steps"]),
             run_id=str(state.get("run_id", "")),  # "": a checkpoint from before run ids
         )
+
+    def _load_episode(self, path: Path, step: int) -> None:
+        assert self.episodes is not None
+        file = path / EPISODE_FILE
+        if file.is_file():
+            device = self.accelerator.device
+            self.episodes.load({k: v.to(device) for k, v in load_file(str(file)).items()})
+        elif step > 0:
+            raise ResumeError(
+                f"train.resume: checkpoint {path} has no {EPISODE_FILE}: it was not written by "
+                "an episodic objective"
+            )

@@ -180,6 +180,9 @@ class PriorObjective(ConfiguredObjective):
     """CoCa's contrastive + captioning loss with PRIOR's token weights (module docstring)."""
 
     Config = PriorSettings
+    sidecar_commands: ClassVar[Mapping[str, str]] = {
+        SIDECAR_KEY: "vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {path}"
+    }
     settings: PriorSettings
     outputs: ClassVar[Mapping[str, Output]] = {
         "image_features": Coupled(),

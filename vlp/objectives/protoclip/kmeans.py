@@ -97,6 +97,13 @@ def kmeans(
     return best
 
 
+def nearest_centroids(features: Tensor, centroids: Tensor, chunk_size: int = 4096) -> Tensor:
+    """``long [n]``: each row's nearest centroid (Euclidean), as k-means labels its points; for
+    episodes that reuse an earlier clustering (``objective.protoclip.cluster_every``)."""
+    x = features.detach().to(centroids.dtype)
+    return _assign(x, centroids.to(x.device), chunk_size)[0]
+
+
 def _check_arguments(
     features: Tensor, k: int, iterations: int, restarts: int, backend: str, chunk_size: int
 ) -> None:

@@ -1,0 +1,369 @@
+"""The ProtoCLIP objective and its episodes: the model call, the schedule, the frozen phases, the
+episode driver's two passes, clustering over 2 processes, and exact resume inside an episode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_pipelines.synthetic import generate_samples
+from data_pipelines.write import write_shards
+from launch.run import train
+from tests.ddp_helpers import run_on_ranks
+from vlp.config import load_config
+from vlp.models import create_model
+from vlp.objectives import create_objective
+from vlp.objectives.episodic import EPISODE_INDEX, PASS_ONE
+from vlp.objectives.protoclip import kmeans, nearest_centroids
+from vlp.training.device_batches import DeviceBatches
+from vlp.training.episodes import EpisodeDriver, episode_plan
+from vlp.training.optim import create_optimizer
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "launch" / "configs" / "protoclip_demo.yaml"
+
+
+def _objective(**settings: object):  # type: ignore[no-untyped-def]
+    values = {"episode_size": 32, "k": 4, "hidden": 16, "dim": 8, "backend": "torch"}
+    return create_objective("protoclip", **(values | settings))
+
+
+def _model(objective):  # type: ignore[no-untyped-def]
+    clip, _, _, tokenizer = create_model("vlp-tiny-vit")
+    return objective.build_model(clip), tokenizer
+
+
+def _inputs(tokenizer, b: int = 4) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return {
+        "image": torch.randn(b, 3, 32, 32),
+        "text": tokenizer([f"a photo {i}" for i in range(b)]),
+    }
+
+
+def test_encode_returns_clip_features_and_projections_and_pass_one_only_projections():
+    objective = _objective()
+    model, tokenizer = _model(objective)
+    outputs = model(_inputs(tokenizer))
+    assert set(outputs) == set(objective.outputs)
+    assert outputs["image_projected"].shape == (4, 8)
+    assert torch.allclose(outputs["image_projected"].norm(dim=1), torch.ones(4))
+    assert torch.allclose(outputs["image_features"].norm(dim=1), torch.ones(4))
+    assert float(outputs["proto_scale"].detach()) == pytest.approx(1 / 0.07)
+    # The CLIP side is the un-projected embedding, the same that evals use.
+    plain = model.clip.encode_image(_inputs(tokenizer)["image"], normalize=True)
+    assert torch.allclose(outputs["image_features"], plain, atol=1e-6)
+    only = model({**_inputs(tokenizer), PASS_ONE: True})
+    assert set(only) == {"image_projected", "text_projected"}
+
+
+def test_heads_are_not_named_image_or_text_and_get_no_weight_decay():
+    objective = _objective()
+    model, _ = _model(objective)
+    assert sorted(model.heads) == ["proto_image", "proto_scale", "proto_text"]
+    from vlp.config import OptimConfig
+
+    optimizer = create_optimizer(model, OptimConfig(weight_decay=0.5), objective.no_decay(model))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, param in model.named_parameters():
+        if name.startswith("heads."):
+            assert id(param) not in decayed, name
+    assert any(id(p) in decayed for p in model.clip.visual.parameters())
+
+
+@pytest.mark.parametrize(
+    ("episodes", "clip_episodes", "lit", "expected"),
+    [
+        (6, 1, 2, ["clip", "proto", "proto", "proto", "lit", "lit"]),
+        (4, 0, 0, ["proto"] * 4),
+        (3, 1, 2, ["clip", "lit", "lit"]),
+    ],
+)
+def test_schedule_clip_first_lit_last(episodes, clip_episodes, lit, expected):
+    objective = _objective(clip_episodes=clip_episodes, lit_episodes=lit)
+    assert [objective.phase_of(e, episodes) for e in range(episodes)] == expected
+    assert [objective.needs_features(e, episodes) for e in range(episodes)] == [
+        phase != "lit" for phase in expected
+    ]
+
+
+def _step_grads(objective, phase: str):  # type: ignore[no-untyped-def]
+    model, tokenizer = _model(objective)
+    objective.phase = phase
+    inputs = _inputs(tokenizer)
+    outputs = model(inputs)
+    parts = objective(outputs, {**inputs, EPISODE_INDEX: torch.arange(4)})
+    sum(v for k, v in parts.items() if k.endswith("_loss")).backward()
+    objective.before_optimizer_step(model)
+    return model, parts
+
+
+@pytest.mark.parametrize("phase", ["clip", "lit"])
+def test_clip_only_phases_keep_heads_in_the_graph_then_drop_their_gradients(phase):
+    model, parts = _step_grads(_objective(), phase)
+    assert float(parts["proto_idle_loss"].detach()) == 0.0
+    assert all(p.grad is None for p in model.heads.parameters())
+    visual_grads = [p.grad for p in model.clip.visual.parameters()]
+    assert all(g is None for g in visual_grads) == (phase == "lit")
+    assert all(p.grad is not None for p in model.clip.transformer.parameters())
+
+
+def _features(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=1)
+    rows = centres[torch.arange(n) % 4] + 0.01 * torch.randn(n, 8, generator=generator)
+    return {"image": rows, "text": rows.roll(1, dims=1), "teacher": rows[:, :6]}
+
+
+def test_begin_episode_clusters_and_prototype_terms_use_the_episode_rows():
+    objective = _objective(teacher="teacher.safetensors")
+    features = _features()
+    logs = objective.begin_episode(1, 4, features)
+    assert objective.phase == "proto" and float(logs["empty_clusters"]) == 0
+    prototypes = objective.prototypes
+    expected = kmeans(features["image"], 4, seed=1, backend="torch").labels
+    assert torch.equal(prototypes.image_labels, expected)
+    assert prototypes.external is not None
+    model, tokenizer = _model(objective)
+    inputs = _inputs(tokenizer)
+    parts = objective(model(inputs), {**inputs, EPISODE_INDEX: torch.tensor([3, 7, 1, 0])})
+    assert {"proto_i2t_loss", "proto_t2i_loss", "proto_i2e_loss", "proto_t2e_loss"} <= set(parts)
+
+
+def test_cluster_every_reuses_the_last_centroids_between_clusterings():
+    objective = _objective(cluster_every=2)
+    objective.begin_episode(2, 8, _features(seed=0))
+    kept = {k: v.clone() for k, v in objective.centroids.items()}
+    logs = objective.begin_episode(3, 8, _features(seed=1))
+    assert float(logs["reclustered"]) == 0.0
+    assert all(torch.equal(kept[k], objective.centroids[k]) for k in kept)
+    new = _features(seed=1)["image"]
+    assert torch.equal(objective.prototypes.image_labels, nearest_centroids(new, kept["image"]))
+    assert float(objective.begin_episode(4, 8, _features(seed=2))["reclustered"]) == 1.0
+
+
+def test_episode_state_round_trips_without_reclustering():
+    objective = _objective(teacher="teacher.safetensors")
+    objective.begin_episode(1, 4, _features())
+    state = objective.episode_state()
+    other = _objective(teacher="teacher.safetensors")
+    other.load_episode_state(1, 4, state)
+    assert other.phase == "proto"
+    for key, value in other.episode_state().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_episode_plan_needs_whole_steps():
+    assert episode_plan(64, 16, 10).steps_per_episode == 4
+    assert episode_plan(64, 16, 10).episodes == 3
+    with pytest.raises(ValueError, match="use 48 or 64"):
+        episode_plan(50, 16, 10)
+
+
+class _Stream:
+    """A resumable stream of numbered batches (state: the next number)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        while True:
+            n = self.next
+            self.next += 1
+            yield {"__key__": [f"{n}-{i}" for i in range(2)], "image": torch.full((2, 1), float(n))}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next = state["next"]
+
+
+class _Probe(torch.nn.Module):
+    def forward(self, inputs):  # type: ignore[no-untyped-def]
+        return {"x": inputs["image"]}
+
+
+class _Episodic:
+    """Records what the driver hands over."""
+
+    def __init__(self) -> None:
+        self.features = None
+
+    def model_inputs(self, batch):  # type: ignore[no-untyped-def]
+        return {"image": batch["image"]}
+
+    def needs_features(self, episode: int, episodes: int) -> bool:
+        return True
+
+    def episode_features(self, outputs, batch):  # type: ignore[no-untyped-def]
+        return {"x": outputs["x"]}
+
+    def begin_episode(self, episode, episodes, features):  # type: ignore[no-untyped-def]
+        self.features = features
+        return {}
+
+
+def _driver(objective, accum: int = 2) -> EpisodeDriver:  # type: ignore[no-untyped-def]
+    plan = episode_plan(8, 2 * accum, 6)
+    return EpisodeDriver(objective, plan, rank=0, world_size=1, batch_size=2, accum_steps=accum)
+
+
+def test_pass_one_reads_the_episode_then_pass_two_replays_the_same_samples():
+    stream, objective = _Stream(), _Episodic()
+    feed = DeviceBatches(stream, 2, torch.device("cpu"), ["image"], None)
+    feed.next(0)  # batches 0 and 1: the step before the episode
+    driver = _driver(objective)
+    _, stopped = driver.pass_one(_Probe(), feed, 2, _null, lambda: False)
+    assert not stopped
+    assert objective.features["x"].flatten().tolist() == [2, 2, 3, 3, 4, 4, 5, 5]
+    micro = feed.next(2)
+    assert [int(b["image"][0]) for b in micro] == [2, 3]
+    driver.label(micro)
+    assert [b[EPISODE_INDEX].tolist() for b in micro] == [[0, 1], [2, 3]]
+    assert not driver.due()
+    micro = feed.next(3)  # a step skipped for a non-finite loss still used these samples
+    driver.label(micro)
+    assert [b[EPISODE_INDEX].tolist() for b in micro] == [[4, 5], [6, 7]]
+    assert driver.due()  # the episode's samples are used up, whatever the step count says
+
+
+def _null():  # type: ignore[no-untyped-def]
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_a_stop_during_pass_one_rewinds_to_the_episode_start():
+    stream, objective = _Stream(), _Episodic()
+    feed = DeviceBatches(stream, 2, torch.device("cpu"), ["image"], None)
+    _, stopped = _driver(objective).pass_one(_Probe(), feed, 0, _null, lambda: True)
+    assert stopped and objective.features is None
+    assert stream.state_dict() == {"next": 0}
+    assert [int(b["image"][0]) for b in feed.next(0)] == [0, 1]
+
+
+def _gathered_labels(rank: int, world: int, k: int) -> list[int]:
+    from vlp.distributed import all_gather
+
+    rows = _features(64)["image"]
+    mine = rows.view(world, -1, rows.shape[1])[rank]  # rank r holds rows [r·n/R, (r+1)·n/R)
+    gathered = torch.cat(all_gather(mine))
+    objective = _objective(k=k, episode_size=64)
+    objective.begin_episode(1, 4, {"image": gathered, "text": gathered})
+    return objective.prototypes.image_labels.tolist()
+
+
+@pytest.mark.slow
+def test_two_processes_cluster_the_gathered_features_as_one_process_the_concatenation():
+    one = _gathered_labels(0, 1, 4)
+    two = run_on_ranks(_gathered_labels, 2, 4)
+    assert two[0] == two[1] == one
+
+
+def _config(shards: Path, out: Path, **extra: object):  # type: ignore[no-untyped-def]
+    values = {
+        "data.train_shards": shards,
+        "data.batch_size": 8,
+        "data.workers": 1,
+        "data.shuffle_buffer": 20,
+        "train.steps": 16,
+        "train.log_every": 1,
+        "train.checkpoint_every": 1,
+        "train.keep_checkpoints": 20,
+        "train.out_dir": out,
+        "optim.warmup_steps": 1,
+        "objective.protoclip.episode_size": 32,
+        "objective.protoclip.k": 4,
+        "objective.protoclip.hidden": 32,
+        "objective.protoclip.lit_episodes": 1,
+        "objective.protoclip.backend": "torch",
+        "eval.every": 0,
+        **extra,
+    }
+    return load_config(RECIPE, [f"{k}={v}" for k, v in values.items()])
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resume_inside_and_between_episodes_equals_the_uninterrupted_run_bitwise(tmp_path, seed):
+    """16 steps in 4 episodes of 4 (CLIP, prototypes, prototypes, LiT): resuming at steps 5 and
+    6 (pass 2 of a prototype episode: no re-clustering) and at step 8 (before an episode's pass
+    1) ends with the same weights, bit for bit, and the same losses at every step."""
+    shards = tmp_path / "shards"
+    write_shards(generate_samples(48, seed=seed), shards, samples_per_shard=12)
+    whole = tmp_path / "whole"
+    train(_config(shards, whole, **{"train.seed": seed}))
+    expected = {r["step"]: r["train/loss"] for r in _records(whole) if "train/loss" in r}
+    assert any("train/proto_i2t_loss" in r for r in _records(whole))
+    final = whole / "checkpoints" / "step_00000016"
+    for resume_at in (5, 6, 8):
+        out = tmp_path / f"from_{resume_at}"
+        checkpoint = whole / "checkpoints" / f"step_{resume_at:08d}"
+        train(_config(shards, out, **{"train.seed": seed, "train.resume": checkpoint}))
+        records = _records(out)
+        got = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+        assert got == {s: expected[s] for s in range(resume_at + 1, 17)}
+        episodes = [r["step"] for r in records if "episode/index" in r]
+        assert episodes == [s for s in (8, 12) if s >= resume_at]  # no re-clustering mid-episode
+        for name in ("model.safetensors", "heads.safetensors"):
+            mine = load_file(str(out / "checkpoints" / "step_00000016" / name))
+            theirs = load_file(str(final / name))
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), (resume_at, name)
+
+
+def test_the_demo_recipe_is_valid():
+    config = load_config(RECIPE)
+    objective = create_objective("protoclip", config.objective.section())
+    assert objective.episode_samples() % config.data.batch_size == 0
+
+
+def test_training_samples_without_a_teacher_embedding_stop_the_run_at_start_up(tmp_path):
+    """Counted over every shard, not only the first sample: the message gives how many and
+    the command that writes the teacher embeddings."""
+    from safetensors.torch import save_file
+
+    from launch.build import StartupError
+
+    shards = tmp_path / "shards"
+    samples = list(generate_samples(24, seed=0))
+    write_shards(iter(samples), shards, samples_per_shard=8)
+    teacher = tmp_path / "teacher.safetensors"
+    keep = [s["key"] for s in samples if s["key"] != samples[13]["key"]][:20]  # 4 missing
+    save_file({key: torch.zeros(4) for key in keep}, str(teacher))
+    config = _config(shards, tmp_path / "run", **{"objective.protoclip.teacher": teacher})
+    with pytest.raises(StartupError) as error:
+        train(config)
+    message = str(error.value)
+    assert "4 of 24 training samples have no entry in sidecar 'teacher'" in message
+    assert f"vlp protoclip teacher {shards} --out {teacher}" in message
+    assert samples[13]["key"] in message
+
+
+@pytest.mark.slow
+def test_an_external_teacher_adds_its_terms_through_the_stream(tmp_path):
+    """The teacher's embeddings come per sample key from the sidecar, are clustered with the
+    same k, and give the I→E and T→E terms."""
+    from safetensors.torch import save_file
+
+    shards = tmp_path / "shards"
+    samples = list(generate_samples(32, seed=0))
+    write_shards(iter(samples), shards, samples_per_shard=16)
+    teacher = tmp_path / "teacher.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({s["key"]: torch.randn(6, generator=generator) for s in samples}, str(teacher))
+    out = tmp_path / "run"
+    extra = {"objective.protoclip.teacher": teacher, "train.steps": 12, "train.checkpoint_every": 0}
+    train(_config(shards, out, **extra))
+    steps = {r["step"]: r for r in _records(out) if "train/loss" in r}
+    assert "train/proto_i2e_loss" in steps[5] and "train/proto_t2e_loss" in steps[5]
+    state = load_file(str(out / "checkpoints" / "step_00000012" / "episode.safetensors"))
+    assert state["centroids.teacher"].shape == (4, 6)
