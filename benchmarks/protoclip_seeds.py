@@ -2,7 +2,7 @@
 per episode split into pass 1 (encoding), clustering and training.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/protoclip_seeds.py [--steps 300]
-        [--seeds 0 1 2] [--parallel N]
+        [--seeds 0 1 2] [--parallel N] [--teacher]
 
 The paper's headline is the linear probe (RN50, CC2.5M, batch 512: 49.41 → 55.22), so this
 reports linear probe and zero-shot (and retrieval) on the held-out procedural shapes, through
@@ -14,7 +14,10 @@ reports linear probe and zero-shot (and retrieval) on the held-out procedural sh
   'light' augmentation, its heads and its LiT episodes, but CLIP's loss alone, so that the
   prototype terms' own effect is the difference to the next row;
 - ``protoclip``: ``protoclip_demo.yaml`` (64 prototypes, episodes of 1,280 samples, no external
-  teacher).
+  teacher);
+- with ``--teacher``, also ``protoclip + teacher``: the same with the external teacher,
+  all-MiniLM-L6-v2 embeddings of the captions reduced to 64 dimensions (``vlp protoclip
+  teacher``, computed once here).
 
 Writes ``benchmarks/results/protoclip_seeds.json`` (runs as they end in
 ``protoclip_seeds_runs.jsonl``) and the "ProtoCLIP vs CLIP" section of ``benchmarks/RESULTS.md``.
@@ -74,6 +77,7 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/protoclip_seeds.py"
     command += f" --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
     command += f" --parallel {args.parallel}" if args.parallel > 1 else ""
+    command += " --teacher" if args.teacher else ""
     about = (
         f"The same {args.steps} steps of batch {args.batch} (the same samples seen) on the "
         "procedural shapes, tiny ViT; metrics on the 1,000 held-out images, mean ± standard "

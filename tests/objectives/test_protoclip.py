@@ -367,3 +367,10 @@ def test_an_external_teacher_adds_its_terms_through_the_stream(tmp_path):
     assert "train/proto_i2e_loss" in steps[5] and "train/proto_t2e_loss" in steps[5]
     state = load_file(str(out / "checkpoints" / "step_00000012" / "episode.safetensors"))
     assert state["centroids.teacher"].shape == (4, 6)
+
+
+def test_a_run_too_short_for_a_prototype_episode_says_so(caplog):
+    objective = _objective(clip_episodes=1, lit_episodes=2)
+    with caplog.at_level("WARNING"):
+        objective.begin_episode(0, 3, _features())
+    assert "none with the prototype terms" in caplog.text

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -51,6 +52,8 @@ from vlp.objectives.protoclip.prototypes import (
     protoclip_terms,
 )
 from vlp.objectives.registry import register_objective
+
+logger = logging.getLogger(__name__)
 
 MAX_PROTO_SCALE = math.log(100)
 PHASES = ("clip", "proto", "lit")
@@ -263,6 +266,13 @@ class ProtoClipObjective(EpisodicObjective):
     def begin_episode(self, episode: int, episodes: int, features: Tensors | None) -> Tensors:
         """Cluster on the main process, broadcast, and set the episode's phase."""
         self.phase = self.phase_of(episode, episodes)
+        if episode == 0 and "proto" not in {self.phase_of(e, episodes) for e in range(episodes)}:
+            logger.warning(
+                "objective.protoclip: train.steps hold %d episodes of %d samples, none with the "
+                "prototype terms (clip_episodes=%d, lit_episodes=%d): this run trains CLIP only",
+                episodes, self.settings.episode_size, self.settings.clip_episodes,
+                self.settings.lit_episodes,
+            )  # fmt: skip
         logs = {"phase": torch.tensor(float(PHASES.index(self.phase)))}
         if features is None:
             self.prototypes = None
