@@ -129,6 +129,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
         raise StartupError(str(error)) from None
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
+    objective.use_tokenizer(tokenizer)
     parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
     urls = check_data(config, parts.fields, objective.sidecar_commands)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)

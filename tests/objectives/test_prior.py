@@ -179,3 +179,37 @@ def test_the_reference_objective_trains_a_text_only_lm(coca):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_transformers_causal_lm_is_a_reference_when_its_tokenizer_is_the_models(coca, tmp_path):
+    """objective.prior.reference may name a transformers causal LM (here a local GPT-2 over
+    open_clip's vocabulary): its weights are used, checked against the captioning tokenizer;
+    without that tokenizer, or with another one, it is refused in one line."""
+    from tests.objectives.test_prior_math import write_clip_tokenizer, write_gpt2
+    from vlp.objectives.prior.reference_lm import HFCausalLM, TokenizerMismatchError
+    from vlp.objectives.prior.weights import reference_target_logprobs
+
+    clip, tokenizer = coca
+    write_gpt2(tmp_path / "gpt2", write_clip_tokenizer(tmp_path / "tok"))
+    objective = PriorObjective(reference=str(tmp_path / "gpt2"))
+    with pytest.raises(ValueError, match="needs the captioning model's tokenizer"):
+        objective.build_model(clip)
+    objective.use_tokenizer(tokenizer)
+    model = objective.build_model(clip)
+    lm = model.frozen("reference")
+    assert isinstance(lm, HFCausalLM) and not any("reference" in k for k in model.state_dict())
+    batch = _batch(tokenizer)
+    outputs = model(objective.model_inputs(batch))
+    logprobs, mask = reference_target_logprobs(lm, batch["text"], 0)
+    expected = token_weights(logprobs.double(), mask, 1.0)
+    torch.testing.assert_close(outputs["token_weights"], expected, rtol=1e-5, atol=1e-6)
+
+    write_gpt2(tmp_path / "other", write_clip_tokenizer(tmp_path / "swap", swap=(320, 321)))
+    other = PriorObjective(reference=str(tmp_path / "other"))
+    other.use_tokenizer(tokenizer)
+    with pytest.raises(TokenizerMismatchError, match="at id 320"):
+        other.build_model(clip)
+    missing = PriorObjective(reference=str(tmp_path / "nowhere"))
+    missing.use_tokenizer(tokenizer)
+    with pytest.raises(ValueError, match="neither a prior_reference run nor"):
+        missing.build_model(clip)

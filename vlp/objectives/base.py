@@ -157,6 +157,11 @@ class Objective(nn.Module):
         """What the stream must put in each batch (default: one ``image`` view, ``text``)."""
         return Fields()
 
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """The model's tokenizer, given before :meth:`build_model` by the launcher: an objective
+        whose frozen helper reads token ids checks that it reads the same ones (PRIOR's
+        transformers reference LM). Default: unused."""
+
     def build_model(self, clip: nn.Module) -> VlpModel:
         """The model this objective trains: ``clip`` (which it may partly freeze) plus its heads."""
         from vlp.models.vlp_model import VlpModel

@@ -43,7 +43,7 @@ from vlp.objectives.base import (
     learned_scale,
 )
 from vlp.objectives.clip import clamp_logit_scale
-from vlp.objectives.prior.reference_lm import TinyCausalLM
+from vlp.objectives.prior.reference_lm import TinyCausalLM, load_reference_lm
 from vlp.objectives.prior.weights import (
     reference_target_logprobs,
     token_weights,
@@ -153,7 +153,9 @@ class PriorSettings:
     """``objective.prior.*``: CoCa's loss weights and PRIOR's token weights."""
 
     reference: str = ""
-    """P_r: a ``prior_reference`` run folder. Empty: no re-weighting (plain CoCa)."""
+    """P_r: a ``prior_reference`` run folder, or a transformers causal LM (a local folder in
+    ``save_pretrained`` layout, or a hub name, downloaded when a network is there) whose
+    tokenizer is the captioning model's (else refused). Empty: no re-weighting (plain CoCa)."""
     sidecar: str = ""
     """P_r's log-probabilities precomputed by ``vlp prior weights`` (a ``.safetensors`` file
     keyed by sample key), used instead of running P_r online; ``reference`` is then unused.
@@ -167,8 +169,6 @@ class PriorSettings:
         """Reject settings that cannot train."""
         if self.alpha < 0 or self.contrastive_weight < 0 or self.caption_weight < 0:
             raise ValueError("alpha and the loss weights must be >= 0")
-        if self.reference and not Path(self.reference).is_dir():
-            raise ValueError(f"reference '{self.reference}' is not a folder")
         if self.sidecar and not Path(self.sidecar).is_file():
             raise ValueError(
                 f"sidecar '{self.sidecar}' is not a file (make it with `vlp prior weights`)"
@@ -212,8 +212,33 @@ class PriorObjective(ConfiguredObjective):
             )
         model = super().build_model(clip)
         if self.settings.reference and not self.settings.sidecar:
-            model.attach_frozen("reference", load_reference_run(self.settings.reference, clip))
+            model.attach_frozen("reference", self._reference(clip))
         return model
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Keep the captioning model's tokenizer: a transformers reference LM must share it."""
+        self._tokenizer = tokenizer
+
+    def _reference(self, clip: nn.Module) -> nn.Module:
+        """P_r from a ``prior_reference`` run, or a transformers causal LM checked against the
+        captioning model's tokenizer."""
+        reference = self.settings.reference
+        if (Path(reference) / "checkpoints").is_dir():
+            return load_reference_run(reference, clip)
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                f"reference '{reference}' is not a prior_reference run (no checkpoints/ in it); "
+                "a transformers causal LM needs the captioning model's tokenizer to be checked "
+                "against, and none was given (Objective.use_tokenizer)"
+            )
+        try:
+            return load_reference_lm(reference, tokenizer)
+        except OSError as error:
+            raise ValueError(
+                f"reference '{reference}' is neither a prior_reference run nor a transformers "
+                f"causal LM that loads here ({str(error).splitlines()[0]})"
+            ) from None
 
     def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
         """CoCa's forward (embeddings, caption logits and labels) and the token weights."""

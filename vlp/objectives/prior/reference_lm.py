@@ -78,17 +78,20 @@ class HFCausalLM(nn.Module):
 
 
 def load_reference_lm(path: str | Path, tokenizer: Any) -> HFCausalLM:
-    """Load a causal LM and its tokenizer from a local folder (``save_pretrained`` layout),
-    refusing it unless its tokenizer is ``tokenizer`` (the captioning model's).
+    """Load a causal LM and its tokenizer from a local folder (``save_pretrained`` layout) or a
+    hub name, refusing it unless its tokenizer is ``tokenizer`` (the captioning model's).
 
-    Nothing is downloaded (``local_files_only``). Raises :class:`TokenizerMismatchError` when
-    the vocabularies disagree or the LM predicts fewer ids than the tokenizer has.
+    A local folder is read without any download (``local_files_only``); a hub name is fetched
+    by transformers (its cache, or the network). Raises :class:`TokenizerMismatchError` when the
+    vocabularies disagree or the LM predicts fewer ids than the tokenizer has; ``OSError`` when
+    nothing loads.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    theirs = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    local = Path(path).is_dir()
+    theirs = AutoTokenizer.from_pretrained(path, local_files_only=local)
     check_same_tokenizer(tokenizer, theirs)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local)
     outputs = model.get_output_embeddings().weight.shape[0]
     if outputs < len(_vocabulary(tokenizer)):
         raise TokenizerMismatchError(

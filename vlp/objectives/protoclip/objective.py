@@ -11,8 +11,9 @@
   M samples in eval mode without gradient; the main process runs k-means (K prototypes, 20
   iterations, 3 restarts) on the image projections, the text projections and, with an external
   teacher, the teacher's embeddings, back-translates them (PBT) and broadcasts labels, centroids
-  and translated centroids to every rank (all ranks then hold the very same episode state). ``cluster_every`` = n > 1 runs k-means every n-th
-  episode and assigns the others' samples to the last centroids (PBT is recomputed).
+  and translated centroids to every rank (all ranks then hold the very same episode state).
+  ``cluster_every`` = n > 1 runs k-means every n-th episode and assigns the others' samples to
+  the last centroids (PBT is recomputed).
 - **Loss**: w_clip·L_CLIP + w_proto·½(L_I→T + L_T→I) + w_ext·½(L_I→E + L_T→E)
   (:func:`~vlp.objectives.protoclip.prototypes.protoclip_terms`: soft targets at τ_t for the
   towers, hard labels for the teacher, students scored against PBT centroids).
