@@ -26,12 +26,10 @@ Writes ``benchmarks/results/protoclip_seeds.json`` (runs as they end in
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,9 +72,7 @@ def episode_times(run_dir: Path) -> dict[str, float]:
 
 def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
     """The RESULTS.md section."""
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/protoclip_seeds.py"
-    command += f" --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
-    command += f" --parallel {args.parallel}" if args.parallel > 1 else ""
+    command = pyramid_levels.seeds_command("protoclip_seeds.py", args)
     command += " --teacher" if args.teacher else ""
     about = (
         f"The same {args.steps} steps of batch {args.batch} (the same samples seen) on the "
@@ -85,17 +81,11 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
         "includes ProtoCLIP's pass 1 and clustering (amortised over the episode). Chance: "
         "0.111 (acc1), 0.005 (R@5)."
     )
-    lines = [HEADING, "", textwrap.fill(about, 100), "",
-             textwrap.fill(f"`{command}` — {datetime.date.today().isoformat()}, {machine}, "
-                           "`benchmarks/results/protoclip_seeds.json`:", 100), "",
-             "| variant | " + " | ".join(METRICS.values()) + " |",
-             "|---|" + "---:|" * len(METRICS)]  # fmt: skip
-    for entry in table:
-        cells = [f"{entry[k]:.3f} ± {entry[f'{k}_std']:.3f}" for k in METRICS]
-        lines.append(f"| {entry['variant']} | " + " | ".join(cells) + " |")
+    lines = pyramid_levels.table_lines(HEADING, about, command, machine, "protoclip_seeds.json",
+                                       table, METRICS)  # fmt: skip
     lines += ["", "Seconds per prototype episode (20 steps of 64), median over episodes and "
               "seeds: pass 1 (encode), k-means (cluster), pass 2 (train):", "",
-              "| variant | " + " | ".join(EPISODE_PARTS) + " | clustering / training |",
+              "| variant | " + " | ".join(EPISODE_PARTS) + " | (encode + cluster) / train |",
               "|---|" + "---:|" * (len(EPISODE_PARTS) + 1)]  # fmt: skip
     for entry in table:
         if "train_s" in entry:
@@ -107,22 +97,28 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train every variant for every seed, then print and write the table and JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=objectives.DEFAULT_STEPS)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "protoclip_seeds")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser = pyramid_levels.seeds_parser(__doc__.splitlines()[0], "protoclip_seeds")
+    parser.add_argument("--teacher", action="store_true", help="add the external-teacher row")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    rows = pyramid_levels.run_variants(VARIANTS, args, args.results / "protoclip_seeds_runs.jsonl")
+    from launch.demo import write_demo_data
+    from launch.protoclip_teacher import DEFAULT_NAME, write_teacher_sidecar
+
+    variants = dict(VARIANTS)
+    if args.teacher:
+        train_dir, _ = write_demo_data(args.out / "data")
+        teacher = train_dir / DEFAULT_NAME
+        if not teacher.is_file():
+            write_teacher_sidecar(str(train_dir), teacher, dim=64)
+        with_teacher = (f"objective.protoclip.teacher={teacher}",)
+        variants["protoclip + teacher"] = ("protoclip", PROTOCLIP, with_teacher)
+    runs_file = args.results / "protoclip_seeds_runs.jsonl"
+    rows = pyramid_levels.run_variants(variants, args, runs_file)
     for row in rows:
-        if VARIANTS[row["variant"]][0] == "protoclip":
+        if variants[row["variant"]][0] == "protoclip":
             row |= episode_times(args.out / f"{row['variant']}-{row['seed']}")
-    table = pyramid_levels.summarise(rows, list(VARIANTS), list(METRICS))
+    table = pyramid_levels.summarise(rows, list(variants), list(METRICS))
     for entry in table:
         runs = [row for row in rows if row["variant"] == entry["variant"]]
         for part in EPISODE_PARTS:

@@ -115,9 +115,6 @@ def summarise(
 
 def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str) -> str:
     """The RESULTS.md section."""
-    command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/pyramid_levels.py"
-    command += f" --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
-    command += f" --parallel {args.parallel}" if args.parallel > 1 else ""
     about = (
         f"PyramidCLIP's demo recipe (tiny ViT, f2 = its last 2 blocks, regions pooled from f1), "
         f"{args.steps} steps, batch {args.batch}, on the procedural shapes; metrics on the 1,000 "
@@ -125,28 +122,50 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
         "only in the loss weights (see the script's docstring). Chance: 0.111 (acc1), 0.005 "
         "(R@5)."
     )
-    lines = [HEADING, "", textwrap.fill(about, 100), "",
-             textwrap.fill(f"`{command}` — {datetime.date.today().isoformat()}, {machine}, "
-                           "`benchmarks/results/pyramid_levels.json`:", 100), "",
-             "| variant | " + " | ".join(METRICS.values()) + " |",
-             "|---|" + "---:|" * len(METRICS)]  # fmt: skip
-    for entry in table:
-        cells = [f"{entry[k]:.3f} ± {entry[f'{k}_std']:.3f}" for k in METRICS]
-        lines.append(f"| {entry['variant']} | " + " | ".join(cells) + " |")
+    lines = table_lines(HEADING, about, seeds_command("pyramid_levels.py", args), machine,
+                        "pyramid_levels.json", table, METRICS)  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train every variant for every seed, then print and write the table and JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seeds_command(script: str, args: argparse.Namespace) -> str:
+    """The command line that reproduces a seeds table."""
+    command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/{script}"
+    command += f" --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    return command + (f" --parallel {args.parallel}" if args.parallel > 1 else "")
+
+
+def table_lines(
+    heading: str, about: str, command: str, machine: str, json_name: str,
+    table: list[dict[str, Any]], metrics: dict[str, str],
+) -> list[str]:  # fmt: skip
+    """A seeds section: heading, what it is, the command, and mean ± std per variant."""
+    lines = [heading, "", textwrap.fill(about, 100), "",
+             textwrap.fill(f"`{command}` — {datetime.date.today().isoformat()}, {machine}, "
+                           f"`benchmarks/results/{json_name}`:", 100), "",
+             "| variant | " + " | ".join(metrics.values()) + " |",
+             "|---|" + "---:|" * len(metrics)]  # fmt: skip
+    for entry in table:
+        cells = [f"{entry[k]:.3f} ± {entry[f'{k}_std']:.3f}" for k in metrics]
+        lines.append(f"| {entry['variant']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every seeds benchmark takes (runs into ``runs/<out>``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=objectives.DEFAULT_STEPS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pyramid_levels")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / out)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train every variant for every seed, then print and write the table and JSON."""
+    args = seeds_parser(__doc__.splitlines()[0], "pyramid_levels").parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     variants = {name: ("pyramidclip", RECIPE, o) for name, o in VARIANTS.items()}

@@ -138,11 +138,14 @@ def _faiss_kmeans(
     faiss: ModuleType, features: Tensor, k: int, iterations: int, restarts: int, seed: int
 ) -> KMeansResult:
     """The official call: ``faiss.Kmeans(d, k, niter, nredo)``, not spherical, labels by a
-    nearest-centroid search of the trained index."""
+    nearest-centroid search of the trained index. ``min_points_per_centroid=1`` only silences
+    faiss's warning below 39 points per centroid (a small episode's normal case); the default
+    subsampling above 256 points per centroid is kept, as the official code has it."""
     x = features.detach().to("cpu", torch.float32).contiguous().numpy()
     model = faiss.Kmeans(
-        x.shape[1], k, niter=iterations, nredo=restarts, seed=seed, spherical=False
-    )
+        x.shape[1], k, niter=iterations, nredo=restarts, seed=seed, spherical=False,
+        min_points_per_centroid=1,
+    )  # fmt: skip
     model.train(x)
     _, labels = model.index.search(x, 1)
     result_labels = torch.from_numpy(labels.reshape(-1)).to(features.device, torch.long)
