@@ -77,6 +77,11 @@ NOTES: dict[str, str] = {
         "image) and three texts, hence its time per step; its levels are compared in "
         '"PyramidCLIP levels" (benchmarks/pyramid_levels.py).'
     ),
+    "protoclip": (
+        "ProtoCLIP's s/step includes pass 1 (a no-grad forward of each 1,280-sample episode, "
+        "once per 20 steps) and k-means; CLIP and ProtoCLIP side by side over 3 seeds, with "
+        'the time per episode split, are in "ProtoCLIP vs CLIP" (benchmarks/protoclip_seeds.py).'
+    ),
 }
 """Measured explanations kept with the code, so that a re-run writes them again."""
 REFERENCE = "clip"
