@@ -124,13 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for part in EPISODE_PARTS:
             if all(part in row for row in runs):
                 entry[part] = statistics.median(row[part] for row in runs)
-    machine = pyramid_levels.machine_line()
-    section = markdown(table, args, machine)
-    print("\n" + section)
-    report = {"machine": machine, "steps": args.steps, "batch": args.batch, "seeds": args.seeds,
-              "parallel": args.parallel, "table": table, "runs": rows}  # fmt: skip
-    (args.results / "protoclip_seeds.json").write_text(json.dumps(report, indent=2) + "\n")
-    objectives.write_section(args.results_md, section, HEADING)
+    section = markdown(table, args, pyramid_levels.machine_line())
+    pyramid_levels.publish("protoclip_seeds.json", HEADING, section, table, rows, args)
     return 0
 
 

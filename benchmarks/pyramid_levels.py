@@ -172,13 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_variants(variants, args, args.results / "pyramid_levels_runs.jsonl")
     machine = machine_line()
     table = summarise(rows, list(VARIANTS))
-    section = markdown(table, args, machine)
-    print("\n" + section)
-    report = {"machine": machine, "steps": args.steps, "batch": args.batch, "seeds": args.seeds,
-              "parallel": args.parallel, "table": table, "runs": rows}  # fmt: skip
-    (args.results / "pyramid_levels.json").write_text(json.dumps(report, indent=2) + "\n")
-    objectives.write_section(args.results_md, section, HEADING)
+    publish("pyramid_levels.json", HEADING, markdown(table, args, machine), table, rows, args)
     return 0
+
+
+def publish(
+    json_name: str, heading: str, section: str, table: list[dict[str, Any]],
+    rows: list[dict[str, Any]], args: argparse.Namespace,
+) -> None:  # fmt: skip
+    """Print a seeds section, write its JSON (settings, table, every run) into ``args.results``
+    and replace its section of ``args.results_md``."""
+    print("\n" + section)
+    report = {"machine": machine_line(), "steps": args.steps, "batch": args.batch,
+              "seeds": args.seeds, "parallel": args.parallel, "table": table, "runs": rows}  # fmt: skip
+    (args.results / json_name).write_text(json.dumps(report, indent=2) + "\n")
+    objectives.write_section(args.results_md, section, heading)
 
 
 if __name__ == "__main__":
