@@ -15,7 +15,14 @@ trained on):
   :func:`evals.loading.load_model` loads it (with the objective's heads, as evaluation sees it),
   fitted on the training shards' image features, tested on the held-out ones;
 - seconds per optimizer step (median over the ``train/samples_per_s`` log windows, the first
-  window left out: it holds the stream's start) and that time relative to CLIP's.
+  window left out: it holds the stream's start) and that time relative to CLIP's;
+- for a captioning model (CoCa), greedy BLEU-4 and CIDEr of its captions of the held-out images
+  (:func:`evals.captioning.captioning_task`, ``min_len`` 2: many procedural captions are one to
+  three tokens).
+
+Rows are the registered objectives plus :data:`EXTRA_ROWS` (plain CoCa, PRIOR's baseline). PRIOR
+needs its reference LM: :func:`prior_reference` trains it once, from
+``prior_reference_demo.yaml`` on the same training shards, before the rows that name it.
 
 Writes ``benchmarks/results/objectives.json``, ``benchmarks/results/objectives.png`` and its own
 section of ``benchmarks/RESULTS.md`` (replaced in place on a re-run, other sections untouched).
@@ -52,12 +59,17 @@ RECIPES: dict[str, tuple[Path, tuple[str, ...]]] = {
     "convirt": (CONFIGS / "convirt_demo.yaml", ()),
     "pyramidclip": (CONFIGS / "pyramidclip_demo.yaml", ()),
     "protoclip": (CONFIGS / "protoclip_demo.yaml", ()),
+    "prior": (CONFIGS / "prior_demo.yaml", ("objective.prior.reference={reference}",)),
 }
-"""Objective name -> (recipe yaml, overrides). The recipe must use the demo's image tower."""
+"""Objective name -> (recipe yaml, overrides). The recipe must use the demo's image tower;
+``{reference}`` in an override is the folder of :func:`prior_reference`."""
+EXTRA_ROWS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "coca": (CONFIGS / "prior_demo.yaml", ("objective.prior.reference=",)),
+}
+"""Row name -> (recipe, overrides) of rows that are not a registered objective's own: plain CoCa
+is PRIOR without a reference LM (every caption token weighs 1)."""
 NOT_IN_TABLE = {
     "prior_reference": "trains PRIOR's text-only reference LM, not an image-text model",
-    "prior": "a CoCa model that needs its reference LM trained first: its rows (PRIOR and plain "
-    "CoCa) are not in this table yet",
 }
 """Registered objectives this table leaves out, and why (printed with the table)."""
 NOTES: dict[str, str] = {
@@ -77,6 +89,13 @@ NOTES: dict[str, str] = {
         "image) and three texts, hence its time per step; its levels are compared in "
         '"PyramidCLIP levels" (benchmarks/pyramid_levels.py).'
     ),
+    "prior": (
+        "PRIOR and CoCa train a CoCa (the same ViT trunk with CoCa's attentional pooler, a text "
+        "tower over the procedural captions' 192-piece tokenizer, a 2-layer caption decoder), "
+        "contrastive weight 1 and caption weight 2; PRIOR's s/step includes its frozen "
+        'reference LM\'s forward. Over 3 seeds with BLEU-4 and CIDEr: "PRIOR vs CoCa" '
+        "(benchmarks/prior_vs_coca.py)."
+    ),
     "protoclip": (
         "ProtoCLIP's s/step includes pass 1 (a no-grad forward of each 1,280-sample episode, "
         "once per 20 steps) and k-means; CLIP and ProtoCLIP side by side over 3 seeds, with "
@@ -85,6 +104,8 @@ NOTES: dict[str, str] = {
 }
 """Measured explanations kept with the code, so that a re-run writes them again."""
 REFERENCE = "clip"
+COCA_POOLER = ("attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "output_tokens")
+"""vision_cfg keys a CoCa adds to a ViT trunk (its attentional pooler and the image tokens)."""
 DEFAULT_STEPS = 300
 """Half the demo recipes' 600 (whose CLIP reaches zero-shot 0.95), for half the time; pass
 ``--steps 600`` for the recipes' own length."""
@@ -97,6 +118,8 @@ COLUMNS = {  # JSON key -> table header
     "t2i_r5": "T→I R@5",
     "linear_probe_acc1": "linear probe acc1",
 }
+CAPTIONING = {"bleu4": "BLEU-4", "cider": "CIDEr"}
+"""Captioning columns, for the rows whose model captions (CoCa)."""
 CHANCE = {"zeroshot_acc1": 1 / 9, "linear_probe_acc1": 1 / 9, "i2t_r1": 1e-3, "t2i_r1": 1e-3,
           "i2t_r5": 5e-3, "t2i_r5": 5e-3}  # fmt: skip
 
@@ -113,7 +136,37 @@ def recipes(objectives: Sequence[str]) -> dict[str, tuple[Path, tuple[str, ...]]
         )
     if REFERENCE not in objectives:
         raise SystemExit(f"'{REFERENCE}' is not registered: it is the reference for step time")
-    return {name: RECIPES[name] for name in objectives if name in RECIPES}
+    return {name: RECIPES[name] for name in objectives if name in RECIPES} | EXTRA_ROWS
+
+
+def prior_reference(out: Path, data: Path) -> Path:
+    """PRIOR's reference LM P_r, trained once into ``out`` from ``prior_reference_demo.yaml`` on
+    the training shards in ``data`` (kept when ``out`` already holds a complete checkpoint)."""
+    from launch.demo import run_demo
+    from vlp.training.checkpoint import list_checkpoints
+
+    if not list_checkpoints(out / "checkpoints"):
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "data").exists():
+            (out / "data").symlink_to(data.resolve(), target_is_directory=True)
+        print(f"\n=== PRIOR's reference LM into {out}", flush=True)
+        run_demo(out, ["data.workers=1", "eval.every=0"], CONFIGS / "prior_reference_demo.yaml")
+    return out
+
+
+def captioning_metrics(run_dir: Path, heldout: Path) -> dict[str, float]:
+    """Greedy BLEU-4 and CIDEr of the run's newest checkpoint on the held-out shards."""
+    from evals.captioning import captioning_task
+    from evals.datasets import open_eval_set
+    from evals.loading import load_model
+    from evals.tasks import EncodeOptions
+
+    model, preprocess, tokenizer, _ = load_model(run_dir)
+    eval_set = open_eval_set(heldout, task="retrieval")
+    result = captioning_task(
+        model, preprocess, tokenizer, eval_set, min_len=2, options=EncodeOptions(batch_size=500)
+    )
+    return {"bleu4": float(result.metrics["bleu4"]), "cider": float(result.metrics["cider"])}
 
 
 def seconds_per_step(metrics_file: Path, batch: int) -> float:
@@ -166,9 +219,13 @@ def run_objective(
         f"train.log_every={max(1, min(20, args.steps // 10))}",
         "train.checkpoint_every=0",  # the final checkpoint only: no save inside a timed window
     ]
+    if any("{reference}" in override for override in overrides):
+        reference = prior_reference(data.parent / "prior_reference", data)
+        overrides = [override.format(reference=reference) for override in overrides]
     print(f"\n=== {name}: {recipe.relative_to(ROOT)} {' '.join(overrides)}", flush=True)
     summary = run_demo(out, [*overrides, *common], recipe)
     probe, model_cfg = linear_probe_acc1(out, data / "train", data / "heldout")
+    captions = captioning_metrics(out, data / "heldout") if "multimodal_cfg" in model_cfg else {}
     return {
         "objective": name,
         "recipe": str(recipe.relative_to(ROOT)),
@@ -184,6 +241,7 @@ def run_objective(
         "final_train_loss": summary["final_train_loss"],
         "load_average_after": os.getloadavg()[0],
         "model_cfg": model_cfg,
+        **captions,
     }
 
 
@@ -213,7 +271,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, date: str) ->
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/objectives.py"
     if args.steps != DEFAULT_STEPS:
         command += f" --steps {args.steps}"
-    header = ["objective", "model", *COLUMNS.values(), "s/step", "time vs CLIP"]
+    header = ["objective", "model", *COLUMNS.values(), *CAPTIONING.values(), "s/step",
+              "time vs CLIP"]  # fmt: skip
     about = (
         f"Every registered objective from its demo recipe, {args.steps} steps, batch "
         f"{args.batch}, seed {args.seed}, 1 data worker, the same tiny ViT image tower (4 layers, "
@@ -244,6 +303,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, date: str) ->
     for row in rows:
         cells = [row["objective"], f"`{row['model_cfg']['model']}`"]
         cells += [f"{row[key]:.3f}" for key in COLUMNS]
+        cells += [f"{row[key]:.3f}" if key in row else "—" for key in CAPTIONING]
         cells += [f"{row['seconds_per_step']:.2f}", f"{row['time_vs_clip']:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = table_notes(rows) + [
@@ -260,10 +320,13 @@ def table_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = []
     for row in rows:
         name, cfg = row["objective"], row["model_cfg"]
-        if cfg["vision_cfg"] != reference["model_cfg"]["vision_cfg"]:
+        trunk = {k: v for k, v in cfg["vision_cfg"].items() if k not in COCA_POOLER}
+        if trunk != reference["model_cfg"]["vision_cfg"]:
             notes.append(
                 f"{name}'s image tower differs from {REFERENCE}'s: not a like-for-like row."
             )
+        elif trunk != cfg["vision_cfg"]:
+            notes.append(f"{name}'s image tower is {REFERENCE}'s with CoCa's attentional pooler.")
         text = cfg.get("text_cfg", {})
         if text != reference["model_cfg"].get("text_cfg", {}):
             tower = Path(text["hf_model_name"]).name if "hf_model_name" in text else "another"

@@ -46,6 +46,7 @@ from evals.tasks import EncodeOptions, Preprocess, TaskResult
 Method = Literal["greedy", "beam"]
 METHODS: tuple[str, ...] = ("greedy", "beam")
 MIN_LEN = 5
+MAX_LEN = 30
 """open_clip's ``min_seq_len``: no end token before this many tokens (start token included)."""
 
 Key = TypeVar("Key", bound=Hashable)
@@ -73,20 +74,22 @@ def captioner(model: nn.Module) -> CoCa:
 
 
 def _checked(
-    model: nn.Module, method: str, max_len: int, min_len: int, num_beams: int
-) -> tuple[CoCa, int]:
-    """The model's CoCa and the beam count ``method`` uses; CaptioningError for bad settings."""
+    model: nn.Module, method: str, max_len: int | None, min_len: int, num_beams: int
+) -> tuple[CoCa, int, int]:
+    """The model's CoCa, the beam count ``method`` uses and ``max_len`` (default: ``MAX_LEN`` or
+    the context length if shorter); CaptioningError for bad settings."""
     coca = captioner(model)
     if method not in METHODS:
         raise CaptioningError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if num_beams < 1:
         raise CaptioningError(f"num_beams must be >= 1, got {num_beams}")
+    max_len = min(MAX_LEN, coca.context_length) if max_len is None else max_len
     if not 1 <= min_len < max_len <= coca.context_length:
         raise CaptioningError(
             f"need 1 <= min_len < max_len <= {coca.context_length} (the model's context "
             f"length), got min_len={min_len}, max_len={max_len}"
         )
-    return coca, 1 if method == "greedy" else num_beams
+    return coca, 1 if method == "greedy" else num_beams, max_len
 
 
 def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
@@ -163,7 +166,7 @@ def generate_captions(
     tokenizer: Tokenizer,
     *,
     method: Method = "greedy",
-    max_len: int = 30,
+    max_len: int | None = None,
     num_beams: int = 6,
     min_len: int = MIN_LEN,
     amp_dtype: torch.dtype | None = None,
@@ -172,13 +175,14 @@ def generate_captions(
 
     ``method``: ``"greedy"`` (the most likely token each step) or ``"beam"`` (``num_beams``
     beams). Captions hold ``min_len - 1`` to ``max_len - 1`` tokens (the start token counts);
-    ``max_len`` (open_clip's ``seq_len``, default 30) must fit the model's context length.
+    ``max_len`` (open_clip's ``seq_len``; default 30, or the context length if shorter) must
+    fit the model's context length.
     ``model`` is a CoCa or a VlpModel around one; it runs in eval mode without gradients on its
     own device, autocast to ``amp_dtype`` if given; the tokenizer gives the start/end ids and
     decodes. Raises CaptioningError (a ValueError) for a model that is not a CoCa (naming its
     type) and for impossible settings.
     """
-    coca, beams = _checked(model, method, max_len, min_len, num_beams)
+    coca, beams, max_len = _checked(model, method, max_len, min_len, num_beams)
     start, end = _special_ids(tokenizer)
     device = model_device(coca)
     with inference(model), autocast(device, amp_dtype):
@@ -253,7 +257,8 @@ def captioning_task(
     eval_set: EvalSet,
     *,
     method: Method = "greedy",
-    max_len: int = 30,
+    max_len: int | None = None,
+    min_len: int = MIN_LEN,
     num_beams: int = 6,
     options: EncodeOptions | None = None,
     examples: int = 8,
@@ -268,7 +273,7 @@ def captioning_task(
     EvalDataError when the dataset has no captions or no image decodes.
     """
     options = options or EncodeOptions()
-    _checked(model, method, max_len, MIN_LEN, num_beams)
+    _, _, max_len = _checked(model, method, max_len, min_len, num_beams)
     _special_ids(tokenizer)
     if eval_set.kind != "retrieval":
         raise EvalDataError(
@@ -293,6 +298,7 @@ def captioning_task(
                 tokenizer,
                 method=method,
                 max_len=max_len,
+                min_len=min_len,
                 num_beams=num_beams,
                 amp_dtype=options.amp_dtype,
             )
@@ -304,7 +310,7 @@ def captioning_task(
     references = [list(sample.captions) for sample in samples]
     metrics = captioning_scores(dict(enumerate(references)), dict(enumerate(captions)))
     predictions = {sample.where: caption for sample, caption in zip(samples, captions, strict=True)}
-    generation = {"method": method, "max_len": max_len, "min_len": MIN_LEN}
+    generation = {"method": method, "max_len": max_len, "min_len": min_len}
     if method == "beam":
         generation["num_beams"] = num_beams
     return CaptioningResult(

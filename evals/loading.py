@@ -99,29 +99,30 @@ def _kind_of(path: Path) -> ModelKind | None:
     return None
 
 
-def _run_tokenizer_file(checkpoint: Path) -> Path | None:
+def run_tokenizer_file(checkpoint: Path) -> Path | None:
     """The SentencePiece file a run trained with (``model.tokenizer`` in its config.yaml)."""
     config = checkpoint.parent.parent / "config.yaml"
     if not config.is_file():
         return None
     import yaml
 
+    from vlp.models.tokenizers import resolve_tokenizer_file
+
     tokenizer = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("tokenizer")
-    return Path(tokenizer) if tokenizer else None
+    return resolve_tokenizer_file(tokenizer) if tokenizer else None
 
 
-def _tokenizer(model_dir: Path, text_cfg: dict[str, Any], sentencepiece: Path | None) -> Tokenizer:
+def _tokenizer(model_dir: Path, model_cfg: dict[str, Any], sentencepiece: Path | None) -> Tokenizer:
     """The tokenizer the model was trained with, as open_clip would pick it for ``model_dir``."""
     import open_clip
 
+    text_cfg = model_cfg.get("text_cfg", {})
     if sentencepiece is not None:
-        from vlp.models import SentencePieceTokenizer
+        from vlp.models.tokenizers import sentencepiece_tokenizer
 
         if not sentencepiece.is_file():
             raise ModelLoadError(f"the model's SentencePiece tokenizer '{sentencepiece}' is gone")
-        spm = SentencePieceTokenizer(sentencepiece, text_cfg.get("context_length", 77))
-        spm.check_text_config(text_cfg)
-        return spm
+        return sentencepiece_tokenizer(sentencepiece, model_cfg)
     hf_name = text_cfg.get("hf_tokenizer_name")
     if hf_name and not (model_dir / "tokenizer_config.json").is_file():
         # A checkpoint keeps no tokenizer files: use the named one, as training did.
@@ -156,7 +157,7 @@ def _from_local_dir(
     return (
         model,
         preprocess,
-        _tokenizer(model_dir, config["model_cfg"].get("text_cfg", {}), sentencepiece),
+        _tokenizer(model_dir, config["model_cfg"], sentencepiece),
     )
 
 
@@ -171,7 +172,7 @@ def _load_checkpoint(checkpoint: Path, kind: ModelKind) -> LoadedModel:
             f"'{checkpoint / 'model_config.json'}' is not a vlp model config "
             f"(needs model_cfg and preprocess_cfg): {error!r}"
         ) from None
-    sentencepiece = _run_tokenizer_file(checkpoint)
+    sentencepiece = run_tokenizer_file(checkpoint)
     with tempfile.TemporaryDirectory(prefix="vlp-checkpoint-") as view:
         # open_clip's local-dir loader, on a view of the checkpoint: config + link to weights.
         view_dir = Path(view)

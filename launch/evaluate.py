@@ -255,7 +255,7 @@ def linear_probe_command(args: argparse.Namespace) -> int:
 @_as_startup_errors
 def captioning_command(args: argparse.Namespace) -> int:
     """`vlp eval captioning`: a CoCa's captions per dataset, BLEU-4 and CIDEr, JSON + PNG grid."""
-    from evals.captioning import CaptioningError, captioning_task
+    from evals.captioning import MIN_LEN, CaptioningError, captioning_task
     from launch.run import StartupError
 
     options = _options(args)
@@ -270,6 +270,7 @@ def captioning_command(args: argparse.Namespace) -> int:
                 eval_set,
                 method=args.method,
                 max_len=args.max_len,
+                min_len=args.min_len or MIN_LEN,
                 num_beams=args.num_beams,
                 options=options,
             )
@@ -372,7 +373,18 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(captioning)
     captioning.add_argument("--method", choices=("greedy", "beam"), default="greedy")
     captioning.add_argument(
-        "--max-len", type=positive_int, default=30, help="tokens per caption, start token included"
+        "--max-len",
+        type=positive_int,
+        default=None,
+        help="tokens per caption, start token included (default: 30, or the model's context "
+        "length if shorter)",
+    )
+    captioning.add_argument(
+        "--min-len",
+        type=positive_int,
+        default=None,
+        help="no end token before this many tokens, start token included (default: 5, "
+        "open_clip's; 2 lets one-word captions end)",
     )
     captioning.add_argument("--num-beams", type=positive_int, default=6, help="for --method beam")
     captioning.set_defaults(func=captioning_command, user_errors=_user_errors)

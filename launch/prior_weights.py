@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from data_pipelines.decode import SampleError, decode_caption
 from data_pipelines.tario import iter_samples
+from evals.loading import run_tokenizer_file
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
 from vlp.objectives.prior.objective import PAD_ID, load_reference_run
@@ -65,7 +66,10 @@ def write_reference_sidecar(
     if not checkpoints:
         raise StartupError(f"reference '{reference}' holds no complete checkpoint")
     meta = json.loads((checkpoints[-1] / "model_config.json").read_text())
-    clip, _, _, tokenizer = create_model(meta["model_name"])
+    tokenizer_file = run_tokenizer_file(checkpoints[-1])  # the run's model.tokenizer, if any
+    clip, _, _, tokenizer = create_model(
+        meta["model_name"], tokenizer=str(tokenizer_file) if tokenizer_file else None
+    )
     try:
         lm = load_reference_run(reference, clip).eval()
     except ValueError as error:

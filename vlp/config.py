@@ -36,7 +36,8 @@ class ModelConfig:
     lock_text: bool = False
     """Freeze the text tower."""
     tokenizer: str | None = None
-    """A local SentencePiece ``.model`` file instead of the model's own tokenizer."""
+    """A local SentencePiece ``.model`` file instead of the model's own tokenizer, or a packaged
+    one (``vlp:procedural-bpe``: the procedural captions, for a small captioning head)."""
 
 
 @dataclass

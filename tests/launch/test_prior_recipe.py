@@ -1,6 +1,7 @@
 """PRIOR's demo recipes end to end: `vlp prior train-reference` trains P_r on the captions, then
 2 gloo processes under `accelerate launch` train PRIOR on a tiny CoCa with it, accumulating 2
-micro-batches; P_r stays out of the checkpoint, and the export loads in open_clip."""
+micro-batches; P_r stays out of the checkpoint, and the export loads in open_clip (and in vlp
+with the recipe's SentencePiece tokenizer)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     import open_clip
 
     from evals.export import export_run
+    from evals.loading import load_model
     from launch.cli import main
 
     reference = tmp_path / "reference"
@@ -51,4 +53,6 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     export = export_run(out, tmp_path / "export")
     coca, *_ = open_clip.create_model_and_transforms(f"local-dir:{export}")
     assert hasattr(coca, "text_decoder")
-    assert coca.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 64)
+    assert coca.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 128)
+    _, _, tokenizer, _ = load_model(export)  # the recipe's packaged tokenizer travels with it
+    assert (export / "sentencepiece.model").is_file() and tokenizer.sot_token_id == 2

@@ -11,7 +11,8 @@ from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField, Te
 from data_pipelines.decode import SampleError
 from data_pipelines.stream import make_train_stream
 from data_pipelines.transforms import TrainTransform
-from launch.prior_weights import write_reference_sidecar
+from launch.build import shard_urls
+from launch.prior_weights import shard_captions, write_reference_sidecar
 from tests.launch.test_pretrain import shards  # noqa: F401
 from tests.objectives.test_prior import reference_run
 from vlp.models import create_model
@@ -60,6 +61,25 @@ def test_precomputed_equals_online(tiny, shards):  # noqa: F811
             weights = model(online.model_inputs(batch))["token_weights"]
             precomputed = model(offline.model_inputs(batch))["token_weights"]
         torch.testing.assert_close(precomputed, weights, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sidecar_tokenizes_with_the_reference_runs_tokenizer(tmp_path, shards):  # noqa: F811
+    """A reference trained with a SentencePiece tokenizer (``model.tokenizer``) is read with it:
+    open_clip's tokenizer would give ids outside its 192-piece vocabulary."""
+    clip, _, _, tokenizer = create_model("vlp-tiny-coca-procedural", tokenizer="vlp:procedural-bpe")
+    reference = reference_run(tmp_path / "reference", clip, model="vlp-tiny-coca-procedural",
+                              tokenizer="vlp:procedural-bpe")  # fmt: skip
+    sidecar = tmp_path / "logprobs.safetensors"
+    assert write_reference_sidecar(reference, str(shards), sidecar) == 256
+    lm = load_reference_run(reference, clip).eval()
+    with safe_open(str(sidecar), "pt") as handle:
+        key = next(iter(handle.keys()))
+        stored = handle.get_tensor(key)
+    caption = next(
+        c for _, k, c in shard_captions(shard_urls(str(shards), "training"), "txt") if k == key
+    )
+    expected, _ = reference_target_logprobs(lm, tokenizer([caption]), PAD_ID)
+    torch.testing.assert_close(stored, expected[0].float(), rtol=1e-5, atol=1e-5)
 
 
 def test_sidecar_fingerprint_and_missing_key(tiny, shards, tmp_path):  # noqa: F811

@@ -33,8 +33,11 @@ def coca():
     return model.double(), tokenizer
 
 
-def reference_run(folder: Path, clip, seed: int = 3) -> Path:
-    """A minimal ``prior_reference`` run: one complete checkpoint with the LM as heads."""
+def reference_run(
+    folder: Path, clip, seed: int = 3, model: str = "vlp-tiny-coca", tokenizer: str | None = None
+) -> Path:
+    """A minimal ``prior_reference`` run: one complete checkpoint with the LM as heads, and the
+    run's config.yaml naming the model (and its SentencePiece ``tokenizer``)."""
     torch.manual_seed(seed)
     lm = TinyCausalLM(clip.text.vocab_size, clip.text.context_length, 32, 1, 4)
     checkpoint = folder / "checkpoints" / "step_00000001"
@@ -42,7 +45,10 @@ def reference_run(folder: Path, clip, seed: int = 3) -> Path:
     save_file({f"lm.{k}": v.contiguous() for k, v in lm.state_dict().items()},
               str(checkpoint / "heads.safetensors"))  # fmt: skip
     text_cfg = {"vocab_size": clip.text.vocab_size, "context_length": clip.text.context_length}
-    meta = {"model_name": "vlp-tiny-coca", "model_cfg": {"text_cfg": text_cfg},
+    (folder / "config.yaml").write_text(
+        json.dumps({"model": {"name": model, "tokenizer": tokenizer}})
+    )
+    meta = {"model_name": model, "model_cfg": {"text_cfg": text_cfg},
             "objective": {"name": "prior_reference", "settings": {"width": 32, "layers": 1, "heads": 4}}}  # fmt: skip
     (checkpoint / "model_config.json").write_text(json.dumps(meta))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 1}))

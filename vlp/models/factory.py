@@ -36,7 +36,7 @@ from vlp.models.hf_towers import (
     quiet_hf_loading,
     resolve_text_cfg,
 )
-from vlp.models.tokenizers import SentencePieceTokenizer
+from vlp.models.tokenizers import sentencepiece_tokenizer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -131,7 +131,8 @@ def create_model(
     The model returns a dict (``image_features``, ``text_features``, ``logit_scale`` = s, and
     ``logit_bias`` for SigLIP models), the contract every objective relies on. ``pretrained`` is
     an open_clip tag (needs a network once) or a local weights file (works offline).
-    ``tokenizer`` is a local SentencePiece ``.model`` file replacing open_clip's tokenizer.
+    ``tokenizer`` is a local SentencePiece ``.model`` file (or a packaged one, e.g.
+    ``vlp:procedural-bpe``) replacing open_clip's tokenizer.
     ``model_kwargs`` override the model config (an objective's needs, e.g. SigLIP's
     ``init_logit_bias``); record them with the config (``model_config(...) | model_kwargs``).
     A ``text_cfg`` there replaces the config's whole ``text_cfg`` (open_clip's rule).
@@ -183,9 +184,7 @@ def create_model(
         return model, preprocess_train, preprocess_val, hf_tokenizer(text_cfg)
     if tokenizer is None:
         return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
-    text_cfg = model_config(name).get("text_cfg", {})
-    sentencepiece = SentencePieceTokenizer(tokenizer, text_cfg.get("context_length", 77))
-    sentencepiece.check_text_config(text_cfg)
+    sentencepiece = sentencepiece_tokenizer(tokenizer, model_config(name) | model_kwargs)
     return model, preprocess_train, preprocess_val, sentencepiece
 
 
