@@ -1,4 +1,5 @@
-"""PRIOR's demo recipes end to end: `vlp prior train-reference` trains P_r on the captions, then
+"""PRIOR's demo recipes end to end: `vlp prior train-reference` trains P_r on the captions
+(accumulating 2 micro-batches: plain accumulation, as nothing couples its samples), then
 2 gloo processes under `accelerate launch` train PRIOR on a tiny CoCa with it, accumulating 2
 micro-batches; P_r stays out of the checkpoint, and the export loads in open_clip (and in vlp
 with the recipe's SentencePiece tokenizer)."""
@@ -27,7 +28,7 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     reference = tmp_path / "reference"
     args = ["prior", "train-reference", "--shards", str(shards), "--out", str(reference),
             "--config", str(CONFIGS / "prior_reference_demo.yaml"),
-            *_overrides(shards, reference, **{"train.steps": 2})]  # fmt: skip
+            *_overrides(shards, reference, **{"train.steps": 2, "train.accum_steps": 2})]  # fmt: skip
     assert main(args) == 0
     lm = load_file(str(reference / "checkpoints" / "step_00000002" / "heads.safetensors"))
     assert lm and all(key.startswith("lm.") for key in lm)

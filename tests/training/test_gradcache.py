@@ -104,6 +104,21 @@ class ThreeLevels(Objective):
         return {"aux_loss": outputs["aux"].pow(2).sum(-1).mean()}
 
 
+class SampleOnly(Objective):
+    """Per-sample outputs only (a language model's shape, ``prior_reference``): nothing to
+    cache, plain accumulation."""
+
+    outputs = {"aux": PerSample()}
+
+    def encode(self, model, inputs):
+        image = model.clip.encode_image(inputs["image"])
+        text = model.clip.encode_text(inputs["text"])
+        return {"aux": image[:, :3] * text[:, 1:] * model.clip.logit_scale}  # every param used
+
+    def sample_loss(self, outputs, batch):
+        return {"aux_loss": outputs["aux"].pow(2).sum(-1).mean()}
+
+
 def wrap(objective, **tiny):
     """The VlpModel the trainer builds: TinyClip plus the objective's heads."""
     return objective.build_model(TinyClip(**tiny)).double()
@@ -121,6 +136,7 @@ OBJECTIVES = {
     "three-levels": ThreeLevels,
     # heads on both towers, a fixed τ (the learned scale frozen), λ = 0.75
     "convirt": lambda: ConvirtObjective(frozen_text_layers=-1, head_dim=3),
+    "sample-only": SampleOnly,
 }
 
 
@@ -181,6 +197,23 @@ def test_four_micro_batches_equal_one_batch_four_times_larger(name):
     assert ("clip.logit_scale" in got) == (name != "convirt")
     assert ("clip.logit_bias" in got) == (name == "siglip")
     assert any(key.startswith("heads.") for key in got) == (name in ("three-levels", "convirt"))
+
+
+def test_per_sample_only_objectives_accumulate_without_a_first_encoding():
+    """No Coupled output: no grad-free forward, and dropout draws fresh masks per micro-batch
+    (as k plain forwards would), not replayed ones."""
+    objective = SampleOnly()
+    model, reference = wrap(objective, dropout=0.3), wrap(objective, dropout=0.3)
+    micro = _split(_batch(16), 4)
+    torch.manual_seed(5)
+    losses = [objective.sample_loss(reference(objective.model_inputs(m)), m) for m in micro]
+    torch.stack([part["aux_loss"] for part in losses]).mean().backward()
+    after_reference = torch.rand(8)
+    torch.manual_seed(5)
+    cached = accumulate(model, objective, micro)
+    assert float(cached) == 0.0
+    assert_same_tensors(_grads(model), _grads(reference))
+    torch.testing.assert_close(torch.rand(8), after_reference)
 
 
 def test_per_sample_outputs_are_not_cached():
@@ -270,7 +303,7 @@ def _ddp_accumulation(rank, world, steps, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["clip+sample", "three-levels"])
+@pytest.mark.parametrize("name", ["clip+sample", "three-levels", "sample-only"])
 def test_two_processes_accumulating_match_one_process_full_batch(name):
     """(b, k=4) on 2 DDP ranks = (8b, k=1) on one process: gradients, and parameters after 3
     SGD steps, in float64."""

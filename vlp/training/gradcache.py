@@ -15,6 +15,9 @@ outputs (embeddings) are concatenated over the micro-batches and cached in their
 their cached gradient in each replay, so they accumulate it whole and DDP averages it with the
 rest; ``PerSample`` outputs (caption logits) are never cached: the first encoding drops them,
 and only the replay's ``sample_loss`` sees them. An undeclared output is an error.
+An objective without ``Coupled`` outputs couples no samples (``prior_reference``'s language
+model): its micro-batches are accumulated plainly, one forward each in the replay, with no
+grad-free encoding and no RNG replay.
 Not exact with BatchNorm: its batch statistics are per micro-batch and the first, grad-free
 encoding updates its running statistics too.
 """
@@ -49,6 +52,7 @@ class CachedLoss:
     shared: Tensors
     """The ``Shared`` outputs (logit scale and bias), detached, for the logs."""
     rng_states: list[Any]
+    """Each micro-batch's RNG state at its first encoding (None: no encoding, nothing to replay)."""
     sizes: list[int]
 
 
@@ -100,6 +104,9 @@ def cached_batch_loss(
     Raises whatever the objective raises (e.g. ``NonFiniteFeaturesError``) before any gradient
     reaches the model, so a caller can skip the step on every rank.
     """
+    if not any(isinstance(kind, Coupled) for kind in objective.outputs.values()):
+        k = len(micro_batches)  # nothing couples the samples: the replay alone accumulates
+        return CachedLoss({}, torch.zeros((), device=device), {}, {}, [None] * k, [0] * k)
     rng_states, encoded = [], []
     with torch.no_grad():
         for batch in micro_batches:
@@ -113,8 +120,6 @@ def cached_batch_loss(
     del outputs  # the last micro-batch's per-sample outputs (caption logits) are not kept
     after = _rng_state(device)
     coupled = [k for k, kind in kinds.items() if isinstance(kind, Coupled)]
-    if not coupled:
-        raise ValueError(f"objective {type(objective).__name__} declares no Coupled output")
     sizes = [len(outputs[coupled[0]]) for outputs in encoded]
     features: Tensors = {}
     for key, first in encoded[0].items():
@@ -156,6 +161,7 @@ def replay_backward(
 
     Returns the mean over micro-batches of the ``sample_loss`` terms (detached).
     """
+    replay_rng = cached.rng_states[0] is not None
     after = _rng_state(device)
     k = len(micro_batches)
     sample_parts: dict[str, list[torch.Tensor]] = {}
@@ -164,7 +170,8 @@ def replay_backward(
         zip(micro_batches, cached.rng_states, cached.sizes, strict=True)
     ):
         last = index == k - 1
-        _set_rng_state(state, device)
+        if replay_rng:
+            _set_rng_state(state, device)
         with nullcontext() if last else no_sync(model), autocast():
             outputs = _forward(model, objective, batch)
             terms = []
@@ -181,5 +188,6 @@ def replay_backward(
             surrogate = torch.stack([t.float() for t in terms]).sum()
         backward(surrogate)
         start += size
-    _set_rng_state(after, device)
+    if replay_rng:
+        _set_rng_state(after, device)
     return {key: torch.stack(values).mean() for key, values in sample_parts.items()}
