@@ -65,7 +65,10 @@ def _prior_weights(args: argparse.Namespace) -> int:
     """`vlp prior weights`: log P_r of every caption, keyed by sample key."""
     from launch.prior_weights import write_reference_sidecar
 
-    count = write_reference_sidecar(args.reference, args.shards, args.out, text_key=args.text_key)
+    count = write_reference_sidecar(
+        args.reference, args.shards, args.out, text_key=args.text_key, model=args.model,
+        tokenizer_file=args.tokenizer,
+    )  # fmt: skip
     print(f"wrote log P_r of {count} captions to {args.out}; train with "
           f"objective.prior.sidecar={args.out}")  # fmt: skip
     return 0
@@ -96,7 +99,19 @@ def _add_prior(commands: argparse._SubParsersAction) -> None:
         "weights",
         help="precompute P_r's log-probabilities of every caption (objective.prior.sidecar)",
     )
-    weights.add_argument("--reference", required=True, help="a `train-reference` run folder")
+    weights.add_argument(
+        "--reference",
+        required=True,
+        help="a `train-reference` run folder, or a transformers causal LM (folder or hub name)",
+    )
+    weights.add_argument(
+        "--model",
+        help="with a transformers LM: the captioning model (model.name) whose tokenizer it must "
+        "share and that reads the captions",
+    )
+    weights.add_argument(
+        "--tokenizer", help="with --model: its SentencePiece tokenizer (model.tokenizer), if any"
+    )
     weights.add_argument("--shards", required=True, help="the shards PRIOR will train on")
     weights.add_argument("--out", required=True, help="the .safetensors file to write")
     weights.add_argument("--text-key", default="txt", help="caption member (default: txt)")

@@ -25,7 +25,7 @@ from data_pipelines.tario import iter_samples
 from evals.loading import run_tokenizer_file
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
-from vlp.objectives.prior.objective import PAD_ID, load_reference_run
+from vlp.objectives.prior.objective import PAD_ID, load_reference
 from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.training.checkpoint import list_checkpoints
 
@@ -54,25 +54,34 @@ def shard_captions(urls: list[str], text_key: str) -> Iterator[tuple[str, str, s
 
 def write_reference_sidecar(
     reference: str | Path, shards: str, out: str | Path, *, text_key: str = "txt",
-    batch_size: int = 256,
+    batch_size: int = 256, model: str | None = None, tokenizer_file: str | None = None,
 ) -> int:  # fmt: skip
     """Write log P_r of every caption of ``shards`` into ``out`` (atomically); the count.
 
+    ``reference`` is a ``prior_reference`` run (its model and tokenizer read the captions), or
+    a transformers causal LM (a local folder or a hub name), checked against the tokenizer of
+    the captioning model ``model`` (with ``tokenizer_file``, a SentencePiece one, if it has one).
+
     Raises:
-        StartupError: no complete checkpoint in ``reference``, a reference of another
-            tokenizer, a sample without ``text_key`` or a sample key seen twice.
+        StartupError: a run without a complete checkpoint, a transformers LM without ``model``
+            or of another tokenizer, a sample without ``text_key`` or a sample key seen twice.
     """
     checkpoints = list_checkpoints(Path(reference) / "checkpoints")
-    if not checkpoints:
-        raise StartupError(f"reference '{reference}' holds no complete checkpoint")
-    meta = json.loads((checkpoints[-1] / "model_config.json").read_text())
-    tokenizer_file = run_tokenizer_file(checkpoints[-1])  # the run's model.tokenizer, if any
-    clip, _, _, tokenizer = create_model(
-        meta["model_name"], tokenizer=str(tokenizer_file) if tokenizer_file else None
-    )
+    if checkpoints:
+        meta = json.loads((checkpoints[-1] / "model_config.json").read_text())
+        model = meta["model_name"]
+        run_tokenizer = run_tokenizer_file(checkpoints[-1])  # the run's model.tokenizer, if any
+        tokenizer_file = str(run_tokenizer) if run_tokenizer else None
+    elif model is None:
+        raise StartupError(
+            f"reference '{reference}' holds no complete checkpoint of a `vlp prior "
+            "train-reference` run; for a transformers causal LM, name the captioning model "
+            "(--model) whose tokenizer it must share"
+        )
     try:
-        lm = load_reference_run(reference, clip).eval()
-    except ValueError as error:
+        clip, _, _, tokenizer = create_model(model, tokenizer=tokenizer_file)
+        lm = load_reference(reference, clip, tokenizer).eval()
+    except (ValueError, FileNotFoundError) as error:
         raise StartupError(str(error)) from None
     tensors: dict[str, torch.Tensor] = {}
     pending: list[tuple[str, str]] = []
@@ -100,7 +109,7 @@ def write_reference_sidecar(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
-                "checkpoint": checkpoints[-1].name}  # fmt: skip
+                "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return len(tensors)

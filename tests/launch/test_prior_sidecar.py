@@ -82,6 +82,36 @@ def test_the_sidecar_tokenizes_with_the_reference_runs_tokenizer(tmp_path, shard
     torch.testing.assert_close(stored, expected[0].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_transformers_reference_writes_the_same_logprobs_as_online(tmp_path, shards, capsys):  # noqa: F811
+    """`vlp prior weights --reference <transformers LM> --model <captioning model>`: the LM
+    is checked against the model's tokenizer and gives log P_r as the objective's online P_r."""
+    from launch.cli import main
+    from tests.objectives.test_prior_math import write_clip_tokenizer, write_gpt2
+
+    write_gpt2(tmp_path / "gpt2", write_clip_tokenizer(tmp_path / "tok"))
+    clip, _, _, tokenizer = create_model("vlp-tiny-coca")
+    out = tmp_path / "lp.safetensors"
+    args = ["prior", "weights", "--reference", str(tmp_path / "gpt2"), "--shards", str(shards),
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 2 and "name the captioning model (--model)" in capsys.readouterr().err
+    assert main([*args, "--model", "vlp-tiny-coca"]) == 0
+    objective = PriorObjective(reference=str(tmp_path / "gpt2"))
+    objective.use_tokenizer(tokenizer)
+    lm = objective.build_model(clip).frozen("reference")
+    captions = dict(
+        (k, c) for _, k, c in shard_captions(shard_urls(str(shards), "training"), "txt")
+    )
+    with safe_open(str(out), "pt") as handle:
+        keys = sorted(handle.keys())[:8]
+        stored = torch.stack([handle.get_tensor(key) for key in keys])
+    expected, _ = reference_target_logprobs(lm, tokenizer([captions[k] for k in keys]), PAD_ID)
+    torch.testing.assert_close(stored, expected.float(), rtol=1e-5, atol=1e-5)
+    assert len(captions) == 256
+    other = ["--model", "vlp-tiny-coca-procedural", "--tokenizer", "vlp:procedural-bpe"]
+    assert main([*args, *other]) == 2
+    assert "tokenizer has 49408 tokens, the captioning model's 192" in capsys.readouterr().err
+
+
 def test_sidecar_fingerprint_and_missing_key(tiny, shards, tmp_path):  # noqa: F811
     """A recomputed file is another stream; a key the file lacks is a SampleError."""
     _, _, reference, sidecar = tiny

@@ -90,6 +90,16 @@ class SentencePieceTokenizer:
         special = {self.bos_id, self.eos_id, self.pad_id}
         return str(self.processor.decode([int(i) for i in ids if int(i) not in special]))
 
+    def get_vocab(self) -> dict[str, int]:
+        """Piece → id (Hugging Face's name), to compare vocabularies with another tokenizer."""
+        return {self.processor.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """PAD, UNK, BOS and EOS ids that this model defines (Hugging Face's name)."""
+        p = self.processor
+        return [i for i in (p.pad_id(), p.unk_id(), p.bos_id(), p.eos_id()) if i >= 0]
+
     def check_model_config(self, model_cfg: dict[str, Any]) -> None:
         """Raise if the model cannot use this vocabulary (size, pooling, special ids)."""
         text_cfg = model_cfg.get("text_cfg", {})

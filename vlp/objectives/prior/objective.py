@@ -148,6 +148,27 @@ def load_reference_run(run_dir: str | Path, clip: nn.Module) -> TinyCausalLM:
     return lm
 
 
+def load_reference(reference: str | Path, clip: nn.Module, tokenizer: Any | None) -> nn.Module:
+    """P_r from a ``prior_reference`` run (checked against ``clip``'s vocabulary and context),
+    or a transformers causal LM (a local folder or a hub name) checked against ``tokenizer``,
+    the captioning model's. Raises ValueError (TokenizerMismatchError included) in one line."""
+    if (Path(reference) / "checkpoints").is_dir():
+        return load_reference_run(reference, clip)
+    if tokenizer is None:
+        raise ValueError(
+            f"reference '{reference}' is not a prior_reference run (no checkpoints/ in it); "
+            "a transformers causal LM needs the captioning model's tokenizer to be checked "
+            "against, and none was given (Objective.use_tokenizer)"
+        )
+    try:
+        return load_reference_lm(str(reference), tokenizer)
+    except OSError as error:
+        raise ValueError(
+            f"reference '{reference}' is neither a prior_reference run nor a transformers "
+            f"causal LM that loads here ({str(error).splitlines()[0]})"
+        ) from None
+
+
 @dataclass
 class PriorSettings:
     """``objective.prior.*``: CoCa's loss weights and PRIOR's token weights."""
@@ -220,25 +241,7 @@ class PriorObjective(ConfiguredObjective):
         self._tokenizer = tokenizer
 
     def _reference(self, clip: nn.Module) -> nn.Module:
-        """P_r from a ``prior_reference`` run, or a transformers causal LM checked against the
-        captioning model's tokenizer."""
-        reference = self.settings.reference
-        if (Path(reference) / "checkpoints").is_dir():
-            return load_reference_run(reference, clip)
-        tokenizer = getattr(self, "_tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                f"reference '{reference}' is not a prior_reference run (no checkpoints/ in it); "
-                "a transformers causal LM needs the captioning model's tokenizer to be checked "
-                "against, and none was given (Objective.use_tokenizer)"
-            )
-        try:
-            return load_reference_lm(reference, tokenizer)
-        except OSError as error:
-            raise ValueError(
-                f"reference '{reference}' is neither a prior_reference run nor a transformers "
-                f"causal LM that loads here ({str(error).splitlines()[0]})"
-            ) from None
+        return load_reference(self.settings.reference, clip, getattr(self, "_tokenizer", None))
 
     def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
         """CoCa's forward (embeddings, caption logits and labels) and the token weights."""
