@@ -124,6 +124,11 @@ CHANCE = {"zeroshot_acc1": 1 / 9, "linear_probe_acc1": 1 / 9, "i2t_r1": 1e-3, "t
           "i2t_r5": 5e-3, "t2i_r5": 5e-3}  # fmt: skip
 
 
+def now() -> str:
+    """The time a table's runs started (rows of one invocation share it: ``measured``)."""
+    return datetime.datetime.now().isoformat(timespec="minutes")
+
+
 def recipes(objectives: Sequence[str]) -> dict[str, tuple[Path, tuple[str, ...]]]:
     """The recipe of every objective, or SystemExit naming the ones without a recipe."""
     missing = [name for name in objectives if name not in RECIPES and name not in NOT_IN_TABLE]
@@ -240,6 +245,7 @@ def run_objective(
         "train_seconds": summary["train_seconds"],
         "final_train_loss": summary["final_train_loss"],
         "load_average_after": os.getloadavg()[0],
+        "measured": getattr(args, "started", None) or now(),
         "model_cfg": model_cfg,
         **captions,
     }
@@ -318,6 +324,13 @@ def table_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Sentences for what the table cannot show: towers unlike CLIP's, and rows near chance."""
     reference = next(row for row in rows if row["objective"] == REFERENCE)
     notes = []
+    when = reference.get("measured", "an earlier run")
+    apart = [row["objective"] for row in rows if row.get("measured") != when]
+    if apart:
+        notes.append(
+            f"s/step of {', '.join(apart)} comes from other runs than {REFERENCE}'s ({when}; "
+            "kept by --only, see `measured` in the JSON): their time vs CLIP is not side by side."
+        )
     for row in rows:
         name, cfg = row["objective"], row["model_cfg"]
         trunk = {k: v for k, v in cfg["vision_cfg"].items() if k not in COCA_POOLER}
@@ -417,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlp.objectives import list_objectives
 
     args.torch_version = torch.__version__.split("+")[0]
+    args.started = now()
     chosen = recipes(list_objectives())
     kept = kept_rows(args, chosen) if args.only else {}
     write_demo_data(args.out / "data")

@@ -3,14 +3,15 @@ words than on function words?
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prior_weights.py [--steps 200]
 
-Trains P_r with ``launch/configs/prior_reference_demo.yaml`` (the tiny CoCa's tokenizer) on the
-procedural training captions, then computes PRIOR's token weights ŵ_i = k·w_i/Σw,
-w_i = 1 − P_r(t_i | t_<i) (α = 1, :func:`vlp.objectives.prior.weights.token_weights`) on the
-1,000 held-out captions and averages them per word class: colours, shapes, sizes, position words
-(what the image shows) against function words. A weight above 1 means PRIOR up-weights the word
-relative to plain captioning (mean 1 per caption). Prints a table, writes
-``benchmarks/results/prior_weights.json`` and the "PRIOR token weights" section of
-``benchmarks/RESULTS.md``.
+Trains P_r with ``launch/configs/prior_reference_demo.yaml`` (the recipe's tokenizer,
+``vlp:procedural-bpe``: every word one piece) on the procedural training captions, then computes
+PRIOR's token weights ŵ_i = k·w_i/Σw, w_i = 1 − P_r(t_i | t_<i) (α = 1,
+:func:`vlp.objectives.prior.weights.token_weights`) on the 1,000 held-out captions and averages
+them per word class: colours, shapes, sizes, position words (what the image shows) against
+function words, the scene words every image shares, punctuation and the end token. A weight
+above 1 means PRIOR up-weights the word relative to plain captioning (mean 1 per caption).
+Prints a table, writes ``benchmarks/results/prior_weights.json`` and the "PRIOR token weights"
+section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -38,24 +39,40 @@ WORDS = {
     "colour": set(COLOURS),
     "shape": {word for name in CLASSNAMES for word in name.split()},
     "size": set(SIZES),
-    "position": {"top", "bottom", "left", "right", "middle", "center", "centre", "corner"},
+    "position": {
+        "top",
+        "bottom",
+        "left",
+        "right",
+        "middle",
+        "center",
+        "centre",
+        "corner",
+        "towards",
+    },  # fmt: skip
     "function": {"a", "an", "the", "of", "on", "in", "at", "near", "is", "there", "one"},
+    "scene": {"drawn", "dark", "noisy", "background"},
+    "punctuation": {"(", ")", ","},
+    "end of caption": {"</s>"},
 }
 """Word class -> its words in the procedural captions."""
+END = "</s>"
+"""The end token's entry (PRIOR weighs it too: it is one of CoCa's caption labels)."""
 HEADING = "## PRIOR token weights on the procedural captions"
 
 
 def word_weights(reference_run: Path, captions: list[str]) -> dict[str, list[float]]:
-    """Each single-token word of ``captions`` -> the weights ŵ PRIOR gives it (α = 1)."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """Each word of ``captions`` (one piece each in the recipe's tokenizer), each punctuation
+    mark and the end token -> the weights ŵ PRIOR gives it (α = 1)."""
+    import yaml
 
     from vlp.models import create_model
     from vlp.objectives.prior.objective import PAD_ID, load_reference_run
     from vlp.objectives.prior.weights import reference_target_logprobs, token_weights
 
-    clip, _, _, tokenizer = create_model("vlp-tiny-coca")
+    model = yaml.safe_load(RECIPE.read_text())["model"]
+    clip, _, _, tokenizer = create_model(model["name"], tokenizer=model["tokenizer"])
     lm = load_reference_run(reference_run, clip).eval()
-    decoder = SimpleTokenizer().decoder
     found: dict[str, list[float]] = {}
     for start in range(0, len(captions), 250):
         tokens = tokenizer(captions[start : start + 250])
@@ -63,15 +80,16 @@ def word_weights(reference_run: Path, captions: list[str]) -> dict[str, list[flo
         weights = token_weights(logprobs, mask, 1.0)
         for row, ids in enumerate(tokens[:, 1:].tolist()):
             for position, token in enumerate(ids):
-                piece = decoder.get(token, "")
-                if mask[row, position] and piece.endswith("</w>"):  # a whole word
-                    found.setdefault(piece[:-4], []).append(float(weights[row, position]))
+                if mask[row, position]:
+                    piece = tokenizer.processor.id_to_piece(token)
+                    word = END if token == tokenizer.eos_id else piece.removeprefix("▁")
+                    found.setdefault(word, []).append(float(weights[row, position]))
     return found
 
 
 def by_class(found: dict[str, list[float]]) -> list[dict[str, object]]:
     """Mean weight, occurrences and words per word class."""
-    rows = []
+    rows: list[dict[str, object]] = []
     for name, words in WORDS.items():
         values = [v for word in sorted(words) for v in found.get(word, [])]
         rows.append({"class": name, "mean_weight": statistics.mean(values) if values else None,
@@ -84,7 +102,7 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace, loss: floa
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prior_weights.py"
     command += f" --steps {args.steps}" if args.steps != 200 else ""
     about = (
-        f"P_r: the demo reference LM (2 layers, width 64, the tiny CoCa's BPE tokenizer), "
+        f"P_r: the demo reference LM (2 layers, width 64, the 192-piece `vlp:procedural-bpe`), "
         f"{args.steps} steps of batch 64 on the procedural training captions (final loss "
         f"{loss:.2f}); weights ŵ (α = 1, mean 1 per caption) on the 1,000 held-out captions, "
         "averaged per word class. Above 1: PRIOR up-weights the word against plain captioning."

@@ -46,8 +46,10 @@ from evals.tasks import EncodeOptions, Preprocess, TaskResult
 Method = Literal["greedy", "beam"]
 METHODS: tuple[str, ...] = ("greedy", "beam")
 MIN_LEN = 5
-MAX_LEN = 30
 """open_clip's ``min_seq_len``: no end token before this many tokens (start token included)."""
+MAX_LEN = 30
+"""open_clip's ``seq_len``: the default longest caption, start token included (cut to the
+model's context length when that is shorter)."""
 
 Key = TypeVar("Key", bound=Hashable)
 
