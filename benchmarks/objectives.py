@@ -403,6 +403,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     time_ax.axhline(1.0, color="black", linewidth=0.8)
     time_ax.set_ylim(0, max(ratios) * 1.15)
     time_ax.set_title("time per step vs CLIP", fontsize=10)
+    time_ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
