@@ -13,43 +13,19 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from safetensors.torch import save_file
 
-from data_pipelines.decode import SampleError, decode_caption
-from data_pipelines.tario import iter_samples
+from data_pipelines.captions import shard_captions
+from data_pipelines.decode import SampleError
 from evals.loading import run_tokenizer_file
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
 from vlp.objectives.prior.objective import PAD_ID, load_reference
 from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.training.checkpoint import list_checkpoints
-
-
-def shard_captions(urls: list[str], text_key: str) -> Iterator[tuple[str, str, str]]:
-    """(shard, sample key, caption) of every sample of the shards, in order.
-
-    Shared by the commands that precompute a per-caption sidecar (`vlp prior weights`, `vlp
-    protoclip teacher`), so that they read captions exactly as each other.
-
-    Raises:
-        SampleError: a sample without ``text_key`` or with an undecodable caption, naming the
-            shard and the sample key.
-    """
-    for url in urls:
-        with wds.gopen(url) as stream:
-            for sample in iter_samples(stream, url):
-                if text_key not in sample.members:
-                    raise SampleError(f"shard {url} sample {sample.key}: no member '{text_key}'")
-                try:
-                    caption = decode_caption(sample.members[text_key])
-                except SampleError as error:
-                    raise SampleError(f"shard {url} sample {sample.key}: {error}") from None
-                yield url, sample.key, caption
 
 
 def write_reference_sidecar(

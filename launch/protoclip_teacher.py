@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from launch.build import StartupError, shard_urls
-from launch.prior_weights import shard_captions
 from vlp.models.hf_towers import HFTowerError, quiet_hf_loading, resolve_hf_tower
 
 DEFAULT_TEACHER = "vlp:all-minilm-l6-v2"

@@ -8,11 +8,12 @@ import torch
 from safetensors import safe_open
 
 from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField, TextField
+from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from data_pipelines.stream import make_train_stream
 from data_pipelines.transforms import TrainTransform
 from launch.build import shard_urls
-from launch.prior_weights import shard_captions, write_reference_sidecar
+from launch.prior_weights import write_reference_sidecar
 from tests.launch.test_pretrain import shards  # noqa: F401
 from tests.objectives.test_prior import reference_run
 from vlp.models import create_model
