@@ -99,19 +99,6 @@ def _kind_of(path: Path) -> ModelKind | None:
     return None
 
 
-def run_tokenizer_file(checkpoint: Path) -> Path | None:
-    """The SentencePiece file a run trained with (``model.tokenizer`` in its config.yaml)."""
-    config = checkpoint.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    import yaml
-
-    from vlp.models.tokenizers import resolve_tokenizer_file
-
-    tokenizer = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("tokenizer")
-    return resolve_tokenizer_file(tokenizer) if tokenizer else None
-
-
 def _tokenizer(model_dir: Path, model_cfg: dict[str, Any], sentencepiece: Path | None) -> Tokenizer:
     """The tokenizer the model was trained with, as open_clip would pick it for ``model_dir``."""
     import open_clip
@@ -163,6 +150,7 @@ def _from_local_dir(
 
 def _load_checkpoint(checkpoint: Path, kind: ModelKind) -> LoadedModel:
     from vlp.models import preprocess_config
+    from vlp.models.tokenizers import run_tokenizer_file
 
     try:
         meta = json.loads((checkpoint / "model_config.json").read_text())

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
-from evals.loading import run_tokenizer_file
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
+from vlp.models.tokenizers import run_tokenizer_file
 from vlp.objectives.prior.objective import PAD_ID, load_reference
 from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.training.checkpoint import list_checkpoints

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tests.training.test_gradcache import CPU, _grads, accumulate, assert_same_tensors
 from vlp.models import create_model
 from vlp.objectives import create_objective, total_loss
-from vlp.objectives.prior.objective import PriorObjective, load_reference_run
+from vlp.objectives.prior.objective import PriorObjective, load_reference, load_reference_run
 from vlp.objectives.prior.reference_lm import TinyCausalLM
 from vlp.objectives.prior.weights import token_weights
 from vlp.training.gradcache import cached_batch_loss
@@ -166,6 +166,33 @@ def test_a_reference_of_another_vocabulary_or_objective_is_refused(coca, tmp_pat
         load_reference_run(run, clip)
     with pytest.raises(ValueError, match="needs a CoCa model"):
         PriorObjective().build_model(create_model("vlp-tiny-vit")[0])
+
+
+def test_a_reference_run_that_read_its_captions_with_another_tokenizer_is_refused(tmp_path):
+    """The vocabulary size and context agree (the run records 192), the pieces do not: the
+    file must be the one the captioning model reads (its bytes), or both must use the model's
+    own tokenizer."""
+    import sentencepiece as spm
+
+    from data_pipelines.procedural_tokenizer import train_procedural_tokenizer
+    from data_pipelines.synthetic import generate_samples
+
+    clip, _, _, tokenizer = create_model("vlp-tiny-coca-procedural", tokenizer="vlp:procedural-bpe")
+    kw = {"model": "vlp-tiny-coca-procedural"}
+    same = reference_run(tmp_path / "same", clip, tokenizer="vlp:procedural-bpe", **kw)
+    assert isinstance(load_reference(same, clip, tokenizer), TinyCausalLM)
+    other = tmp_path / "other.model"
+    spm.SentencePieceTrainer.train(  # a unigram model of the same captions: other pieces
+        sentence_iterator=(sample["txt"] for sample in generate_samples(400, seed=3)), vocab_size=64,
+        model_prefix=str(other.with_suffix("")), pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        minloglevel=2,
+    )  # fmt: skip
+    assert other.read_bytes() != train_procedural_tokenizer()
+    for name, run_tokenizer in (("own", None), ("other", str(other))):
+        run = reference_run(tmp_path / name, clip, tokenizer=run_tokenizer, **kw)
+        with pytest.raises(ValueError, match="P_r must use the captioning model's tokenizer"):
+            load_reference(run, clip, tokenizer)
+    assert isinstance(load_reference(run, clip, None), TinyCausalLM)  # nothing to check against
 
 
 def test_the_reference_objective_trains_a_text_only_lm(coca):

@@ -40,6 +40,18 @@ def resolve_tokenizer_file(name: str | Path) -> Path:
     return Path(name)
 
 
+def run_tokenizer_file(checkpoint: Path) -> Path | None:
+    """The SentencePiece file a run trained with (``model.tokenizer`` in the config.yaml of the
+    checkpoint's run); None for the model's own tokenizer or a checkpoint outside a run."""
+    import yaml
+
+    config = checkpoint.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    tokenizer = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("tokenizer")
+    return resolve_tokenizer_file(tokenizer) if tokenizer else None
+
+
 class SentencePieceTokenizer:
     """Callable ``texts -> LongTensor[B, context_length]``: [BOS], ids, EOS, then padding.
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlp.distributed import contrastive_loss
+from vlp.models.tokenizers import run_tokenizer_file
 from vlp.models.vlp_model import HEADS_FILE, VlpModel
 from vlp.objectives.base import (
     ConfiguredObjective,
@@ -117,9 +118,13 @@ class PriorReferenceObjective(ConfiguredObjective):
         return {"lm_loss": loss}
 
 
-def load_reference_run(run_dir: str | Path, clip: nn.Module) -> TinyCausalLM:
+def load_reference_run(
+    run_dir: str | Path, clip: nn.Module, tokenizer: Any | None = None
+) -> TinyCausalLM:
     """P_r from the newest checkpoint of a ``prior_reference`` run, checked against ``clip``'s
-    vocabulary and context length (the LM must read the captioning model's token ids)."""
+    vocabulary and context length and, given the captioning model's ``tokenizer``, against it:
+    the run must have read its captions with the same SentencePiece file (the same bytes), or
+    both with the model's own tokenizer. The LM must read the captioning model's token ids."""
     from vlp.training.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
@@ -141,6 +146,8 @@ def load_reference_run(run_dir: str | Path, clip: nn.Module) -> TinyCausalLM:
             f"reference '{run_dir}' reads vocab/context {theirs}, the captioning model {ours}: "
             "P_r must use the captioning model's tokenizer"
         )
+    if tokenizer is not None:
+        _check_run_tokenizer(run_dir, run_tokenizer_file(newest), tokenizer)
     settings = PriorReferenceSettings(**objective.get("settings", {}))
     lm = TinyCausalLM(*theirs, settings.width, settings.layers, settings.heads)
     state = {k[len("lm.") :]: v for k, v in load_file(str(newest / HEADS_FILE)).items()}
@@ -148,12 +155,31 @@ def load_reference_run(run_dir: str | Path, clip: nn.Module) -> TinyCausalLM:
     return lm
 
 
+def _check_run_tokenizer(run_dir: str | Path, theirs: Path | None, tokenizer: Any) -> None:
+    """Raise unless a reference run's SentencePiece file (None: the model's own tokenizer) is
+    the one ``tokenizer`` reads: equal vocabulary sizes do not make equal vocabularies."""
+    ours = getattr(tokenizer, "model_file", None)
+    same = theirs is None and ours is None
+    same = same or (theirs is not None and ours is not None and theirs.is_file()
+                    and theirs.read_bytes() == Path(ours).read_bytes())  # fmt: skip
+    if not same:
+        raise ValueError(
+            f"reference '{run_dir}' read its captions with {_tokenizer_name(theirs)}, the "
+            f"captioning model reads them with {_tokenizer_name(ours)}: P_r must use the "
+            "captioning model's tokenizer"
+        )
+
+
+def _tokenizer_name(model_file: Path | None) -> str:
+    return f"SentencePiece '{model_file}'" if model_file else "the model's own tokenizer"
+
+
 def load_reference(reference: str | Path, clip: nn.Module, tokenizer: Any | None) -> nn.Module:
     """P_r from a ``prior_reference`` run (checked against ``clip``'s vocabulary and context),
     or a transformers causal LM (a local folder or a hub name) checked against ``tokenizer``,
     the captioning model's. Raises ValueError (TokenizerMismatchError included) in one line."""
     if (Path(reference) / "checkpoints").is_dir():
-        return load_reference_run(reference, clip)
+        return load_reference_run(reference, clip, tokenizer)
     if tokenizer is None:
         raise ValueError(
             f"reference '{reference}' is not a prior_reference run (no checkpoints/ in it); "
