@@ -82,6 +82,18 @@ def test_a_fitted_coca_writes_its_captions(fitted, method, num_beams) -> None:
     assert generate_captions(VlpModel(model), images, tokenizer, method=method) == expected
 
 
+def test_default_max_len_fits_a_context_shorter_than_30() -> None:
+    """open_clip's 30 tokens by default, cut to the model's context (24 here) instead of
+    refusing the default."""
+    torch.manual_seed(0)
+    model, _, preprocess, tokenizer = create_model(
+        "vlp-tiny-coca-procedural", tokenizer="vlp:procedural-bpe"
+    )
+    images = images_of(generate_samples(2, seed=0), preprocess)
+    captions = generate_captions(model, images, tokenizer, min_len=2)
+    assert len(captions) == 2 and all(len(tokenizer([c])[0].nonzero()) <= 24 for c in captions)
+
+
 def test_greedy_is_one_beam(untrained) -> None:
     model, preprocess, tokenizer = untrained
     images = images_of(generate_samples(2, seed=3), preprocess)
