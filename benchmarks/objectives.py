@@ -45,12 +45,15 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_pipelines.synthetic import CLASSNAMES  # noqa: E402
+
+if TYPE_CHECKING:
+    from evals.loading import LoadedModel
 
 CONFIGS = ROOT / "launch" / "configs"
 RECIPES: dict[str, tuple[Path, tuple[str, ...]]] = {
@@ -159,14 +162,14 @@ def prior_reference(out: Path, data: Path) -> Path:
     return out
 
 
-def captioning_metrics(run_dir: Path, heldout: Path) -> dict[str, float]:
-    """Greedy BLEU-4 and CIDEr of the run's newest checkpoint on the held-out shards."""
+def captioning_metrics(loaded: LoadedModel, heldout: Path) -> dict[str, float]:
+    """Greedy BLEU-4 and CIDEr of a loaded checkpoint (:func:`evals.loading.load_model`) on the
+    held-out shards."""
     from evals.captioning import captioning_task
     from evals.datasets import open_eval_set
-    from evals.loading import load_model
     from evals.tasks import EncodeOptions
 
-    model, preprocess, tokenizer, _ = load_model(run_dir)
+    model, preprocess, tokenizer, _ = loaded
     eval_set = open_eval_set(heldout, task="retrieval")
     result = captioning_task(
         model, preprocess, tokenizer, eval_set, min_len=2, options=EncodeOptions(batch_size=500)
@@ -184,21 +187,18 @@ def seconds_per_step(metrics_file: Path, batch: int) -> float:
     return batch / statistics.median(rates[1:] or rates)
 
 
-def linear_probe_acc1(
-    run_dir: Path, train_dir: Path, heldout_dir: Path
-) -> tuple[float, dict[str, Any]]:
-    """Probe acc1 of the run's newest checkpoint, and its model config (for the tower check)."""
+def linear_probe_acc1(loaded: LoadedModel, train_dir: Path, heldout_dir: Path) -> float:
+    """Probe acc1 of a loaded checkpoint (:func:`evals.loading.load_model`)."""
     from evals.datasets import open_eval_set
-    from evals.loading import load_model
     from evals.tasks import EncodeOptions, linear_probe_task
 
-    model, preprocess, _, info = load_model(run_dir)
+    model, preprocess, _, _ = loaded
     sets = [
         open_eval_set(folder, classnames=CLASSNAMES, task="classification")
         for folder in (train_dir, heldout_dir)
     ]
     result = linear_probe_task(model, preprocess, *sets, options=EncodeOptions(batch_size=500))
-    return result.metrics["lp_acc1"], {"model": info.name, **info.model_cfg}
+    return float(result.metrics["lp_acc1"])
 
 
 def run_objective(
@@ -229,8 +229,12 @@ def run_objective(
         overrides = [override.format(reference=reference) for override in overrides]
     print(f"\n=== {name}: {recipe.relative_to(ROOT)} {' '.join(overrides)}", flush=True)
     summary = run_demo(out, [*overrides, *common], recipe)
-    probe, model_cfg = linear_probe_acc1(out, data / "train", data / "heldout")
-    captions = captioning_metrics(out, data / "heldout") if "multimodal_cfg" in model_cfg else {}
+    from evals.loading import load_model
+
+    loaded = load_model(out)  # the newest checkpoint, with the objective's heads
+    model_cfg = {"model": loaded.info.name, **loaded.info.model_cfg}
+    probe = linear_probe_acc1(loaded, data / "train", data / "heldout")
+    captions = captioning_metrics(loaded, data / "heldout") if "multimodal_cfg" in model_cfg else {}
     return {
         "objective": name,
         "recipe": str(recipe.relative_to(ROOT)),

@@ -267,6 +267,7 @@ class PriorObjective(ConfiguredObjective):
         self._tokenizer = tokenizer
 
     def _reference(self, clip: nn.Module) -> nn.Module:
+        """P_r (:func:`load_reference`), checked against the tokenizer ``use_tokenizer`` gave."""
         return load_reference(self.settings.reference, clip, getattr(self, "_tokenizer", None))
 
     def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
