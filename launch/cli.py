@@ -9,13 +9,14 @@ import json
 import os
 import posixpath
 import sys
-import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_pipelines.columns import COLUMNS
 from launch.evaluate import add_eval_commands, add_export_command, positive_int
+from launch.failure import rank_and_world, report_failure
 from launch.watch import add_watch_command
 from vlp.config import ConfigError, load_config
 
@@ -127,7 +128,7 @@ def _protoclip_teacher(args: argparse.Namespace) -> int:
     model = {"model": args.model} if args.model else {}  # else the function's default
     out = write_teacher_sidecar(args.shards, args.out, dim=args.dim, text_key=args.text_key,
                                 batch_size=args.batch_size, **model)  # fmt: skip
-    if int(os.environ.get("RANK", "0")) == 0:  # once under `accelerate launch`
+    if rank_and_world()[0] == 0:  # once under `accelerate launch`
         with safe_open(str(out), "pt") as handle:
             samples = (handle.metadata() or {}).get("samples", "?")
         print(f"wrote the teacher embeddings of {samples} samples to {out}; train with "
@@ -434,48 +435,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `vlp` with ``argv``; user errors print one line and return 2, no traceback.
 
     Each command names its user errors lazily (``user_errors``), so that `vlp shards` does not
-    pay the seconds `launch.run` takes to import.
+    pay the seconds `launch.run` takes to import. Under a launcher with several ranks, a bug's
+    traceback is reported like a user error (once, by the first rank to fail; status 1): the
+    ranks it brings down with it would otherwise print theirs above and below it.
     """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except Exception as error:
-        if not isinstance(error, args.user_errors()):
+        if isinstance(error, args.user_errors()):
+            report_failure(str(error))
+            return 2
+        if rank_and_world()[1] == 1:
             raise
-        _report_user_error(error)
-        return 2
-
-
-_QUIET_RANK_DELAY_S = 5.0
-
-
-def _report_user_error(error: Exception) -> None:
-    """Print ``error`` as one line, once per job: under ``accelerate launch`` every rank meets the
-    same config error, and only rank 0 (``RANK`` from torchrun) prints it. The other ranks wait a
-    moment before they exit with the same status, so that the launcher, which stops every worker
-    as soon as one fails, does not stop rank 0 before it has printed."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        time.sleep(_QUIET_RANK_DELAY_S)
-        return
-    message = f"vlp: error: {error}"
-    print(message, file=sys.stderr, flush=True)
-    _record_for_torchrun(message)
-
-
-def _record_for_torchrun(message: str) -> None:
-    """Under torchrun, put ``message`` where its failure summary looks (the worker's error file,
-    torch.distributed.elastic's JSON layout): the summary that ends the launcher's output then
-    names the cause instead of "To enable traceback see: ...". The launcher's own traceback
-    above it comes from its process and cannot be silenced from here."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    record = {
-        "message": message,
-        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))},
-    }
-    with open(path, "w") as f:
-        json.dump({"message": record}, f)
+        report_failure(f"{type(error).__name__}: {error}", details=traceback.format_exc())
+        return 1
 
 
 if __name__ == "__main__":

@@ -56,17 +56,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _accelerate(args: list[str], recipe: Path = DEMO) -> subprocess.CompletedProcess:
-    """``launch/pretrain.py --config RECIPE ARGS`` on 2 gloo processes under accelerate."""
+def _accelerate(
+    args: list[str],
+    recipe: Path = DEMO,
+    entry: Path = ROOT / "launch" / "pretrain.py",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """``ENTRY --config RECIPE ARGS`` (``launch/pretrain.py``) on 2 gloo processes under
+    accelerate, with ``env`` added to the environment."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "launch/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(_free_port()),
-        str(ROOT / "launch/pretrain.py"), "--config", str(recipe), *args,
+        str(entry), "--config", str(recipe), *args,
     ]  # fmt: skip
     return subprocess.run(
-        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
-    )
+        command, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
 
 
 def _state(checkpoint: Path) -> dict:
