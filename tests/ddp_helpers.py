@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -20,9 +21,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _entry(
+    rank: int, world: int, port: int, timeout_s: float, out_dir: str, fn: Callable, args: tuple
+) -> None:
+    # torchrun's variables too: an Accelerator made inside ``fn`` then joins this group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         torch.save(fn(rank, world, *args), os.path.join(out_dir, f"{rank}.pt"))
         gc.collect()  # drop DDP reducers and their gloo work before the group goes away
@@ -31,13 +37,18 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
         dist.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def run_on_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 1800.0
+) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` gloo processes; returns the per-rank results.
 
     ``fn`` must be a module-level function (it is pickled by name into spawned processes).
+    ``timeout_s`` bounds each collective (torch's default: 30 minutes), so that a test of a rank
+    left waiting fails in seconds instead of hanging.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world, join=True)
+        spawn_args = (world, _free_port(), timeout_s, out_dir, fn, args)
+        mp.spawn(_entry, args=spawn_args, nprocs=world, join=True)
         return [
             torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world)
         ]

@@ -115,7 +115,7 @@ def _trainer_step(rank: int, world: int, out_dir: str, nccl: bool) -> dict[str, 
         parts, stop = trainer.train_step(batch, stop_requested=rank == 1)
         assert parts is not None
         logged = trainer._log(parts, samples_per_s=1.0)
-    scale = trainer.model.logit_scale.detach().clone()
+    scale = trainer.accelerator.unwrap_model(trainer.model).logit_scale.detach().clone()
     return {"stop": stop, "loss": logged["train/loss"], "scale": scale}
 
 

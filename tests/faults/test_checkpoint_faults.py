@@ -139,6 +139,68 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous(
     assert _trainer(tmp_path, steps=3, resume="latest").fit().step == 3
 
 
+def _full_disk_on_rank_0(rank: int, world: int, out: str) -> dict[str, object]:
+    """Rank 0's weights file hits a full disk during step 2's save; then step 3 saves."""
+    trainer = _trainer(Path(out), steps=3)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    failed: dict[str, object] = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if rank == 0:
+
+            def full(*args: object, **kwargs: object) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(trainer_checkpoint, "save_file", full)
+        trainer.step = 2
+        try:
+            trainer.save_checkpoint()
+        except trainer_checkpoint.CheckpointWriteError as error:
+            failed = {"errno": error.errno, "message": str(error)}
+    trainer.step = 3  # the ranks are still in step: the next save pairs its collectives
+    trainer.save_checkpoint()
+    return failed
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_the_main_rank_stops_every_rank_at_once(tmp_path):
+    """Before: rank 1 waited in the barrier after the write for the collective timeout."""
+    from tests.ddp_helpers import run_on_ranks
+
+    failed = run_on_ranks(_full_disk_on_rank_0, 2, str(tmp_path), timeout_s=60)
+    for outcome in failed:
+        assert outcome["errno"] == errno.ENOSPC, failed
+        assert "No space left on device (on rank 0)" in str(outcome["message"]), failed
+        assert "step_00000001 is intact" in str(outcome["message"]), failed
+    assert _names(tmp_path) == ["step_00000001", "step_00000003"]
+
+
+def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint_listed(tmp_path, monkeypatch):
+    """Before: ``rmtree`` removed files in directory order, and a checkpoint missing its
+    weights but still holding ``COMPLETE`` was listed (and resumable by name)."""
+    trainer = _trainer(tmp_path, steps=3, keep_checkpoints=1)
+    trainer.step = 1
+    trainer.save_checkpoint()
+    real_rmtree = ckpt.shutil.rmtree
+
+    def crash_midway(path: Path, *args: object, **kwargs: object) -> None:
+        if "step_00000001" not in str(path):
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / "model.safetensors").unlink()  # the first file gone, then a kill
+        raise SystemExit(9)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", crash_midway)
+    trainer.step = 2
+    with pytest.raises(SystemExit):
+        trainer.save_checkpoint()  # written and renamed; pruning step 1 is interrupted
+    monkeypatch.undo()
+    listed = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in listed] == ["step_00000002"]
+    assert all((p / "model.safetensors").is_file() for p in listed)
+    assert _trainer(tmp_path, steps=3, resume="latest").fit().step == 3
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the torn remains went too
+
+
 def test_vlp_train_into_a_used_folder_stops_with_one_line(tmp_path, capsys):
     from data_pipelines.synthetic import generate_samples
     from data_pipelines.write import write_shards

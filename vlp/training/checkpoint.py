@@ -83,9 +83,18 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     fsync_path(tmp.parent)
     if final.exists():
-        shutil.rmtree(final)
+        remove_checkpoint(final)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no crash leaves it half deleted yet listed: it is renamed to
+    a temporary name first (atomic; never listed, removed by :func:`remove_stale_temporaries`
+    if the deletion is interrupted), then deleted."""
+    doomed = checkpoint.with_name(f"{TMP_PREFIX}{checkpoint.name}.removing")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -222,5 +231,5 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int, run_id: str, step: int) -
     ]
     for old in ours[: max(len(ours) - keep, 0)]:
         if step_of(old) < step:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     remove_stale_temporaries(checkpoint_dir)

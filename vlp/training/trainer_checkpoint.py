@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,6 +59,21 @@ class TrainerState:
     nonfinite_steps: int
     run_id: str
     """Names the run's checkpoints (kept across resumes); pruning touches only its own."""
+
+
+def _attempt(write: Callable[[], object]) -> OSError | None:
+    """Run ``write``; the OSError it raised (disk full, permissions), or None."""
+    try:
+        write()
+    except OSError as error:
+        return error
+    return None
+
+
+def _fresh_directory(path: Path) -> None:
+    """An empty ``path`` (a stale one from an interrupted save is removed first)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def write_skips(batches: Iterable[Any], out_dir: Path, rank: int) -> None:
@@ -157,46 +173,77 @@ class TrainerCheckpoints:
         return final
 
     def _write(self, tmp: Path, final: Path, state: TrainerState) -> None:
+        """Every rank writes its part; a failure on any rank is raised on every rank at the next
+        agreement point (instead of a barrier), so that no rank waits for one that gave up."""
         acc = self.accelerator
+        failure: OSError | None = None
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        ckpt.save_state_parts(tmp, f"rng_rank{acc.process_index}", ckpt.rng_state())
-        if hasattr(self.batches, "state_dict"):
-            ckpt.write_json(tmp / f"data_rank{acc.process_index}.json", self.batches.state_dict())
-        write_skips(self.batches, self.out_dir, acc.process_index)
+            failure = _attempt(lambda: _fresh_directory(tmp))
+        self._agree(failure)
+        failure = _attempt(lambda: self._write_rank_files(tmp))
         model_state = full_model_state(self.model, self.scalars)  # collectives: every rank
         optimizer_state = full_optimizer_state(self.model, self.optimizer, self.scalars)
-        if acc.is_main_process:
-            clip_state, heads_state = split_state(model_state)
-            save_file(clip_state, str(tmp / "model.safetensors"))  # what open_clip loads
-            if heads_state:
-                save_file(heads_state, str(tmp / HEADS_FILE))
-            ckpt.save_state_parts(tmp, "optimizer", optimizer_state)
-            if self.episodes is not None:
-                # cloned: the state may hold one tensor under two names (safetensors refuses)
-                episode = {k: v.detach().cpu().clone() for k, v in self.episodes.state().items()}
-                save_file(episode, str(tmp / EPISODE_FILE))
-            ckpt.write_json(tmp / "model_config.json", self.model_info)
-            ckpt.write_json(
-                tmp / "trainer_state.json",
-                {
-                    "step": state.step,
-                    "scheduler": self.scheduler.state_dict(),
-                    "world_size": acc.num_processes,
-                    "global_batch": self.global_batch,
-                    "samples_seen": state.step * self.global_batch,
-                    "nonfinite_steps": state.nonfinite_steps,
-                    "run_id": state.run_id,
-                },
+        if acc.is_main_process and failure is None:
+            failure = _attempt(
+                lambda: self._write_main_files(tmp, state, model_state, optimizer_state)
             )
-        acc.wait_for_everyone()
+        self._agree(failure)
         if acc.is_main_process:
-            ckpt.publish(tmp, final)
-            ckpt.prune_checkpoints(self.directory, self.keep, state.run_id, state.step)
-            logger.info("checkpoint written: %s", final)
-        acc.wait_for_everyone()
+            failure = _attempt(lambda: ckpt.publish(tmp, final))
+            if failure is None:
+                ckpt.prune_checkpoints(self.directory, self.keep, state.run_id, state.step)
+                logger.info("checkpoint written: %s", final)
+        self._agree(failure)
+
+    def _write_rank_files(self, tmp: Path) -> None:
+        """This rank's RNG states, data position and skip report."""
+        rank = self.accelerator.process_index
+        ckpt.save_state_parts(tmp, f"rng_rank{rank}", ckpt.rng_state())
+        if hasattr(self.batches, "state_dict"):
+            ckpt.write_json(tmp / f"data_rank{rank}.json", self.batches.state_dict())
+        write_skips(self.batches, self.out_dir, rank)
+
+    def _write_main_files(
+        self, tmp: Path, state: TrainerState, model_state: dict, optimizer_state: dict
+    ) -> None:
+        """The parts written once: weights, heads, optimizer, episode, metadata, counters."""
+        clip_state, heads_state = split_state(model_state)
+        save_file(clip_state, str(tmp / "model.safetensors"))  # what open_clip loads
+        if heads_state:
+            save_file(heads_state, str(tmp / HEADS_FILE))
+        ckpt.save_state_parts(tmp, "optimizer", optimizer_state)
+        if self.episodes is not None:
+            # cloned: the state may hold one tensor under two names (safetensors refuses)
+            episode = {k: v.detach().cpu().clone() for k, v in self.episodes.state().items()}
+            save_file(episode, str(tmp / EPISODE_FILE))
+        ckpt.write_json(tmp / "model_config.json", self.model_info)
+        ckpt.write_json(
+            tmp / "trainer_state.json",
+            {
+                "step": state.step,
+                "scheduler": self.scheduler.state_dict(),
+                "world_size": self.accelerator.num_processes,
+                "global_batch": self.global_batch,
+                "samples_seen": state.step * self.global_batch,
+                "nonfinite_steps": state.nonfinite_steps,
+                "run_id": state.run_id,
+            },
+        )
+
+    def _agree(self, failure: OSError | None) -> None:
+        """A barrier that also carries each rank's write failure: raise the first rank's on
+        every rank (named by rank when there are several), or return when none failed."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else (failure.errno, failure.strerror or str(failure))
+        outcomes = gather_object([mine])
+        for rank, outcome in enumerate(outcomes):
+            if outcome is not None:
+                errno, reason = outcome
+                raise OSError(errno, f"{reason} (on rank {rank})")
 
     def load(self, path: Path) -> TrainerState:
         """Restore model, optimizer, scheduler, this rank's RNG states and data position from
