@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from open_clip.loss import CoCaLoss
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.training.test_gradcache import CPU, _grads, accumulate, assert_same_tensors
 from vlp.models import create_model
@@ -91,10 +91,36 @@ def test_without_reference_or_at_alpha_zero_it_is_cocas_loss(coca, tmp_path, set
     torch.testing.assert_close(got, _coca_loss(outputs), rtol=1e-12, atol=0)
 
 
-def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coca, tmp_path):
+def prior_weights_reference(
+    lm: torch.nn.Module, tokens: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """PRIOR's ŵ ``[b, L-1]`` written out from the paper (REFERENCES.md, "PRIOR"), in float64,
+    caption by caption and token by token: target i of a caption is token i + 1 (CoCa's
+    labels), predicted by P_r from tokens ≤ i; w_i = (1 − P_r(t_i | t_<i))^α over the
+    caption's k non-padding (id 0) targets, ŵ_i = k·w_i / Σ_j w_j, and 0 on padding."""
+    with torch.no_grad():
+        logits = lm.double()(tokens)
+    b, length = tokens.shape
+    expected = torch.zeros(b, length - 1, dtype=torch.float64)
+    for c in range(b):
+        targets = [i for i in range(length - 1) if int(tokens[c, i + 1]) != 0]
+        w = {}
+        for i in targets:
+            p = float(torch.softmax(logits[c, i], dim=0)[int(tokens[c, i + 1])])
+            w[i] = (1.0 - p) ** alpha
+        for i in targets:
+            expected[c, i] = len(targets) * w[i] / sum(w.values())
+    return expected
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coca, tmp_path, alpha):
+    """The token weights the model outputs equal the paper's formula computed by hand from the
+    reference run's saved LM (loaded here from its file, run in float64), not from the
+    implementation's ``token_weights``."""
     clip, tokenizer = coca
     reference = reference_run(tmp_path / "ref", clip)
-    objective = PriorObjective(reference=str(reference), alpha=1.0)
+    objective = PriorObjective(reference=str(reference), alpha=alpha)
     model = objective.build_model(clip)
     lm = model.frozen("reference")
     assert not any(p is q for p in model.parameters() for q in lm.parameters())
@@ -102,15 +128,16 @@ def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coc
     assert all(not p.requires_grad for p in lm.parameters())
     batch = _batch(tokenizer)
     outputs = model(objective.model_inputs(batch))
-    labels = outputs["labels"]
-    with torch.no_grad():
-        logp = torch.log_softmax(lm(batch["text"]).double()[:, :-1], -1)
-    expected = token_weights(logp.gather(-1, labels[..., None])[..., 0], labels != 0, 1.0)
+
+    saved = load_file(str(reference / "checkpoints" / "step_00000001" / "heads.safetensors"))
+    vocab, context = clip.text.vocab_size, clip.text.context_length
+    p_r = TinyCausalLM(vocab, context, 32, 1, 4)
+    p_r.load_state_dict({key.removeprefix("lm."): value for key, value in saved.items()})
+    expected = prior_weights_reference(p_r, batch["text"], alpha)
     torch.testing.assert_close(outputs["token_weights"], expected, rtol=1e-5, atol=1e-6)
-    mask = labels != 0
-    means = (outputs["token_weights"] * mask).sum(1) / mask.sum(1)
-    torch.testing.assert_close(means, torch.ones_like(means))
-    assert not torch.allclose(outputs["token_weights"][mask], torch.ones(int(mask.sum())).double())
+    mask = batch["text"][:, 1:] != 0
+    assert torch.equal(mask, outputs["labels"] != 0)
+    assert not torch.allclose(expected[mask], torch.ones(int(mask.sum())).double())
 
 
 def test_caption_logits_are_never_cached_and_accumulation_is_exact(coca, tmp_path):

@@ -14,11 +14,12 @@ from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 from launch.run import train
 from tests.ddp_helpers import run_on_ranks
+from tests.objectives.protoclip_reference import back_translated, protoclip_terms_reference
 from vlp.config import load_config
 from vlp.models import create_model
 from vlp.objectives import create_objective
 from vlp.objectives.episodic import EPISODE_INDEX, PASS_ONE
-from vlp.objectives.protoclip import kmeans, nearest_centroids
+from vlp.objectives.protoclip import nearest_centroids
 from vlp.training.device_batches import DeviceBatches
 from vlp.training.episodes import EpisodeDriver, episode_plan
 from vlp.training.optim import create_optimizer
@@ -119,19 +120,74 @@ def _features(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"image": rows, "text": rows.roll(1, dims=1), "teacher": rows[:, :6]}
 
 
+def _three_partitions(n: int = 32) -> dict[str, torch.Tensor]:
+    """Tight blobs around 4 unit centres per modality, each modality partitioning the rows
+    differently: image row i in blob i % 4, text row i in (i // 2) % 4, teacher row i in
+    i // (n / 4); so a term that reads another modality's labels, or the batch position for
+    the episode row, gets other clusters."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.arange(n)
+
+    def blobs(blob: torch.Tensor, d: int) -> torch.Tensor:
+        centres = torch.nn.functional.normalize(torch.randn(4, d, generator=generator), dim=1)
+        return centres[blob] + 0.01 * torch.randn(n, d, generator=generator)
+
+    return {
+        "image": blobs(rows % 4, 8),
+        "text": blobs((rows // 2) % 4, 8),
+        "teacher": blobs(rows // (n // 4), 6),
+    }
+
+
 def test_begin_episode_clusters_and_prototype_terms_use_the_episode_rows():
+    """k-means finds each modality's blobs (centroids = their members' means), and the terms of
+    a batch whose samples are episode rows 3, 17, 30, 9 equal the plain float64 reference
+    (``protoclip_reference.py``: PBT means, soft and hard targets, cross-entropies, weights ½)
+    computed from the episode's features, those labels and centroids, and the model's outputs."""
     objective = _objective(teacher="teacher.safetensors")
-    features = _features()
+    features = _three_partitions()
     logs = objective.begin_episode(1, 4, features)
     assert objective.phase == "proto" and float(logs["empty_clusters"]) == 0
     prototypes = objective.prototypes
-    expected = kmeans(features["image"], 4, seed=1, backend="torch").labels
-    assert torch.equal(prototypes.image_labels, expected)
-    assert prototypes.external is not None
+    assert prototypes is not None and prototypes.external is not None
+    labels = {
+        "image": prototypes.image_labels.tolist(),
+        "text": prototypes.text_labels.tolist(),
+        "teacher": prototypes.external.labels.tolist(),
+    }
+    rows = range(32)
+    truth = {"image": [i % 4 for i in rows], "text": [(i // 2) % 4 for i in rows],
+             "teacher": [i // 8 for i in rows]}  # fmt: skip
+    for name, found in labels.items():  # the same partition, up to the clusters' numbering
+        assert len(set(zip(found, truth[name], strict=True))) == len(set(found)) == 4, name
+        torch.testing.assert_close(
+            objective.centroids[name].double(), back_translated(features[name], found, 4)
+        )
+
     model, tokenizer = _model(objective)
     inputs = _inputs(tokenizer)
-    parts = objective(model(inputs), {**inputs, EPISODE_INDEX: torch.tensor([3, 7, 1, 0])})
-    assert {"proto_i2t_loss", "proto_t2i_loss", "proto_i2e_loss", "proto_t2e_loss"} <= set(parts)
+    outputs = model(inputs)
+    batch_rows = [3, 17, 30, 9]
+    parts = objective(outputs, {**inputs, EPISODE_INDEX: torch.tensor(batch_rows)})
+    expected = protoclip_terms_reference(
+        image_projected=outputs["image_projected"],
+        text_projected=outputs["text_projected"],
+        rows=batch_rows,
+        image_features=features["image"],
+        text_features=features["text"],
+        image_labels=labels["image"],
+        text_labels=labels["text"],
+        image_centroids=objective.centroids["image"],
+        text_centroids=objective.centroids["text"],
+        external_labels=labels["teacher"],
+        scale=outputs["proto_scale"].double(),
+        temperature=0.01,  # the paper's τ_t, the default
+    )
+    assert expected.pop("empty") == 0
+    assert set(expected) == {"proto_i2t_loss", "proto_t2i_loss", "proto_i2e_loss", "proto_t2e_loss"}
+    for key, value in expected.items():
+        assert isinstance(value, torch.Tensor) and value > 0
+        torch.testing.assert_close(parts[key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_cluster_every_reuses_the_last_centroids_between_clusterings():

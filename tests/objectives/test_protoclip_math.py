@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.objectives.protoclip_reference import protoclip_terms_reference, soft_cross_entropy
 from vlp.objectives.protoclip import (
     EpisodePrototypes,
     KMeansResult,
@@ -178,33 +179,38 @@ def test_non_positive_temperature_gives_one_hot_targets(tau):
 # --------------------------------------------------------------------------------- losses
 
 
-def reference_prototype_loss(features, centroids, targets, scale):
-    """Σ_i −Σ_j q_ij log softmax_j(s · ⟨z_i, c_j⟩) / b, written out with explicit loops."""
-    total = features.new_zeros(())
-    for i in range(features.shape[0]):
-        logits = torch.stack([scale * (features[i] * c).sum() for c in centroids])
-        top = logits.max().detach()
-        log_norm = top + torch.log(torch.exp(logits - top).sum())
-        total = total - sum(targets[i, j] * (logits[j] - log_norm) for j in range(len(logits)))
-    return total / features.shape[0]
-
-
 def episode(n=12, k=4, d=6, external=True, seed=0):
-    """A small float64 episode: unit projections, labels with an empty cluster, PBT."""
+    """A small float64 episode: ``(raw, prototypes)``. ``raw`` holds what the prototypes are
+    made from (unit features, k-means labels as lists with text cluster k-1 left empty, k-means
+    centroids, external labels or None), named as :func:`protoclip_terms_reference` takes them;
+    ``prototypes`` is :func:`episode_prototypes` of the same."""
     g = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-
     image_labels = torch.randint(k, (n,), generator=g)
     text_labels = torch.randint(k - 1, (n,), generator=g)  # text cluster k-1 stays empty
-    image_clusters = KMeansResult(image_labels, pbt_centroids(image, image_labels, k)[0], 0.0)
-    text_clusters = KMeansResult(text_labels, pbt_centroids(text, text_labels, k)[0], 0.0)
+    # the k-means centroids are an input here (k-means is tested above): any rows will do, and
+    # rows unlike the back-translated means tell the soft targets' centroids from the students'
+    image_centroids = 0.9 * F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    text_centroids = 0.9 * F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
     external_labels = torch.randint(k, (n,), generator=g) if external else None
-    return (
+    raw = {
+        "image_features": image,
+        "text_features": text,
+        "image_labels": image_labels.tolist(),
+        "text_labels": text_labels.tolist(),
+        "image_centroids": image_centroids,
+        "text_centroids": text_centroids,
+        "external_labels": None if external_labels is None else external_labels.tolist(),
+    }
+    prototypes = episode_prototypes(
         image,
         text,
-        episode_prototypes(image, text, image_clusters, text_clusters, external_labels),
+        KMeansResult(image_labels, image_centroids, 0.0),
+        KMeansResult(text_labels, text_centroids, 0.0),
+        external_labels,
     )
+    return raw, prototypes
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.2, -1.0])
@@ -219,7 +225,7 @@ def test_prototype_loss_matches_reference_forward_and_backward(tau, b, k, d):
     inputs = [t.clone().requires_grad_() for t in (features, centroids, scale)]
     ref_inputs = [t.clone().requires_grad_() for t in (features, centroids, scale)]
     ours = prototype_loss(inputs[0], inputs[1], targets, inputs[2])
-    reference = reference_prototype_loss(ref_inputs[0], ref_inputs[1], targets, ref_inputs[2])
+    reference = soft_cross_entropy(ref_inputs[0], ref_inputs[1], targets, ref_inputs[2])
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     for grad, ref_grad in zip(
         torch.autograd.grad(ours, inputs),
@@ -235,68 +241,59 @@ def test_prototype_loss_rejects_mismatched_shapes():
 
 
 def test_episode_prototypes_back_translate_and_count_empty_clusters():
-    image, text, prototypes = episode()
+    raw, prototypes = episode()
     assert isinstance(prototypes, EpisodePrototypes) and prototypes.external is not None
-    k = prototypes.image_centroids.shape[0]
+    image, text = raw["image_features"], raw["text_features"]
+    k = raw["image_centroids"].shape[0]
     for student, labels, translated in [
-        (image, prototypes.text_labels, prototypes.image_from_text),
-        (text, prototypes.image_labels, prototypes.text_from_image),
-        (image, prototypes.external.labels, prototypes.external.image_from_external),
-        (text, prototypes.external.labels, prototypes.external.text_from_external),
+        (image, raw["text_labels"], prototypes.image_from_text),
+        (text, raw["image_labels"], prototypes.text_from_image),
+        (image, raw["external_labels"], prototypes.external.image_from_external),
+        (text, raw["external_labels"], prototypes.external.text_from_external),
     ]:
         for j in range(k):
             members = [i for i in range(len(labels)) if labels[i] == j]
             expected = student[members].mean(0) if members else torch.zeros(student.shape[1])
             torch.testing.assert_close(translated[j], expected.to(translated.dtype))
-    empties = sum(
-        int(torch.bincount(labels, minlength=k).eq(0).sum())
-        for labels in (prototypes.text_labels, prototypes.image_labels)
-    ) + 2 * int(torch.bincount(prototypes.external.labels, minlength=k).eq(0).sum())
+
+    def missing(name: str) -> int:
+        return k - len(set(raw[name]))
+
+    empties = missing("text_labels") + missing("image_labels") + 2 * missing("external_labels")
     assert prototypes.empty == empties >= 1
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.5, 0.0])
 @pytest.mark.parametrize("external", [True, False])
-def test_protoclip_terms_use_the_papers_mapping(external):
-    """Each term against the reference with the centroids the official ``train.py`` passes:
-    I→T scores images against the image means of the text clusters with soft targets from
-    the text centroids and text labels, T→I mirrored, I→E / T→E hard external labels."""
-    image, text, prototypes = episode(external=external, seed=1)
-    index = torch.tensor([3, 0, 7, 7, 11])
-    z_i = F.normalize(image[index] + 0.1, dim=1).requires_grad_()
-    z_t = F.normalize(text[index] - 0.1, dim=1).requires_grad_()
+def test_protoclip_terms_use_the_papers_mapping(external, tau):
+    """Each weighted term, forward and backward, against the plain float64 reference
+    (``protoclip_reference.py``) computed from the episode's raw features, labels and k-means
+    centroids, not from the implementation's PBT centroids or targets: I→T scores images
+    against the image means of the text clusters with soft targets from the text centroids and
+    the text labels of the batch's episode rows, T→I mirrored, I→E / T→E hard external labels
+    against each modality's means over the external clusters."""
+    raw, prototypes = episode(external=external, seed=1)
+    index = torch.tensor([3, 0, 7, 7, 11])  # episode rows, out of order and repeated
+    z_i = F.normalize(raw["image_features"][index] + 0.1, dim=1).requires_grad_()
+    z_t = F.normalize(raw["text_features"][index] - 0.1, dim=1).requires_grad_()
     scale = torch.tensor(14.0, dtype=torch.float64, requires_grad=True)
     weights = TermWeights(i2t=0.3, t2i=0.7, i2e=1.5, t2e=0.25)
-    terms = protoclip_terms(z_i, z_t, index, prototypes, scale, 0.05, weights)
+    terms = protoclip_terms(z_i, z_t, index, prototypes, scale, tau, weights)
 
-    k = prototypes.image_centroids.shape[0]
-    expected = {
-        "proto_i2t_loss": weights.i2t
-        * reference_prototype_loss(
-            z_i,
-            prototypes.image_from_text,
-            soft_targets(prototypes.text_centroids, prototypes.text_labels[index], 0.05),
-            scale,
-        ),
-        "proto_t2i_loss": weights.t2i
-        * reference_prototype_loss(
-            z_t,
-            prototypes.text_from_image,
-            soft_targets(prototypes.image_centroids, prototypes.image_labels[index], 0.05),
-            scale,
-        ),
-    }
-    if external:
-        assert prototypes.external is not None
-        hard = torch.eye(k, dtype=torch.float64)[prototypes.external.labels[index]]
-        expected["proto_i2e_loss"] = weights.i2e * reference_prototype_loss(
-            z_i, prototypes.external.image_from_external, hard, scale
-        )
-        expected["proto_t2e_loss"] = weights.t2e * reference_prototype_loss(
-            z_t, prototypes.external.text_from_external, hard, scale
-        )
+    expected = protoclip_terms_reference(
+        image_projected=z_i,
+        text_projected=z_t,
+        rows=index.tolist(),
+        scale=scale,
+        temperature=tau,
+        weights=(0.3, 0.7, 1.5, 0.25),
+        **raw,
+    )
+    empty = expected.pop("empty")
     assert set(terms) == {*expected, "proto_empty_clusters"}
-    assert terms["proto_empty_clusters"].item() == prototypes.empty
+    assert terms["proto_empty_clusters"].item() == empty >= 1
     for key, reference in expected.items():
+        assert isinstance(reference, torch.Tensor)
         torch.testing.assert_close(terms[key], reference, rtol=1e-12, atol=1e-12)
         ours_grad = torch.autograd.grad(terms[key], (z_i, z_t, scale), allow_unused=True)
         ref_grad = torch.autograd.grad(reference, (z_i, z_t, scale), allow_unused=True)
@@ -307,12 +304,13 @@ def test_protoclip_terms_use_the_papers_mapping(external):
 
 
 def test_protoclip_terms_default_weights_are_the_papers_halves():
-    image, text, prototypes = episode(seed=2)
+    raw, prototypes = episode(seed=2)
     index = torch.arange(6)
+    image, text = raw["image_features"][index], raw["text_features"][index]
     scale = torch.tensor(1 / 0.07, dtype=torch.float64)
-    default = protoclip_terms(image[index], text[index], index, prototypes, scale)
+    default = protoclip_terms(image, text, index, prototypes, scale)
     ones = TermWeights(1.0, 1.0, 1.0, 1.0)
-    unweighted = protoclip_terms(image[index], text[index], index, prototypes, scale, 0.01, ones)
+    unweighted = protoclip_terms(image, text, index, prototypes, scale, 0.01, ones)
     for key in ("proto_i2t_loss", "proto_t2i_loss", "proto_i2e_loss", "proto_t2e_loss"):
         torch.testing.assert_close(default[key], 0.5 * unweighted[key])
 
