@@ -42,7 +42,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from data_pipelines.batch_fields import BatchFields
 from data_pipelines.stream import make_train_stream
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.transforms import FastTransforms, TrainTransform, fast_transforms
 from data_pipelines.write import write_shards
 
@@ -262,16 +264,15 @@ def timed_rate(batches: Iterator[Any], consume: Callable[[Any], Any], opts: Any)
 
 def vlp_rate(urls: str, fast: FastTransforms, workers: int, seed: int, opts: Any) -> float:
     """vlp's stream: uint8 batches from the workers, normalised here (counted)."""
-    loader = make_train_stream(
-        urls,
-        preprocess=fast.train,
-        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+    settings = StreamSettings(
         batch_size=opts.batch_size,
         workers=workers,
-        draft_size=fast.draft_size,
-        resampled=True,
         seed=seed,
+        resampled=True,
+        draft_size=fast.draft_size,
     )
+    fields = BatchFields.single(fast.train, open_clip.get_tokenizer("ViT-B-32"))
+    loader = make_train_stream(urls, settings, fields=fields)
     return timed_rate(iter(loader), lambda batch: fast.normalize(batch["image"]), opts)
 
 

@@ -29,7 +29,6 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.batch_fields import BatchFields
-from data_pipelines.decode import DEFAULT_MAX_PIXELS, IMAGE_MEMBERS
 from data_pipelines.remote import register_remote_openers
 from data_pipelines.shards import Urls, count_samples, expand_urls, shard_sizes, split_sources
 from data_pipelines.stream_plan import (
@@ -40,18 +39,14 @@ from data_pipelines.stream_plan import (
     epoch_quota,
     shard_url,
 )
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.text_sources import JSON_PREFIX
-from data_pipelines.worker_stream import (
-    Preprocess,
-    SkipCounts,
-    Tokenizer,
-    TooManyBadSamples,
-    worker_batches,
-)
+from data_pipelines.worker_stream import SkipCounts, TooManyBadSamples, worker_batches
 
 __all__ = [
     "BatchFields",
     "SkipCounts",
+    "StreamSettings",
     "StreamSpec",
     "TooManyBadSamples",
     "TrainStream",
@@ -64,7 +59,6 @@ __all__ = [
 
 logger = logging.getLogger("data_pipelines.stream")
 
-_RESERVED = ("image", "text", "__key__", "__stream__")
 _STATE_VERSION = 2  # 2: epoch-mode quotas (epoch, batches in epoch) and shards in flight
 
 
@@ -104,30 +98,15 @@ def _as_is(batch: Any) -> Any:
 class TrainStream:
     """This rank's training batches, with ``state_dict``/``load_state_dict`` for exact resume.
 
-    Iterating yields batch dicts ``{"image", "text", "__key__", **extra}`` (with ``fields``:
-    ``fields.batch_keys()`` and the extras instead): forever in resampled
-    mode; ``len(stream)`` batches per ``iter()`` in epoch mode (iterate again for the next
-    epoch). ``len`` is the current epoch's count: the same on every rank, and it may differ
-    from epoch to epoch (each epoch deals the shards anew). ``skips`` holds what was skipped,
-    per shard; ``dropped`` the samples that epochs left over (see ``stream_plan``).
+    Iterating yields batch dicts with ``fields.batch_keys()`` and ``settings.extra_keys``:
+    forever in resampled mode; ``len(stream)`` batches per ``iter()`` in epoch mode (iterate
+    again for the next epoch). ``len`` is the current epoch's count: the same on every rank, and
+    it may differ from epoch to epoch (each epoch deals the shards anew). ``skips`` holds what
+    was skipped, per shard; ``dropped`` the samples that epochs left over (see ``stream_plan``).
     """
 
-    def __init__(
-        self,
-        spec: StreamSpec,
-        *,
-        preprocess: Preprocess | None = None,
-        tokenizer: Tokenizer | None = None,
-        fields: BatchFields | None = None,
-        num_workers: int,
-        prefetch_factor: int,
-        timeout: float,
-        max_skip_fraction: float,
-    ) -> None:
-        self.spec = spec
-        self.preprocess, self.tokenizer, self.fields = preprocess, tokenizer, fields
-        self.num_workers, self.prefetch_factor, self.timeout = num_workers, prefetch_factor, timeout
-        self.max_skip_fraction = max_skip_fraction
+    def __init__(self, spec: StreamSpec, fields: BatchFields, settings: StreamSettings) -> None:
+        self.spec, self.fields, self.settings = spec, fields, settings
         self.epoch = spec.first_epoch
         """The epoch of the last batch handed out (epoch mode; the next ``iter()`` moves on to
         the next epoch once this one's ``len()`` batches are out)."""
@@ -141,20 +120,7 @@ class TrainStream:
     @property
     def dataset(self) -> _WorkerDataset:
         """The IterableDataset the DataLoader runs (picklable, for the spawn start method)."""
-        return _WorkerDataset(
-            self.spec, dict(self._positions), self._next_worker, self._batch_fields()
-        )
-
-    def _batch_fields(self) -> BatchFields:
-        """``fields``, or today's single view and text built from ``preprocess``/``tokenizer``
-        (read at each ``iter()``, so they may be swapped after construction)."""
-        if self.fields is not None:
-            return self.fields
-        if self.preprocess is None or self.tokenizer is None:
-            raise ValueError("the stream needs fields=, or both preprocess= and tokenizer=")
-        spec = self.spec
-        source = spec.text_key if spec.caption_field is None else JSON_PREFIX + spec.caption_field
-        return BatchFields.single(self.preprocess, self.tokenizer, source)
+        return _WorkerDataset(self.spec, dict(self._positions), self._next_worker, self.fields)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank; a ``TypeError`` for the infinite resampled stream."""
@@ -163,12 +129,13 @@ class TrainStream:
         return self.spec.workers * epoch_quota(self.spec, self.epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.settings.workers
         loader = DataLoader(
             self.dataset,
             batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            timeout=self.timeout if self.num_workers else 0,
+            num_workers=workers,
+            prefetch_factor=self.settings.prefetch_factor if workers else None,
+            timeout=self.settings.timeout if workers else 0,
             persistent_workers=False,
             collate_fn=_as_is,
         )
@@ -201,7 +168,7 @@ class TrainStream:
             dead = isinstance(error, (ConnectionError, EOFError)) or (
                 "exited unexpectedly" in str(error)  # the DataLoader's own check
             )
-            if not self.num_workers or not dead:
+            if not workers or not dead:
                 raise
             # A worker that dies while its batch is being received shows up as a broken pipe
             # before the DataLoader's own "exited unexpectedly" check runs.
@@ -229,14 +196,14 @@ class TrainStream:
         return f"shard {urls} or later"
 
     def _check_skips(self) -> None:
-        seen = self.skips.ok + self.skips.skipped
-        if seen < 10 * self.spec.batch_size or self.skips.skipped <= self.max_skip_fraction * seen:
+        seen, limit = self.skips.ok + self.skips.skipped, self.settings.max_skip_fraction
+        if seen < 10 * self.spec.batch_size or self.skips.skipped <= limit * seen:
             return
         worst = sorted(self.skips.by_shard.items(), key=lambda item: -item[1])[:3]
         raise TooManyBadSamples(
             f"{self.skips.skipped} of {seen} samples skipped "
             f"({self.skips.skipped / seen:.1%} > data.max_skip_fraction="
-            f"{self.max_skip_fraction}); worst shards: "
+            f"{limit}); worst shards: "
             + "; ".join(f"{url} ({n}: {self.skips.reasons.get(url, '')})" for url, n in worst)
         )
 
@@ -301,150 +268,89 @@ class TrainStream:
 def _describe(parts: Sequence[Sequence[Any]]) -> str:
     """Fingerprint parts of batch fields, for a message (``view image openclip; ...``)."""
     if not parts:
-        return "view 'image', text 'text' (no fields=)"
+        return "view 'image', text 'text' (one image and its whole caption)"
     return "; ".join(" ".join(str(x) for x in part if x != "") for part in parts)
 
 
 def make_train_stream(
     urls: Urls,
+    settings: StreamSettings,
     *,
-    preprocess: Preprocess | None = None,
-    tokenizer: Tokenizer | None = None,
-    batch_size: int,
+    fields: BatchFields,
     rank: int = 0,
     world_size: int = 1,
-    workers: int = 0,
-    seed: int = 0,
-    resampled: bool = True,
-    shuffle_buffer: int = 1000,
-    shards_in_flight: int = 8,
-    epoch: int = 0,
-    weights: Sequence[float] | None = None,
-    image_keys: Sequence[str] = IMAGE_MEMBERS,
-    text_key: str = "txt",
-    caption_field: str | None = None,
-    extra_keys: Sequence[str] = (),
-    draft_size: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    prefetch_factor: int = 2,
-    timeout: float = 600.0,
-    max_skip_fraction: float = 0.1,
-    max_consecutive_errors: int = 200,
-    remote_timeout: float = 60.0,
-    remote_retries: int = 3,
-    fields: BatchFields | None = None,
 ) -> TrainStream:
     """Build this rank's training stream (see the module docstring for what it guarantees).
 
     Args:
         urls: shards: a folder, brace pattern, fsspec URL, or several sources joined with
             ``::`` (or a list of them).
-        weights: one per source (open_clip's upsampling factors); resampled mode only.
-        resampled: draw shards with replacement (infinite); False: epochs over disjoint shards
-            (each (rank, worker) yields the same number of batches, ``len()`` per rank, from
-            its own shards; the rest is dropped and counted: see ``stream_plan``).
-        shards_in_flight: shards each worker reads at once, a sample from each in turn, so
-            that shards written in class order still mix (costs one open stream each).
-        caption_field: take the caption from this field of the sample's ``json`` instead of
-            ``text_key``.
-        extra_keys: more members to return (json -> dict, cls -> LongTensor, txt -> str).
-        draft_size: let JPEGs decode at reduced scale with both sides >= draft_size.
-        timeout: seconds the DataLoader waits for one batch before it raises.
-        max_skip_fraction: skipped / seen above this (after 10 batches' worth) stops the run.
-        max_consecutive_errors: failed samples or shards in a row before a worker gives up.
-        remote_timeout, remote_retries: per-read timeout and re-opens of remote shards
-            (:mod:`data_pipelines.remote`).
-        fields: what the batch carries (:mod:`data_pipelines.batch_fields`): named image views,
-            text fields and JSON fields; replaces ``preprocess``, ``tokenizer``, ``text_key``
-            and ``caption_field`` (today's batch is ``BatchFields.single(preprocess,
-            tokenizer)``). Its ``fingerprint_parts()`` join the resume fingerprint, except for
-            fields equal to today's single view/text, which keep today's fingerprint.
+        settings: what the ``data`` section decides (:mod:`data_pipelines.stream_settings`),
+            the same on every rank.
+        fields: what the batch carries (:mod:`data_pipelines.batch_fields`): named image
+            views, text fields and JSON fields; one image and one caption is
+            ``BatchFields.single(transform, tokenizer, source)``. Its ``fingerprint_parts()``
+            join the resume fingerprint, except for exactly that single view and text, whose
+            fingerprint is the one positions have always been saved with.
+        rank, world_size: this process among the data-parallel ranks.
+
+    Raises:
+        ValueError: a rank outside the world, ``settings.extra_keys`` that clash with the
+            batch keys, source weights in epoch mode, or an epoch plan with fewer shards than
+            ranks × workers or a (rank, worker) without one batch.
     """
-    if batch_size <= 0 or world_size <= 0 or workers < 0 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"need batch_size > 0, workers >= 0, 0 <= rank < world_size; got batch_size="
-            f"{batch_size}, workers={workers}, rank={rank}, world_size={world_size}"
-        )
-    extra_keys = tuple(extra_keys)
-    reserved, text_key, caption_field, parts = _batch_plan(
-        fields, preprocess, tokenizer, text_key, caption_field
-    )
-    if clash := [k for k in extra_keys if k in reserved]:
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+    reserved = (*fields.batch_keys(), "__stream__")
+    if clash := [k for k in settings.extra_keys if k in reserved]:
         raise ValueError(f"extra_keys {clash} clash with the batch keys {reserved}")
-    register_remote_openers(remote_timeout, remote_retries)
-    shard_urls, shard_weights = split_sources(urls, weights)
-    if not resampled and len(set(shard_weights)) > 1:
+    register_remote_openers(settings.remote_timeout, settings.remote_retries)
+    shard_urls, shard_weights = split_sources(urls, settings.weights)
+    if not settings.resampled and len(set(shard_weights)) > 1:
         raise ValueError("data.train_weights need resampled=True (epoch mode reads every shard)")
-    if shards_in_flight < 1:
-        raise ValueError(f"shards_in_flight must be at least 1, got {shards_in_flight}")
-    nw = max(workers, 1)
+    text_key, caption_field, parts = _fingerprint_fields(fields)
     spec = StreamSpec(
         urls=tuple(shard_urls),
         weights=tuple(shard_weights),
-        batch_size=batch_size,
-        seed=seed,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
         rank=rank,
         world_size=world_size,
-        workers=nw,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        first_epoch=epoch,
-        image_keys=tuple(image_keys),
+        workers=max(settings.workers, 1),
+        resampled=settings.resampled,
+        shuffle_buffer=settings.shuffle_buffer,
+        first_epoch=settings.epoch,
+        image_keys=tuple(settings.image_keys),
         text_key=text_key,
         caption_field=caption_field,
-        extra_keys=extra_keys,
-        draft_size=draft_size,
-        max_pixels=max_pixels,
-        max_consecutive_errors=max_consecutive_errors,
-        remote_timeout=remote_timeout,
-        remote_retries=remote_retries,
-        sizes=() if resampled else tuple(shard_sizes(shard_urls)),
-        shards_in_flight=shards_in_flight,
+        extra_keys=tuple(settings.extra_keys),
+        draft_size=settings.draft_size,
+        max_pixels=settings.max_pixels,
+        max_consecutive_errors=settings.max_consecutive_errors,
+        remote_timeout=settings.remote_timeout,
+        remote_retries=settings.remote_retries,
+        sizes=() if settings.resampled else tuple(shard_sizes(shard_urls)),
+        shards_in_flight=settings.shards_in_flight,
         fields=parts,
     )
-    if not resampled:
+    if not settings.resampled:
         check_epoch_mode(spec)
-    return TrainStream(
-        spec,
-        preprocess=preprocess,
-        tokenizer=tokenizer,
-        fields=fields,
-        num_workers=workers,
-        prefetch_factor=prefetch_factor,
-        timeout=timeout,
-        max_skip_fraction=max_skip_fraction,
-    )
+    return TrainStream(spec, fields, settings)
 
 
-def _batch_plan(
-    fields: BatchFields | None,
-    preprocess: Preprocess | None,
-    tokenizer: Tokenizer | None,
-    text_key: str,
-    caption_field: str | None,
-) -> tuple[tuple[str, ...], str, str | None, tuple[tuple[str | int, ...], ...]]:
-    """(batch keys, text_key, caption_field, fingerprint parts) of the spec.
+def _fingerprint_fields(
+    fields: BatchFields,
+) -> tuple[str, str | None, tuple[tuple[str | int, ...], ...]]:
+    """(text_key, caption_field, fields) of the spec: what identifies ``fields`` in it.
 
-    Fields equal to today's single view/text become today's spec (same fingerprint, same
-    batches), so a caller that moves to ``fields=`` keeps its saved positions.
+    One plain image view and one whole caption from a member or ``json:<key>``
+    (:meth:`BatchFields.plain_source`) is the batch positions were saved with before there
+    were batch fields, and every CLIP run still saves: it is identified by where the caption
+    comes from, so those positions keep loading. Any other fields by their fingerprint parts.
     """
-    if fields is None:
-        if preprocess is None or tokenizer is None:
-            raise ValueError(
-                "make_train_stream needs preprocess= and tokenizer= (one image and one text "
-                "per sample) or fields= (named views and texts, data_pipelines.batch_fields)"
-            )
-        return _RESERVED, text_key, caption_field, ()
-    if preprocess is not None or tokenizer is not None or text_key != "txt" or caption_field:
-        raise ValueError(
-            "make_train_stream: fields= replaces preprocess=, tokenizer=, text_key= and "
-            "caption_field= (each view and text field has its own transform, tokenizer and "
-            "source); pass one or the other"
-        )
-    reserved = (*fields.batch_keys(), "__stream__")
     plain = fields.plain_source()
     if plain is None:
-        return reserved, "txt", None, fields.fingerprint_parts()
+        return "txt", None, fields.fingerprint_parts()
     if plain.startswith(JSON_PREFIX):
-        return reserved, "txt", plain[len(JSON_PREFIX) :], ()
-    return reserved, plain, None, ()
+        return "txt", plain[len(JSON_PREFIX) :], ()
+    return plain, None, ()

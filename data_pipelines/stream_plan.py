@@ -42,7 +42,10 @@ class StreamSpec:
     first_epoch: int
     image_keys: tuple[str, ...]
     text_key: str
+    """The caption's member when ``fields`` is empty (``txt`` otherwise)."""
     caption_field: str | None
+    """The caption's key in the sample's ``json`` when ``fields`` is empty and it comes from
+    there (None otherwise)."""
     extra_keys: tuple[str, ...]
     draft_size: int | None
     max_pixels: int
@@ -54,8 +57,10 @@ class StreamSpec:
     shards_in_flight: int = 1
     """Shards a worker reads at once, a sample from each in turn (mixes shards in a batch)."""
     fields: tuple[tuple[str | int, ...], ...] = ()
-    """``BatchFields.fingerprint_parts()`` of a stream built with ``fields=``; empty for
-    today's single ``image`` / ``text`` batch (whose fingerprint it then leaves unchanged)."""
+    """``BatchFields.fingerprint_parts()``; empty for one plain ``image`` view and one whole
+    caption (``BatchFields.plain_source``), which ``text_key`` / ``caption_field`` identify
+    instead: the fingerprint positions had before there were batch fields, and that every
+    CLIP run's positions still have."""
 
     def fingerprint(self) -> str:
         """What a saved position must match: the fields that shape the batch sequence."""

@@ -32,6 +32,7 @@ from data_pipelines.batch_fields import (
 from data_pipelines.fields import missing_batch_fields, sidecar_gaps
 from data_pipelines.shards import split_sources
 from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
 from data_pipelines.transforms import fast_transforms_for_model
 from evals.dataset_evaluator import DatasetEvaluator
@@ -243,28 +244,36 @@ def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, comma
     )
 
 
-def build_stream(config: Config, parts: StreamParts, rank: int, world_size: int) -> TrainStream:
-    """This rank's training stream, reading exactly the objective's fields."""
+def stream_settings(config: Config, draft_size: int | None = None) -> StreamSettings:
+    """The stream settings of the ``data`` section and ``train.seed`` (``draft_size``: the
+    views' JPEG draft size, :attr:`StreamParts.draft_size`). The caption's source
+    (``data.text_key``, ``data.caption_field``) goes into the text fields instead
+    (:func:`batch_fields`)."""
     data = config.data
-    return make_train_stream(
-        data.train_shards,
-        fields=parts.fields,
-        draft_size=parts.draft_size,
+    weights = None if data.train_weights is None else tuple(data.train_weights)
+    return StreamSettings(
         batch_size=data.batch_size,
-        rank=rank,
-        world_size=world_size,
         workers=data.workers,
         seed=config.train.seed,
         resampled=data.resampled,
         shuffle_buffer=data.shuffle_buffer,
         shards_in_flight=data.shards_in_flight,
-        weights=data.train_weights,
-        image_keys=data.image_keys,
+        weights=weights,
+        image_keys=tuple(data.image_keys),
+        draft_size=draft_size,
         prefetch_factor=data.prefetch_factor,
         timeout=data.batch_timeout,
         max_skip_fraction=data.max_skip_fraction,
         remote_timeout=data.remote_timeout,
         remote_retries=data.remote_retries,
+    )
+
+
+def build_stream(config: Config, parts: StreamParts, rank: int, world_size: int) -> TrainStream:
+    """This rank's training stream, reading exactly the objective's fields."""
+    settings = stream_settings(config, parts.draft_size)
+    return make_train_stream(
+        config.data.train_shards, settings, fields=parts.fields, rank=rank, world_size=world_size
     )
 
 

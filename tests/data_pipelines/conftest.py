@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torchvision import transforms
 
+from data_pipelines.batch_fields import BatchFields
+from data_pipelines.shards import Urls
+from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
@@ -28,6 +34,27 @@ def fake_tokenizer(texts: list[str]) -> torch.Tensor:
 def preprocess() -> transforms.Compose:
     """A minimal image transform: resize to 32 px and convert to a float tensor."""
     return transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+
+def make_stream(
+    urls: Urls,
+    preprocess: Callable[[Any], torch.Tensor] | None = None,
+    tokenizer: Callable[[list[str]], torch.Tensor] = fake_tokenizer,
+    *,
+    source: str = "txt",
+    fields: BatchFields | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    **settings: Any,
+) -> TrainStream:
+    """``make_train_stream`` with ``StreamSettings``' fields given as keywords; without
+    ``fields``, one image view ``preprocess`` and one caption from ``source``."""
+    if fields is None:
+        assert preprocess is not None, "make_stream needs preprocess or fields"
+        fields = BatchFields.single(preprocess, tokenizer, source)
+    return make_train_stream(
+        urls, StreamSettings(**settings), fields=fields, rank=rank, world_size=world_size
+    )
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:

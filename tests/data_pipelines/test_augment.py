@@ -14,13 +14,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipelines.augment import PRESET_DOCS, _GaussianBlur, build_preset, list_presets
-from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.stream import TrainStream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.transforms import TrainTransform
 from data_pipelines.worker_stream import Preprocess
 from data_pipelines.write import write_shards
 
-from .conftest import fake_tokenizer
+from .conftest import make_stream
 from .test_stream_resume import _take
 
 PRESETS = list_presets()
@@ -165,10 +165,9 @@ def _resumed_equals_uninterrupted(
 
     def stream() -> TrainStream:
         random.seed(0), np.random.seed(0)
-        return make_train_stream(
+        return make_stream(
             urls,
-            preprocess=preprocess,
-            tokenizer=fake_tokenizer,
+            preprocess,
             batch_size=3,
             workers=workers,
             resampled=resampled,

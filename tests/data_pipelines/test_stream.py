@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.stream import count_samples, expand_urls, make_train_stream
+from data_pipelines.stream import count_samples, expand_urls
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import CTX, fake_tokenizer, preprocess, write_tar
+from .conftest import CTX, make_stream, preprocess, write_tar
 
 
 def _jpeg() -> bytes:
@@ -29,7 +29,7 @@ def _jpeg() -> bytes:
 def _stream(urls: str | list[str], **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
-    return make_train_stream(urls, preprocess=preprocess(), tokenizer=fake_tokenizer, **kw)
+    return make_stream(urls, preprocess(), **kw)
 
 
 def _keys(batches) -> list[list[str]]:  # type: ignore[no-untyped-def]
@@ -74,12 +74,7 @@ def test_batch_shapes_and_dtypes(shard_dir: str) -> None:
 
 def test_open_clip_tokenizer_works_offline(shard_dir: str) -> None:
     open_clip = pytest.importorskip("open_clip")
-    loader = make_train_stream(
-        shard_dir,
-        preprocess=preprocess(),
-        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
-        batch_size=2,
-    )
+    loader = make_stream(shard_dir, preprocess(), open_clip.get_tokenizer("ViT-B-32"), batch_size=2)
     batch = next(iter(loader))
     assert batch["text"].shape == (2, 77) and batch["text"].dtype == torch.long
 

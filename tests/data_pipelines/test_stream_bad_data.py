@@ -14,11 +14,10 @@ from PIL import Image
 from torchvision import transforms
 
 from data_pipelines.remote import RemoteShardError
-from data_pipelines.stream import make_train_stream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import fake_tokenizer, write_tar
+from .conftest import make_stream, write_tar
 from .http_server import serve
 
 
@@ -33,7 +32,7 @@ def _stream(urls, **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("shuffle_buffer", 1)
     kw.setdefault("resampled", False)
     kw.setdefault("preprocess", transforms.ToTensor())
-    return make_train_stream(urls, tokenizer=fake_tokenizer, **kw)
+    return make_stream(urls, **kw)
 
 
 RGB = Image.new("RGB", (24, 16), (200, 30, 30))
@@ -123,7 +122,7 @@ def test_a_key_that_matches_nothing_stops_within_seconds(tmp_path: Path) -> None
     write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="50 consecutive samples or shards failed.*'caption'"):
-        next(iter(_stream(str(tmp_path), text_key="caption", max_consecutive_errors=50, workers=1)))
+        next(iter(_stream(str(tmp_path), source="caption", max_consecutive_errors=50, workers=1)))
     assert time.monotonic() - started < 30
 
 

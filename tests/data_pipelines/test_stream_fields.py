@@ -1,5 +1,5 @@
 """The stream with BatchFields: named views, text fields with sentence choice, JSON fields;
-exact resume, the fingerprint, and today's batches unchanged for today's keywords."""
+exact resume, and the fingerprint (unchanged for one plain image and caption)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from torchvision import transforms
 
 from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
 from data_pipelines.sentences import split_sentences
-from data_pipelines.stream import TrainStream, make_train_stream
+from data_pipelines.stream import TrainStream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import fake_tokenizer
+from .conftest import fake_tokenizer, make_stream
 from .test_stream_resume import _take
 
 WIDTH = 64
@@ -98,7 +98,7 @@ def _fields(**kw: Any) -> BatchFields:
 def _stream(urls: str, fields: BatchFields | None = None, **kw: Any) -> TrainStream:
     kw.setdefault("batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
-    return make_train_stream(urls, fields=_fields() if fields is None else fields, **kw)
+    return make_stream(urls, fields=_fields() if fields is None else fields, **kw)
 
 
 def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
@@ -143,39 +143,11 @@ def test_view_zero_keeps_todays_seed_and_other_views_draw_their_own(report_shard
         texts=(TextField("text", fake_tokenizer),),
     )
     new = _take(_stream(report_shards, fields, seed=3), 4)
-    old = _take(make_train_stream(report_shards, preprocess=augment, tokenizer=fake_tokenizer,
-                                  batch_size=4, shuffle_buffer=10, seed=3), 4)  # fmt: skip
+    old = _take(make_stream(report_shards, augment, batch_size=4, shuffle_buffer=10, seed=3), 4)
     for a, b in zip(new, old, strict=True):
         assert a["__key__"] == b["__key__"] and torch.equal(a["image"], b["image"])
         assert torch.equal(a["text"], b["text"])
     assert not all(torch.equal(b["image"], b["again"]) for b in new)
-
-
-@pytest.mark.parametrize(
-    "legacy,source", [({}, "txt"), ({"caption_field": "report"}, "json:report")]
-)
-@pytest.mark.parametrize("workers,resampled", [(0, True), (2, False)])
-def test_todays_fields_give_todays_batches_state_and_fingerprint(
-    report_shards: str, legacy: dict[str, Any], source: str, workers: int, resampled: bool
-) -> None:
-    """``BatchFields.single`` is the old keywords: bitwise the same batches, the same
-    fingerprint, and positions that load into each other."""
-    augment = _crop(16, (0.1, 1.0))
-    options: dict[str, Any] = {"batch_size": 4, "shuffle_buffer": 10, "seed": 7, "workers": workers,
-               "resampled": resampled, "extra_keys": ("cls",)}  # fmt: skip
-    old = make_train_stream(
-        report_shards, preprocess=augment, tokenizer=fake_tokenizer, **legacy, **options
-    )
-    new = make_train_stream(
-        report_shards, fields=BatchFields.single(augment, fake_tokenizer, source), **options
-    )
-    _assert_same(_take(old, 5), _take(new, 5))
-    assert old.state_dict() == new.state_dict()
-    assert "fields" not in old.state_dict()
-    resumed = make_train_stream(report_shards, preprocess=augment, tokenizer=fake_tokenizer,
-                                **legacy, **options)  # fmt: skip
-    resumed.load_state_dict(new.state_dict())
-    _assert_same(_take(resumed, 3), _take(new, 3))
 
 
 def _reference_fingerprint(spec: Any) -> str:
@@ -185,12 +157,23 @@ def _reference_fingerprint(spec: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def test_a_stream_without_fields_keeps_its_fingerprint(report_shards: str) -> None:
-    for options in ({}, {"caption_field": "report"}, {"resampled": False, "seed": 3}):
-        stream = make_train_stream(report_shards, preprocess=_crop(8, (0.5, 1)),
-                                   tokenizer=fake_tokenizer, batch_size=4, **options)  # fmt: skip
+def test_one_plain_image_and_caption_keep_the_fingerprint_from_before_fields(
+    report_shards: str,
+) -> None:
+    """Every CLIP run's positions carry this fingerprint: the caption's source stands for the
+    fields, so positions saved by today's runs (and by those before batch fields) load."""
+    for source, text_key, caption_field, options in (
+        ("txt", "txt", None, {}),
+        ("json:report", "txt", "report", {}),
+        ("txt", "txt", None, {"resampled": False, "seed": 3}),
+        ("cls", "cls", None, {}),
+    ):
+        stream = make_stream(report_shards, _crop(8, (0.5, 1)), source=source, batch_size=4,
+                             **options)  # fmt: skip
         assert stream.spec.fields == ()
+        assert (stream.spec.text_key, stream.spec.caption_field) == (text_key, caption_field)
         assert stream.spec.fingerprint() == _reference_fingerprint(stream.spec)
+        assert "fields" not in stream.state_dict()
     with_fields = _stream(report_shards)
     assert with_fields.spec.fields == _fields().fingerprint_parts()
     assert with_fields.spec.fingerprint() != _reference_fingerprint(with_fields.spec)
@@ -276,17 +259,11 @@ def test_a_sample_without_a_usable_sentence_or_json_key_is_a_counted_skip(tmp_pa
     assert "json key 'boxes'" in stream.skips.reasons[second]
 
 
-def test_clashing_or_mixed_keywords_are_refused(report_shards: str) -> None:
+def test_clashing_keys_are_refused(report_shards: str) -> None:
     with pytest.raises(ValueError, match=r"extra_keys \['boxes_mask'\] clash"):
         _stream(report_shards, extra_keys=("boxes_mask",))
     with pytest.raises(ValueError, match="'report' is used by text field 'report' and json"):
         _fields(json=(JsonField("report", "report"),))
-    with pytest.raises(ValueError, match="fields= replaces preprocess="):
-        _stream(report_shards, preprocess=_crop(8, (0.5, 1)))
-    with pytest.raises(ValueError, match="fields= replaces"):
-        _stream(report_shards, caption_field="report")
-    with pytest.raises(ValueError, match="needs preprocess= and tokenizer="):
-        make_train_stream(report_shards, batch_size=4)
     extra = next(iter(_stream(report_shards, extra_keys=("cls", "json"))))
     assert extra["cls"].shape == (4,) and [m["key"] for m in extra["json"]] == extra["__key__"]
 
@@ -305,12 +282,11 @@ def test_resume_with_other_fields_is_refused_naming_them(report_shards: str) -> 
         with pytest.raises(ValueError, match=r"batch fields \[view global test-global; .*\], "
                                              r"this run reads \[.*\].*same objective and fields"):  # fmt: skip
             _stream(report_shards, other).load_state_dict(state)
-    legacy = make_train_stream(report_shards, preprocess=_crop(8, (0.5, 1)),
-                               tokenizer=fake_tokenizer, batch_size=4, shuffle_buffer=10)  # fmt: skip
+    single = make_stream(report_shards, _crop(8, (0.5, 1)), batch_size=4, shuffle_buffer=10)
     with pytest.raises(ValueError, match=r"this run reads \[view 'image', text 'text'"):
-        legacy.load_state_dict(state)
+        single.load_state_dict(state)
     with pytest.raises(ValueError, match=r"batch fields \[view 'image', text 'text'"):
-        _stream(report_shards).load_state_dict(legacy.state_dict())
+        _stream(report_shards).load_state_dict(single.state_dict())
     same = _stream(report_shards)
     same.load_state_dict(state)
     assert same.state_dict() == state

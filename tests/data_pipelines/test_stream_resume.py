@@ -12,11 +12,10 @@ from torchvision import transforms
 
 import data_pipelines.shard_reader as reader_module
 import data_pipelines.worker_stream as stream_module
-from data_pipelines.stream import make_train_stream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import fake_tokenizer
+from .conftest import make_stream
 
 
 def _augment() -> transforms.Compose:
@@ -30,7 +29,7 @@ def _stream(urls: str, **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("batch_size", 4)
     kw.setdefault("shuffle_buffer", 10)
     kw.setdefault("prefetch_factor", 3)
-    return make_train_stream(urls, preprocess=_augment(), tokenizer=fake_tokenizer, **kw)
+    return make_stream(urls, _augment(), **kw)
 
 
 def _take(stream, n: int, *, into: list | None = None) -> list:  # type: ignore[no-untyped-def]

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.stream import make_train_stream
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import fake_tokenizer, preprocess
+from .conftest import make_stream, preprocess
 
 
 def _stream(urls, **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("shuffle_buffer", 1)
-    return make_train_stream(urls, preprocess=preprocess(), tokenizer=fake_tokenizer, **kw)
+    return make_stream(urls, preprocess(), **kw)
 
 
 def test_two_sources_are_drawn_by_their_weights(tmp_path: Path) -> None:

@@ -154,11 +154,10 @@ def test_a_run_over_5_percent_corrupt_samples_completes_and_reports_the_counts(
 def _stream(urls: str, **kw: object):  # type: ignore[no-untyped-def]
     from torchvision import transforms
 
-    from data_pipelines.stream import make_train_stream
-    from tests.data_pipelines.conftest import fake_tokenizer
+    from tests.data_pipelines.conftest import make_stream
 
     kw = {"batch_size": 4, "shuffle_buffer": 1, "resampled": True, **kw}
-    return make_train_stream(urls, preprocess=transforms.ToTensor(), tokenizer=fake_tokenizer, **kw)
+    return make_stream(urls, kw.pop("preprocess", transforms.ToTensor()), **kw)
 
 
 def test_a_shard_server_that_dies_mid_run_is_retried_with_backoff_then_a_clear_error(
@@ -199,8 +198,7 @@ def test_a_dead_data_worker_is_an_error_naming_the_worker_and_its_shard(tmp_path
     from data_pipelines.write import write_shards
 
     write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
-    stream = _stream(str(tmp_path), workers=1, batch_size=2)
-    stream.preprocess = _die_on_fifth
+    stream = _stream(str(tmp_path), workers=1, batch_size=2, preprocess=_die_on_fifth)
     started = time.monotonic()
     with pytest.raises(
         RuntimeError,

@@ -131,11 +131,10 @@ def _png_header(width: int, height: int) -> bytes:
 def _stream(url: str, **kw: object):  # type: ignore[no-untyped-def]
     from torchvision import transforms
 
-    from data_pipelines.stream import make_train_stream
-    from tests.data_pipelines.conftest import fake_tokenizer
+    from tests.data_pipelines.conftest import make_stream
 
     kw = {"batch_size": 2, "shuffle_buffer": 1, "resampled": False, "max_skip_fraction": 1, **kw}
-    return make_train_stream(url, preprocess=transforms.ToTensor(), tokenizer=fake_tokenizer, **kw)
+    return make_stream(url, transforms.ToTensor(), **kw)
 
 
 def test_shard_member_names_never_become_paths(

@@ -184,20 +184,25 @@ def one_process_first_loss(flat_shards, tmp_path_factory) -> float:
 @pytest.mark.slow
 def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
     """The premise of the loss comparison below: the same samples, pixels and tokens."""
+    from data_pipelines.batch_fields import BatchFields
     from data_pipelines.stream import make_train_stream
+    from data_pipelines.stream_settings import StreamSettings
     from launch.build import build_model, train_transforms
     from vlp.config import load_config
 
     config = load_config(DEMO, _exact_overrides(flat_shards, Path("unused")))
     model, preprocess_train, _, tokenizer, _ = build_model(config)
     transform, draft_size, _ = train_transforms(model, preprocess_train)
+    fields = BatchFields.single(transform, tokenizer)
 
     def first_batches(batch_size: int, rank: int, world_size: int, count: int) -> list[dict]:
-        stream = make_train_stream(
-            str(flat_shards), preprocess=transform, tokenizer=tokenizer, draft_size=draft_size,
-            batch_size=batch_size, rank=rank, world_size=world_size, resampled=False,
-            shuffle_buffer=1, shards_in_flight=1, seed=config.train.seed,
+        settings = StreamSettings(
+            batch_size=batch_size, draft_size=draft_size, resampled=False, shuffle_buffer=1,
+            shards_in_flight=1, seed=config.train.seed,
         )  # fmt: skip
+        stream = make_train_stream(
+            str(flat_shards), settings, fields=fields, rank=rank, world_size=world_size
+        )
         batches = iter(stream)
         return [next(batches) for _ in range(count)]
 

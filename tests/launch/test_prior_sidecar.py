@@ -11,6 +11,7 @@ from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField, Te
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from data_pipelines.stream import make_train_stream
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.transforms import TrainTransform
 from launch.build import shard_urls
 from launch.prior_weights import write_reference_sidecar
@@ -33,7 +34,9 @@ def tiny(tmp_path_factory, shards):  # noqa: F811
 
 
 def _batches(shards, fields, n):  # noqa: F811
-    stream = make_train_stream(str(shards), batch_size=8, fields=fields, shuffle_buffer=16)
+    stream = make_train_stream(
+        str(shards), StreamSettings(batch_size=8, shuffle_buffer=16), fields=fields
+    )
     batches = []
     for batch in stream:
         batches.append(batch)

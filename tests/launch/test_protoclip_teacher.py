@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField
 from data_pipelines.stream import make_train_stream
+from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.transforms import TrainTransform
 from data_pipelines.write import write_shards
@@ -97,9 +98,8 @@ def test_the_stream_reads_it_as_batch_teacher(sidecar, shards) -> None:
         views=(ImageView("image", TrainTransform((32, 32), scale=(0.9, 1.0))),),
         sidecars=(SidecarField("teacher", str(sidecar)),),
     )
-    batch = next(
-        iter(make_train_stream(str(shards), batch_size=8, fields=fields, shuffle_buffer=1))
-    )
+    settings = StreamSettings(batch_size=8, shuffle_buffer=1)
+    batch = next(iter(make_train_stream(str(shards), settings, fields=fields)))
     tensors = _read(sidecar)[0]
     assert batch["teacher"].shape == (8, DIM)
     torch.testing.assert_close(
