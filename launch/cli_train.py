@@ -1,0 +1,76 @@
+"""`vlp train [--check]` and `vlp demo`: the training run's commands, and what other commands
+that start a training run share with them (its user errors, its exit status on preemption)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vlp.config import ConfigError, load_config
+
+DEMO_RECIPE = Path(__file__).parent / "configs" / "demo.yaml"
+
+EXIT_PREEMPTED = 75
+"""`vlp train`'s status after SIGTERM/SIGUSR1 (EX_TEMPFAIL): a checkpoint was written and the
+same command with train.resume=latest continues; schedulers can requeue on it."""
+
+
+def run_errors() -> tuple[type[Exception], ...]:
+    """The user errors of a command that starts a run (imported when one is raised: `launch.run`
+    takes seconds to import)."""
+    from launch.run import StartupError
+    from vlp.training import CheckpointWriteError
+
+    return (ConfigError, StartupError, CheckpointWriteError)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`vlp train`: train from ``args.config`` plus ``args.overrides``, or with ``args.check``
+    run one step and print the plan; 0 when steps ran, `EXIT_PREEMPTED` after a stop signal."""
+    from launch.run import check, train
+
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        plan = check(config)
+        print("config, shards and sample fields OK; one training step ran.")
+        print(f"  model:          {plan.model} ({plan.parameters / 1e6:.1f}M parameters)")
+        print(f"  objective:      {plan.objective} (first-step loss {plan.first_step_loss:.4f})")
+        print(f"  processes:      {plan.world_size}")
+        print(f"  global batch:   {plan.global_batch}")
+        print(f"  steps:          {plan.steps}")
+        print(f"  samples seen:   {plan.samples_seen}")
+        print(f"  train shards:   {plan.train_shards}")
+        print(f"  output dir:     {plan.out_dir}")
+        return 0
+    result = train(config)
+    if result.interrupted:
+        return EXIT_PREEMPTED
+    return 0 if result.step > 0 else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from launch.demo import run_demo
+
+    run_demo(args.out, args.overrides, args.config)
+    return 0
+
+
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `vlp train` and `vlp demo`."""
+    train = commands.add_parser(
+        "train", help="pretrain from a YAML config plus key=value overrides"
+    )
+    train.add_argument("--config", help="YAML run config (e.g. launch/configs/demo.yaml)")
+    train.add_argument("--check", action="store_true", help="validate, run one step, print plan")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
+    train.set_defaults(func=train_command, user_errors=run_errors)
+
+    demo = commands.add_parser("demo", help="write synthetic shards, train a tiny CLIP, evaluate")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument(
+        "--config",
+        default=str(DEMO_RECIPE),
+        help="demo recipe (default: launch/configs/demo.yaml; convirt_demo.yaml for ConVIRT)",
+    )
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+    demo.set_defaults(func=_demo, user_errors=run_errors)
