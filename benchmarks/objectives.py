@@ -151,9 +151,9 @@ def prior_reference(out: Path, data: Path) -> Path:
     """PRIOR's reference LM P_r, trained once into ``out`` from ``prior_reference_demo.yaml`` on
     the training shards in ``data`` (kept when ``out`` already holds a complete checkpoint)."""
     from launch.demo import run_demo
-    from vlp.training.checkpoint import list_checkpoints
+    from vlp.run_folder import checkpoints_dir, list_checkpoints
 
-    if not list_checkpoints(out / "checkpoints"):
+    if not list_checkpoints(checkpoints_dir(out)):
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "data").exists():
             (out / "data").symlink_to(data.resolve(), target_is_directory=True)

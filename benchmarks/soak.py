@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipelines.synthetic import generate_samples  # noqa: E402
 from data_pipelines.write import write_shards  # noqa: E402
-from vlp.training import checkpoint as ckpt  # noqa: E402
+from vlp import run_folder  # noqa: E402
 
 DEMO = ROOT / "launch" / "configs" / "demo.yaml"
 FINAL_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "data_rank0.json")
@@ -69,8 +69,8 @@ def logged(out: Path) -> list[dict]:
 
 
 def newest_step(out: Path) -> int:
-    found = ckpt.list_checkpoints(out / "checkpoints")
-    return ckpt.step_of(found[-1]) if found else 0
+    found = run_folder.list_checkpoints(run_folder.checkpoints_dir(out))
+    return run_folder.step_of(found[-1]) if found else 0
 
 
 def run_to_end(cmd: list[str]) -> None:
@@ -103,7 +103,7 @@ def kill_after(cmd: list[str], out: Path, extra_steps: int) -> tuple[int, int] |
 
 
 def final_files(out: Path, steps: int) -> dict[str, bytes]:
-    final = out / "checkpoints" / ckpt.checkpoint_name(steps)
+    final = run_folder.checkpoints_dir(out) / run_folder.checkpoint_name(steps)
     return {name: (final / name).read_bytes() for name in FINAL_FILES}
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 
 from evals.loading import CONFIG_NAME, load_model
 from evals.model_card import CARD_NAME, model_card
+from vlp.atomic_files import atomic_path
 from vlp.models.vlp_model import HEADS_FILE, VlpModel
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -59,25 +59,6 @@ def _save_tokenizer(tokenizer: Any, tokenizer_file: Path | None, folder: Path) -
     return {"tokenizer": type(tokenizer).__name__}
 
 
-def _umask() -> int:
-    """The process umask (reading it means setting it; it is restored at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _normal_permissions(folder: Path) -> None:
-    """Give the export the modes a plain ``cp`` would: 0644 files, 0755 folders, less umask.
-
-    ``tempfile.mkdtemp`` makes the folder 0700 and safetensors writes its file 0600; an export
-    is meant to be shared (another user, a web server, the hub uploader), so both are widened.
-    """
-    mask = _umask()
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def _cpu_state(module: Any) -> dict[str, Any]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -95,7 +76,11 @@ def export_run(
     :func:`evals.loading.load_model` accepts) to ``out``; return ``out``.
 
     Beside the weights it writes a model card, ``README.md``. The export is assembled in a
-    temporary sibling folder and renamed into place, so ``out`` is never half written. ``out`` must not exist, or be empty, unless ``overwrite``.
+    temporary sibling folder and renamed into place (:func:`vlp.atomic_files.atomic_path`), so
+    ``out`` is never half written; its files get the modes a plain ``cp`` would give (0644 files,
+    0755 folders, less the umask: safetensors writes 0600), since an export is meant to be
+    shared (another user, a web server, the hub uploader). ``out`` must not exist, or be empty,
+    unless ``overwrite``.
 
     Raises:
         evals.loading.ModelLoadError: ``run_dir`` is not a model.
@@ -109,8 +94,8 @@ def export_run(
         )
     model, _, tokenizer, info = load_model(run_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_path(target) as staging:
+        staging.mkdir()
         clip = model.clip if isinstance(model, VlpModel) else model
         save_file(_cpu_state(clip), str(staging / WEIGHTS_NAME))
         tokenizer_block = _save_tokenizer(tokenizer, info.tokenizer_file, staging)
@@ -129,11 +114,6 @@ def export_run(
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         (staging / CARD_NAME).write_text(model_card(info, str(target), tokenizer_block))
-        _normal_permissions(staging)
-        if target.exists():
+        if target.exists():  # last, so a failed export leaves the old one
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

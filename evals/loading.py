@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from evals._model import Tokenizer
+from vlp.run_folder import checkpoints_dir, list_checkpoints
 
 CONFIG_NAME = "open_clip_config.json"
 """open_clip's hub config: ``{"model_cfg": ..., "preprocess_cfg": ...}`` (plus our ``vlp`` block)."""
@@ -74,11 +75,9 @@ def newest_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
 
     Raises ModelLoadError when the run has none yet.
     """
-    from vlp.training.checkpoint import list_checkpoints
-
     complete = [
         path
-        for path in list_checkpoints(Path(run_dir) / "checkpoints")
+        for path in list_checkpoints(checkpoints_dir(run_dir))
         if all((path / name).is_file() for name in CHECKPOINT_FILES)
     ]
     if not complete:
@@ -90,7 +89,7 @@ def newest_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def _kind_of(path: Path) -> ModelKind | None:
-    if (path / "checkpoints").is_dir():
+    if checkpoints_dir(path).is_dir():
         return "run"
     if all((path / name).is_file() for name in CHECKPOINT_FILES):
         return "checkpoint"

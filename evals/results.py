@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict, cast
+
+from vlp.atomic_files import atomic_write_text
 
 REQUIRED_KEYS: tuple[str, ...] = ("dataset", "model", "pretrained", "task", "metrics", "language")
 
@@ -74,7 +75,9 @@ def write_result(
     language: str = "en",
     **extra: Any,
 ) -> Path:
-    """Write one result JSON atomically (temp file in the same folder, fsync, rename).
+    """Write one result JSON atomically and durably (:func:`vlp.atomic_files.atomic_write_text`:
+    a temporary file in the same folder, fsync, rename), readable as a plain ``open()`` would
+    make it (0644 under umask 0022).
 
     Why atomic: a reader (a results table, a sweep's skip-existing check) never sees a half
     written file, even if the job is killed mid-write. Metrics are coerced to plain numbers;
@@ -94,17 +97,7 @@ def write_result(
     }
     record.update(extra)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, json.dumps(record, indent=2) + "\n", durable=True)
     return target
 
 

@@ -11,7 +11,6 @@ the stream's resume fingerprint. Captions are read whole (``text_key``), as trai
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -21,11 +20,12 @@ from safetensors.torch import save_file
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from launch.build import StartupError, shard_urls
+from vlp.atomic_files import atomic_path
 from vlp.models import create_model
 from vlp.models.tokenizers import run_tokenizer_file
 from vlp.objectives.prior.objective import PAD_ID, load_reference
 from vlp.objectives.prior.weights import reference_target_logprobs
-from vlp.training.checkpoint import list_checkpoints
+from vlp.run_folder import checkpoints_dir, list_checkpoints
 
 
 def write_reference_sidecar(
@@ -42,7 +42,7 @@ def write_reference_sidecar(
         StartupError: a run without a complete checkpoint, a transformers LM without ``model``
             or of another tokenizer, a sample without ``text_key`` or a sample key seen twice.
     """
-    checkpoints = list_checkpoints(Path(reference) / "checkpoints")
+    checkpoints = list_checkpoints(checkpoints_dir(reference))
     if checkpoints:
         meta = json.loads((checkpoints[-1] / "model_config.json").read_text())
         model = meta["model_name"]
@@ -83,9 +83,8 @@ def write_reference_sidecar(
         flush()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
                 "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return len(tensors)

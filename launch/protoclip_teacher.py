@@ -17,7 +17,6 @@ processes give the same values, up to float rounding. Metadata: :data:`METADATA_
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from launch.build import StartupError, shard_urls
+from vlp.atomic_files import atomic_path
 from vlp.models.hf_towers import HFTowerError, quiet_hf_loading, resolve_hf_tower
 
 DEFAULT_TEACHER = "vlp:all-minilm-l6-v2"
@@ -238,7 +238,7 @@ def write_teacher_sidecar(
             when there is one, so one plain process works as well as ``accelerate launch``.
 
     Returns:
-        The file written (atomically: a temporary, then ``os.replace``); every rank returns it
+        The file written (atomically: :func:`vlp.atomic_files.atomic_path`); every rank returns it
         once it exists. Its metadata holds :data:`METADATA_KEYS` (``samples``: the count).
 
     Raises:
@@ -331,6 +331,5 @@ def _finish(
     metadata = {"id": uuid.uuid4().hex, "model": model, "dim": str(dim), "width": str(width),
                 "text_key": text_key, "samples": str(len(keys)),
                 "explained_variance": f"{pca.explained:.6f}"}  # fmt: skip
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

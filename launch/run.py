@@ -155,7 +155,7 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     except ResumeError as error:
         raise StartupError(str(error)) from None
     except TooManyBadSamples as error:
-        trainer._write_skips()  # data_skips_rank<r>.json: which shards, how many, why
+        trainer.write_skips()  # data_skips_rank<r>.json: which shards, how many, why
         message = (
             f"{_last_line(error)}; per-shard counts in {out_dir / 'data_skips_rank*.json'}: fix or drop "
             "those shards, or raise data.max_skip_fraction"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from evals import results
 from evals.results import read_result, result_filename, write_result
+from vlp import atomic_files
 
 FIELDS = {
     "dataset": "wds/vtab/cifar10",
@@ -67,11 +69,22 @@ def test_write_is_atomic(tmp_path, monkeypatch) -> None:
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(results.json, "dump", crash)
+    monkeypatch.setattr(atomic_files, "fsync_path", crash)  # the temporary is written by then
     with pytest.raises(RuntimeError, match="mid-write"):
         write_result(path, metrics={"acc1": 0.3}, **FIELDS)
     assert read_result(path)["metrics"]["acc1"] == 0.2  # old content intact
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_results_get_the_umask_permissions(tmp_path, umask, mode) -> None:
+    """Like a plain open(): before, mkstemp made every result 0600, unreadable to teammates."""
+    previous = os.umask(umask)
+    try:
+        path = write_result(tmp_path / "r.json", metrics={"acc1": 0.1}, **FIELDS)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_read_rejects_other_json(tmp_path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlp import run_folder
 from vlp.config import Config
 from vlp.models import create_model
 from vlp.objectives import create_objective
@@ -102,9 +103,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_resumable(tmp_path,
     torn = tmp_path / "checkpoints" / "step_00000003"
     torn.mkdir()
     (torn / "trainer_state.json").write_text('{"step": 3')
-    assert ckpt.resolve_resume("latest", tmp_path / "checkpoints").name == "step_00000001"
+    assert run_folder.resolve_resume("latest", tmp_path / "checkpoints").name == "step_00000001"
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
-        ckpt.resolve_resume(str(torn), tmp_path / "checkpoints")
+        run_folder.resolve_resume(str(torn), tmp_path / "checkpoints")
 
     resumed = _trainer(tmp_path, steps=3, resume="latest")
     result = resumed.fit()
@@ -194,7 +195,7 @@ def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint_listed(tmp_path
     with pytest.raises(SystemExit):
         trainer.save_checkpoint()  # written and renamed; pruning step 1 is interrupted
     monkeypatch.undo()
-    listed = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    listed = run_folder.list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in listed] == ["step_00000002"]
     assert all((p / "model.safetensors").is_file() for p in listed)
     assert _trainer(tmp_path, steps=3, resume="latest").fit().step == 3

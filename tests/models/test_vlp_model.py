@@ -10,7 +10,7 @@ from torch import nn
 from tests.ddp_helpers import run_on_ranks
 from vlp.config import OptimConfig
 from vlp.models import create_model
-from vlp.models.vlp_model import VlpModel, join_state, split_state
+from vlp.models.vlp_model import VlpModel, join_clip_and_heads, split_clip_and_heads
 from vlp.training.model_state import full_model_state
 from vlp.training.optim import create_optimizer
 
@@ -35,10 +35,10 @@ def test_frozen_helpers_are_outside_parameters_state_optimizer_and_checkpoints()
     in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not teacher_params & in_groups
     assert {id(p) for p in model.heads.parameters()} <= in_groups
-    clip_state, heads_state = split_state(full_model_state(model))
+    clip_state, heads_state = split_clip_and_heads(full_model_state(model))
     assert sorted(heads_state) == ["image.bias", "image.weight", "text.bias", "text.weight"]
     assert set(clip_state) == set(model.clip.state_dict())  # what open_clip loads, unprefixed
-    assert join_state(clip_state, heads_state).keys() == model.state_dict().keys()
+    assert join_clip_and_heads(clip_state, heads_state).keys() == model.state_dict().keys()
 
 
 def _ddp_parameters(rank: int, world: int) -> dict:

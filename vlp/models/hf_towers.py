@@ -22,12 +22,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vlp.atomic_files import atomic_path
 from vlp.models.tiny_bert import write_tiny_bert
 
 ALIAS_PREFIX = "vlp:"
@@ -90,12 +90,8 @@ def tiny_bert_path() -> Path:
         if (final / "config.json").is_file():  # another process wrote it while we waited
             return final
         shutil.rmtree(final, ignore_errors=True)  # torn; nobody can be using it
-        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
+        with atomic_path(final) as scratch:
             write_tiny_bert(scratch)
-            os.rename(scratch, final)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     return final
 
 

@@ -99,7 +99,7 @@ class VlpModel(nn.Module):
             return getattr(clip, name)
 
 
-def split_state(
+def split_clip_and_heads(
     state: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A VlpModel state dict as (open_clip's state dict, the heads' state dict), unprefixed."""
@@ -111,10 +111,10 @@ def split_state(
     return clip, heads
 
 
-def join_state(
+def join_clip_and_heads(
     clip: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`split_state`."""
+    """Inverse of :func:`split_clip_and_heads`."""
     return {CLIP_PREFIX + k: v for k, v in clip.items()} | {
         HEADS_PREFIX + k: v for k, v in heads.items()
     }

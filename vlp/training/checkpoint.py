@@ -2,8 +2,9 @@
 
 A checkpoint directory ``checkpoints/step_00000100`` is written under a hidden temporary name,
 closed with a ``COMPLETE`` marker, flushed to disk (``fsync`` of every file and of the
-directories) and renamed; only directories holding the marker are listed, so a crash, a kill or a
-power loss never leaves a torn checkpoint that a resume would pick up. Each checkpoint records the
+directories) and renamed; only directories holding the marker are listed (:mod:`vlp.run_folder`
+reads the layout: names, marker, listing, ``latest``), so a crash, a kill or a power loss never
+leaves a torn checkpoint that a resume would pick up. Each checkpoint records the
 ``run_id`` of its run, and pruning removes only older checkpoints of the same run. Loading never
 unpickles (no ``torch.load``, no ``register_for_checkpointing``).
 """
@@ -21,71 +22,38 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "step_"
+from vlp import atomic_files, run_folder
+from vlp.atomic_files import atomic_write_text
+
 TMP_PREFIX = ".tmp-"
-COMPLETE = "COMPLETE"
-"""The marker file written last into a checkpoint; a directory without it is torn."""
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"{PREFIX}{step:08d}"
+"""A checkpoint is written under ``.tmp-step_N`` (never listed) and renamed when complete."""
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable only once its
-    directory is synced). Filesystems that cannot sync a directory are tolerated."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems (and Windows) refuse fsync on a directory
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file under ``root``, then the directories, deepest first."""
-    directories = [root]
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fsync_path(Path(dirpath) / name)
-        directories += [Path(dirpath) / name for name in dirnames]
-    for directory in reversed(directories):
-        fsync_path(directory)
+    """Write JSON (sorted keys, indented) atomically: a temporary file, then a rename."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def mark_complete(directory: Path) -> None:
     """Write the ``COMPLETE`` marker: the last file of a checkpoint, after all the others."""
-    (directory / COMPLETE).write_text("")
-
-
-def is_complete(directory: Path) -> bool:
-    """Whether ``directory`` is a checkpoint whose write finished (it holds the marker)."""
-    return (directory / COMPLETE).is_file()
+    (directory / run_folder.COMPLETE).write_text("")
 
 
 def publish(tmp: Path, final: Path) -> None:
     """Make the finished temporary checkpoint ``tmp`` durable, then rename it to ``final``.
 
     Files and directory are synced before the rename (so the renamed directory never points at
-    unwritten data) and the parent after it (so the rename itself survives a power loss).
+    unwritten data) and the parent after it (so the rename itself survives a power loss). The
+    files get the umask's permissions (safetensors writes 0600), so teammates can read them.
     """
     mark_complete(tmp)
-    fsync_tree(tmp)
-    fsync_path(tmp.parent)
+    atomic_files.normal_permissions(tmp)
+    atomic_files.fsync_tree(tmp)
+    atomic_files.fsync_path(tmp.parent)
     if final.exists():
         remove_checkpoint(final)
     os.replace(tmp, final)
-    fsync_path(final.parent)
+    atomic_files.fsync_path(final.parent)
 
 
 def remove_checkpoint(checkpoint: Path) -> None:
@@ -97,42 +65,11 @@ def remove_checkpoint(checkpoint: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporaries and torn directories are never listed)."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)
-    ]
-    return sorted(found, key=step_of)
-
-
-def step_of(checkpoint: Path) -> int:
-    """The step in a checkpoint directory's name (``step_00000100`` → 100)."""
-    return int(checkpoint.name[len(PREFIX) :])
-
-
-def resolve_resume(resume: str, checkpoint_dir: str | Path) -> Path | None:
-    """``latest`` → the newest complete checkpoint (None if there is none); else that path."""
-    if resume == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file() or not is_complete(path):
-        raise FileNotFoundError(
-            f"train.resume='{resume}' is not a complete checkpoint directory "
-            f"(no trainer_state.json or no {COMPLETE} marker: its write did not finish); "
-            "use 'latest' or a complete checkpoints/step_* directory"
-        )
-    return path
-
-
 def run_id_of(checkpoint: Path) -> str | None:
     """The ``run_id`` in a checkpoint's ``trainer_state.json``: ``""`` for checkpoints written
     before run ids existed (one lineage of their own), None when the state cannot be read."""
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((checkpoint / run_folder.TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return None
     return str(state.get("run_id", "")) if isinstance(state, dict) else None
@@ -140,11 +77,11 @@ def run_id_of(checkpoint: Path) -> str | None:
 
 def remove_stale_temporaries(checkpoint_dir: Path) -> None:
     """Remove ``.tmp-step_*`` directories: saves interrupted by a crash or a kill, never resumed."""
-    for stale in Path(checkpoint_dir).glob(f"{TMP_PREFIX}{PREFIX}*"):
+    for stale in Path(checkpoint_dir).glob(f"{TMP_PREFIX}{run_folder.PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+def split_tensors(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
     """Separate tensors (for safetensors, keyed by dotted path) from the JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
 
@@ -161,20 +98,23 @@ def split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torc
     return tensors, walk(state, prefix)
 
 
-def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`split_state`; integer-like dict keys become ints again (optimizer ids)."""
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`; integer-like dict keys become ints again (optimizer
+    ids)."""
     if isinstance(skeleton, dict):
         if set(skeleton) == {"__tensor__"}:
             return tensors[skeleton["__tensor__"]]
-        return {(int(k) if k.isdigit() else k): join_state(v, tensors) for k, v in skeleton.items()}
+        return {
+            (int(k) if k.isdigit() else k): join_tensors(v, tensors) for k, v in skeleton.items()
+        }
     if isinstance(skeleton, list):
-        return [join_state(v, tensors) for v in skeleton]
+        return [join_tensors(v, tensors) for v in skeleton]
     return skeleton
 
 
 def save_state_parts(directory: Path, name: str, state: dict[str, Any]) -> None:
     """Write ``name.safetensors`` + ``name.json`` for a nested state dict."""
-    tensors, skeleton = split_state(state)
+    tensors, skeleton = split_tensors(state)
     save_file(tensors, str(directory / f"{name}.safetensors"))
     write_json(directory / f"{name}.json", skeleton)
 
@@ -183,7 +123,7 @@ def load_state_parts(directory: Path, name: str) -> Any:
     """Read back what :func:`save_state_parts` wrote."""
     tensors = load_file(str(directory / f"{name}.safetensors"))
     skeleton = json.loads((directory / f"{name}.json").read_text())
-    return join_state(skeleton, tensors)
+    return join_tensors(skeleton, tensors)
 
 
 def rng_state() -> dict[str, Any]:
@@ -227,9 +167,11 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int, run_id: str, step: int) -
     (a crash or a kill) and will never complete.
     """
     ours = [
-        p for p in list_checkpoints(checkpoint_dir) if step_of(p) <= step and run_id_of(p) == run_id
+        p
+        for p in run_folder.list_checkpoints(checkpoint_dir)
+        if run_folder.step_of(p) <= step and run_id_of(p) == run_id
     ]
     for old in ours[: max(len(ours) - keep, 0)]:
-        if step_of(old) < step:
+        if run_folder.step_of(old) < step:
             remove_checkpoint(old)
     remove_stale_temporaries(checkpoint_dir)

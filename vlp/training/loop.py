@@ -352,6 +352,10 @@ class Trainer:
         self.run_id = state.run_id
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def _write_skips(self) -> None:
-        """Bad samples skipped so far, per shard, into ``data_skips_rank<r>.json`` (and the log)."""
+    def write_skips(self) -> None:
+        """Write this rank's bad samples skipped so far, per shard, into
+        ``RUN/data_skips_rank<r>.json`` (and a warning into the log); nothing when the stream
+        keeps no ``skips``. Every checkpoint refreshes the file; call this when a run stops
+        between checkpoints (``launch/run.py`` does on ``TooManyBadSamples``), so the report
+        names the shards that stopped it."""
         write_skips(self.batches, self.run_dir.path, self.accelerator.process_index)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from vlp import run_folder
 from vlp.config import Config
 from vlp.training import checkpoint as ckpt
 from vlp.training.provenance import provenance
@@ -22,7 +23,7 @@ from vlp.training.trainer_checkpoint import ResumeError
 
 logger = logging.getLogger(__name__)
 
-SUBDIRS = ("checkpoints", "results", "plots")
+SUBDIRS = (run_folder.CHECKPOINTS, "results", "plots")
 
 
 class RunDir:
@@ -36,13 +37,13 @@ class RunDir:
     def __init__(self, path: Path, accelerator: Accelerator) -> None:
         self.path = path
         self.accelerator = accelerator
-        self.checkpoints = path / "checkpoints"
+        self.checkpoints = run_folder.checkpoints_dir(path)
         self.metrics = path / "metrics.jsonl"
 
     def claim(self, overwrite: bool) -> None:
         """A fresh run (no ``train.resume``) refuses a folder that holds checkpoints, unless
         ``overwrite`` (``train.overwrite``): then the old run's checkpoints and metrics go first."""
-        existing = ckpt.list_checkpoints(self.checkpoints)
+        existing = run_folder.list_checkpoints(self.checkpoints)
         if existing and not overwrite:
             raise ResumeError(
                 f"train.out_dir='{self.path}' already holds a run (checkpoint "

@@ -1,12 +1,13 @@
 """What a training run puts into a checkpoint, and what a resume checks before it continues.
 
 The directory format (temporary name, ``COMPLETE`` marker, fsync, rename, pruning) lives in
-:mod:`vlp.training.checkpoint`; this module fills it: the model (open_clip's weights in
+:mod:`vlp.training.checkpoint`, its read side (names, listing, ``latest``) in
+:mod:`vlp.run_folder`; this module fills it: the model (open_clip's weights in
 ``model.safetensors``, the objective's heads beside them), the optimizer moments, the schedule,
 every rank's RNG states and data position, the run's counters, and an episodic objective's
-episode state (``episode.safetensors``, :mod:`vlp.training.episodes`). A resume refuses a checkpoint
-written with another world size or global batch, since the data order would differ from an
-uninterrupted run's. The skip report of the data stream is refreshed with every checkpoint.
+episode state (``episode.safetensors``, :mod:`vlp.training.episodes`). A resume refuses a
+checkpoint written with another world size or global batch, since the data order would differ
+from an uninterrupted run's. The skip report of the data stream is refreshed with every checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlp.models.vlp_model import HEADS_FILE, join_state, split_state
+from vlp import run_folder
+from vlp.models.vlp_model import HEADS_FILE, join_clip_and_heads, split_clip_and_heads
 from vlp.training import checkpoint as ckpt
 from vlp.training.episodes import EpisodeDriver
 from vlp.training.model_state import (
@@ -142,7 +144,7 @@ class TrainerCheckpoints:
         finds none yet (the run starts from step 0). Raises :class:`ResumeError` for a path that
         is not a complete checkpoint."""
         try:
-            path = ckpt.resolve_resume(resume, self.directory)
+            path = run_folder.resolve_resume(resume, self.directory)
         except FileNotFoundError as error:
             raise ResumeError(str(error)) from None
         if path is None:
@@ -156,14 +158,14 @@ class TrainerCheckpoints:
         and renamed (:func:`vlp.training.checkpoint.publish`). A failed write (disk full) raises
         :class:`CheckpointWriteError` naming the checkpoint; the previous checkpoint is untouched.
         """
-        name = ckpt.checkpoint_name(state.step)
+        name = run_folder.checkpoint_name(state.step)
         tmp = self.directory / f"{ckpt.TMP_PREFIX}{name}"
         final = self.directory / name
         try:
             self._write(tmp, final, state)
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-            previous = [p for p in ckpt.list_checkpoints(self.directory) if p != final]
+            previous = [p for p in run_folder.list_checkpoints(self.directory) if p != final]
             kept = f"{previous[-1]} is intact" if previous else "there is no earlier checkpoint"
             raise CheckpointWriteError(
                 error.errno,
@@ -207,7 +209,7 @@ class TrainerCheckpoints:
         self, tmp: Path, state: TrainerState, model_state: dict, optimizer_state: dict
     ) -> None:
         """The parts written once: weights, heads, optimizer, episode, metadata, counters."""
-        clip_state, heads_state = split_state(model_state)
+        clip_state, heads_state = split_clip_and_heads(model_state)
         save_file(clip_state, str(tmp / "model.safetensors"))  # what open_clip loads
         if heads_state:
             save_file(heads_state, str(tmp / HEADS_FILE))
@@ -218,7 +220,7 @@ class TrainerCheckpoints:
             save_file(episode, str(tmp / EPISODE_FILE))
         ckpt.write_json(tmp / "model_config.json", self.model_info)
         ckpt.write_json(
-            tmp / "trainer_state.json",
+            tmp / run_folder.TRAINER_STATE,
             {
                 "step": state.step,
                 "scheduler": self.scheduler.state_dict(),
@@ -250,7 +252,7 @@ class TrainerCheckpoints:
         ``path``; return the run's counters. Raises :class:`ResumeError` when this run cannot
         continue the checkpoint."""
         acc = self.accelerator
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / run_folder.TRAINER_STATE).read_text())
         if state["world_size"] != acc.num_processes:
             raise ResumeError(
                 f"train.resume: checkpoint {path} was written by {state['world_size']} processes; "
@@ -265,7 +267,7 @@ class TrainerCheckpoints:
             )
         heads_file = path / HEADS_FILE
         heads_state = load_file(str(heads_file)) if heads_file.is_file() else {}
-        model_state = join_state(load_file(str(path / "model.safetensors")), heads_state)
+        model_state = join_clip_and_heads(load_file(str(path / "model.safetensors")), heads_state)
         load_full_model_state(self.model, model_state, self.scalars)
         settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
         optimizer_state = ckpt.load_state_parts(path, "optimizer")

@@ -51,6 +51,7 @@ from vlp.objectives.prior.weights import (
     weighted_caption_loss,
 )
 from vlp.objectives.registry import register_objective
+from vlp.run_folder import checkpoints_dir, list_checkpoints
 
 PAD_ID = 0
 """open_clip's tokenizers pad with id 0 (CoCa's ``pad_id``)."""
@@ -125,9 +126,7 @@ def load_reference_run(
     vocabulary and context length and, given the captioning model's ``tokenizer``, against it:
     the run must have read its captions with the same SentencePiece file (the same bytes), or
     both with the model's own tokenizer. The LM must read the captioning model's token ids."""
-    from vlp.training.checkpoint import list_checkpoints
-
-    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
+    checkpoints = list_checkpoints(checkpoints_dir(run_dir))
     if not checkpoints:
         raise ValueError(f"reference '{run_dir}' holds no complete checkpoint (checkpoints/)")
     newest = checkpoints[-1]
@@ -178,7 +177,7 @@ def load_reference(reference: str | Path, clip: nn.Module, tokenizer: Any | None
     """P_r from a ``prior_reference`` run (checked against ``clip``'s vocabulary and context),
     or a transformers causal LM (a local folder or a hub name) checked against ``tokenizer``,
     the captioning model's. Raises ValueError (TokenizerMismatchError included) in one line."""
-    if (Path(reference) / "checkpoints").is_dir():
+    if checkpoints_dir(reference).is_dir():
         return load_reference_run(reference, clip, tokenizer)
     if tokenizer is None:
         raise ValueError(
