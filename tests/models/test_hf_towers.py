@@ -5,6 +5,7 @@ line naming it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -223,3 +224,20 @@ def test_tokenizer_padding_with_another_id_than_the_tower_masks_is_refused(tmp_p
     text_cfg["hf_tokenizer_name"] = str(folder)
     with pytest.raises(HFTowerError, match="pads with id 0 but tower .* pad_token_id=4"):
         create_model(TINY, model_kwargs={"text_cfg": text_cfg})
+
+
+def _write_tiny_bert_on_this_rank(rank: int, world: int, root: str) -> list[str]:
+    return sorted(p.name for p in write_tiny_bert(Path(root) / f"rank{rank}", layers=1).iterdir())
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_process_group_writes_a_whole_tiny_bert(tmp_path):
+    """The first use of ``vlp:tiny-bert`` in a run happens after the process group exists, on
+    whichever rank takes the lock first. transformers 5's ``save_pretrained`` writes nothing on
+    a rank other than 0 of an initialised group: before, rank 1 published a folder holding only
+    the tokenizer, and failed with "the folder has no config.json" (the flaky 2-rank ConVIRT
+    recipe test)."""
+    from tests.ddp_helpers import run_on_ranks
+
+    for files in run_on_ranks(_write_tiny_bert_on_this_rank, 2, str(tmp_path)):
+        assert {"config.json", "model.safetensors", "vocab.txt"} <= set(files), files

@@ -92,6 +92,8 @@ def tiny_bert_path() -> Path:
         shutil.rmtree(final, ignore_errors=True)  # torn; nobody can be using it
         with atomic_path(final) as scratch:
             write_tiny_bert(scratch)
+            if not (scratch / "config.json").is_file():  # never publish a folder that won't load
+                raise HFTowerError(f"writing the tiny BERT into {scratch} left no config.json")
     return final
 
 

@@ -14,6 +14,7 @@ import string
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """BERT's special tokens, in BERT's order: ``[PAD]`` is id 0, the model's ``pad_token_id``."""
@@ -59,8 +60,6 @@ def write_tiny_bert(
     """
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from vlp.models.hf_towers import quiet_hf_loading
-
     if layers < 1 or hidden % heads:
         raise ValueError(
             f"write_tiny_bert: need layers >= 1 and hidden divisible by heads, got "
@@ -102,6 +101,12 @@ def write_tiny_bert(
                 parameter.fill_(1.0)
             else:
                 parameter.normal_(0.0, config.initializer_range, generator=generator)
-    with quiet_hf_loading():
-        model.save_pretrained(path)
+    # Written directly, not with save_pretrained: transformers 5 writes nothing there on a rank
+    # other than 0 of an initialised process group, and the first use of ``vlp:tiny-bert`` in a
+    # run falls to whichever rank takes the lock first (rank 1 then published a folder holding
+    # only the tokenizer).
+    config.architectures = [type(model).__name__]
+    config.to_json_file(path / "config.json")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
