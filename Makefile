@@ -32,8 +32,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy vlp data_pipelines evals launch
 
+# Two workers (pytest-xdist) on the 2-core machine CI runs on: slow tests go first
+# (tests/conftest.py), workers steal what is left; PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 $(PEER_STAMP):
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)

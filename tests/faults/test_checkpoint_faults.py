@@ -168,7 +168,7 @@ def test_a_full_disk_on_the_main_rank_stops_every_rank_at_once(tmp_path):
     """Before: rank 1 waited in the barrier after the write for the collective timeout."""
     from tests.ddp_helpers import run_on_ranks
 
-    failed = run_on_ranks(_full_disk_on_rank_0, 2, str(tmp_path), timeout_s=60)
+    failed = run_on_ranks(_full_disk_on_rank_0, 2, str(tmp_path), timeout_s=60, torchrun_env=True)
     for outcome in failed:
         assert outcome["errno"] == errno.ENOSPC, failed
         assert "No space left on device (on rank 0)" in str(outcome["message"]), failed

@@ -17,6 +17,7 @@ import pytest
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _overrides
+from tests.seeds import extra_seeds
 
 STEPS = 6
 ACCELERATE_2PROC = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
@@ -122,7 +123,8 @@ def uninterrupted(shards, tmp_path_factory) -> dict[int, dict[str, bytes]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "processes, seed", [(1, 0), (1, 1), pytest.param(2, 0, id="2proc-accelerate-0")]
+    "processes, seed",
+    [*((1, seed) for seed in extra_seeds(0, 1)), pytest.param(2, 0, id="2proc-accelerate-0")],
 )
 def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(
     shards, tmp_path, uninterrupted, processes, seed

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
 
 RECIPE = ROOT / "launch" / "configs" / "convirt_demo.yaml"
@@ -23,6 +24,7 @@ def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(
     extra = {"train.steps": 3, "train.accum_steps": 2, "data.batch_size": 4}
     done = _accelerate(_overrides(shards, out, **extra), recipe=RECIPE)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_first_loss_is_the_one_process_loss(out, RECIPE, _overrides(shards, out, **extra))
     log = (out / "train.log").read_text()
     assert "step 3/3" in log and "contrastive_loss" in log and "logit_scale" not in log
     checkpoint = out / "checkpoints" / "step_00000003"

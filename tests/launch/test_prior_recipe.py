@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
 
 CONFIGS = ROOT / "launch" / "configs"
@@ -38,6 +39,10 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
              "objective.prior.reference": reference}  # fmt: skip
     done = _accelerate(_overrides(shards, out, **extra), recipe=CONFIGS / "prior_demo.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
+    # the weighted caption loss and the contrastive loss over the global batch
+    assert_first_loss_is_the_one_process_loss(
+        out, CONFIGS / "prior_demo.yaml", _overrides(shards, out, **extra)
+    )
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [line for line in lines if "train/loss" in line][-1]
     assert last["train/caption_loss"] > 0 and last["train/contrastive_loss"] > 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
 
 RECIPE = ROOT / "launch" / "configs" / "protoclip_demo.yaml"
@@ -32,6 +33,8 @@ def test_two_process_protoclip_demo_recipe_trains_in_episodes_and_exports(shards
     }
     done = _accelerate(_overrides(shards, out, **extra), recipe=RECIPE)
     assert done.returncode == 0, done.stderr[-3000:]
+    # step 1, in the first (CLIP) episode: the loss over the global batch
+    assert_first_loss_is_the_one_process_loss(out, RECIPE, _overrides(shards, out, **extra))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     episodes = [line for line in lines if "episode/index" in line]
     assert [e["step"] for e in episodes] == [0, 2, 4]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
 
 RECIPE = ROOT / "launch" / "configs" / "pyramidclip_demo.yaml"
@@ -25,6 +26,8 @@ def test_two_process_pyramidclip_demo_recipe_trains_and_exports(shards, tmp_path
     extra = {"train.steps": 2, "train.accum_steps": 2, "data.batch_size": 4}
     done = _accelerate(_overrides(shards, out, **extra), recipe=RECIPE)
     assert done.returncode == 0, done.stderr[-3000:]
+    # all six terms over the global batch, as one process computes them
+    assert_first_loss_is_the_one_process_loss(out, RECIPE, _overrides(shards, out, **extra))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [line for line in lines if "train/loss" in line][-1]
     for term in ("gs", "lt", "ga", "rs", "la", "rt"):

@@ -90,10 +90,12 @@ def test_eval_datasets_run_inside_training(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> None:
-    """The demo's model, data generator, batch and lr for 300 steps on 2000 samples, fixed seed:
-    zero-shot on 270 held-out images (9 classes, chance 1/9 = 0.111) with the eval templates,
-    which the training captions never use. Measured here: acc1 0.341 (~2-4 min on 2 cores);
-    the bar is chance + 0.09, 5 standard errors above chance at n = 270."""
+    """The demo's model, data generator and batch for 200 steps on 2000 samples at twice the
+    demo's lr, fixed seed: zero-shot on 270 held-out images (9 classes, chance 1/9 = 0.111)
+    with the eval templates, which the training captions never use. Measured here: acc1 0.274,
+    mean per-class recall 0.290 (~2-3 min on 2 cores; 300 steps at the demo's lr gave 0.341 in
+    1.5x the time, 150 steps 0.174-0.181); the bar is chance + 0.09, 5 standard errors above
+    chance at n = 270."""
     from data_pipelines.synthetic import CLASSNAMES, EVAL_TEMPLATES
 
     write_shards(generate_samples(2000, seed=0), tmp_path / "train", samples_per_shard=500)
@@ -105,10 +107,11 @@ def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> Non
             "data.batch_size": 64,
             "data.workers": 1,
             "data.shuffle_buffer": 1000,
-            "train.steps": 300,
+            "train.steps": 200,
             "train.log_every": 50,
             "train.checkpoint_every": 0,
             "optim.warmup_steps": 30,
+            "optim.lr": 0.002,
             "eval.zeroshot_shards": tmp_path / "heldout",
             "eval.classnames": json.dumps(CLASSNAMES),
             "eval.templates": json.dumps(EVAL_TEMPLATES),

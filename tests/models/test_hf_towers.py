@@ -102,7 +102,7 @@ def test_recorded_config_rebuilds_in_open_clip_alone(tmp_path):
 
 def test_tiny_bert_alias_is_written_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VLP_CACHE_DIR", str(tmp_path))
-    (tmp_path / "hf_towers" / ".tiny-bert-v1-leftover").mkdir(parents=True)  # a crashed writer
+    (tmp_path / "hf_towers" / ".tiny-bert-v2-leftover").mkdir(parents=True)  # a crashed writer
     path = tiny_bert_path()
     assert path.parent == tmp_path / "hf_towers" and (path / "model.safetensors").is_file()
     written = (path / "model.safetensors").stat().st_mtime_ns
@@ -143,14 +143,14 @@ def test_tiny_bert_written_by_processes_starting_together_is_never_replaced(tmp_
         process.join(timeout=60)
         assert process.exitcode == 0
     for root in roots:
-        folder = tmp_path / root / "hf_towers" / "tiny-bert-v1"
+        folder = tmp_path / root / "hf_towers" / "tiny-bert-v2"
         handed = [(inode, complete) for where, inode, complete in seen if where == root]
         assert handed == [(folder.stat().st_ino, True)] * 3
 
 
 def test_a_torn_tiny_bert_folder_is_rewritten(tmp_path, monkeypatch):
     monkeypatch.setenv("VLP_CACHE_DIR", str(tmp_path))
-    torn = tmp_path / "hf_towers" / "tiny-bert-v1"
+    torn = tmp_path / "hf_towers" / "tiny-bert-v2"
     torn.mkdir(parents=True)
     (torn / "vocab.txt").write_text("[PAD]\n")
     assert (tiny_bert_path() / "config.json").is_file()

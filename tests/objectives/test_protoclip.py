@@ -15,6 +15,7 @@ from data_pipelines.write import write_shards
 from launch.run import train
 from tests.ddp_helpers import run_on_ranks
 from tests.objectives.protoclip_reference import back_translated, protoclip_terms_reference
+from tests.seeds import extra_seeds
 from vlp.config import load_config
 from vlp.models import create_model
 from vlp.objectives import create_objective
@@ -349,7 +350,7 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", extra_seeds(0, 1))
 def test_resume_inside_and_between_episodes_equals_the_uninterrupted_run_bitwise(tmp_path, seed):
     """16 steps in 4 episodes of 4 (CLIP, prototypes, prototypes, LiT): resuming at steps 5 and
     6 (pass 2 of a prototype episode: no re-clustering) and at step 8 (before an episode's pass

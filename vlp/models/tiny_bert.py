@@ -3,8 +3,9 @@
 open_clip builds a Hugging Face text tower from a folder (``text_cfg.hf_model_name``) and its
 tokenizer from a folder (``text_cfg.hf_tokenizer_name``). :func:`write_tiny_bert` writes both
 into one folder, offline, in well under a second: a ``BertConfig`` with hidden width 32, random
-weights from a seed, and a small WordPiece vocabulary (``vocab.txt``) of report words plus every
-letter and digit, so that any lower-case ASCII text tokenizes without ``[UNK]``.
+weights from a seed, no dropout, and a small WordPiece vocabulary (``vocab.txt``) of report
+words plus every letter and digit, so that any lower-case ASCII text tokenizes without
+``[UNK]``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def write_tiny_bert(
         intermediate_size=2 * hidden,
         max_position_embeddings=max_positions,
         pad_token_id=SPECIAL_TOKENS.index("[PAD]"),
+        # No dropout: a random tower this small has nothing to regularise, and dropout draws
+        # from the global RNG, whose state differs per rank: a 2-rank step could then not equal
+        # one process's step on the same samples (the recipe tests check that it does).
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG
         model = BertModel(config, add_pooling_layer=False)
