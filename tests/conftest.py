@@ -52,8 +52,37 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Generator[Any]:
     _fail_missing_import_in_ci(outcome.get_result())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (stable order otherwise): under ``pytest -n 2`` (``make test``) the
-    minutes-long ones then start at once on both workers, and the many quick tests fill the
-    end, instead of one long test running alone after everything else has finished."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+def _cost(item: pytest.Item) -> int:
+    """0: runs for minutes (``slowest``), 1: seconds (``slow``), 2: quick."""
+    return 0 if item.get_closest_marker("slowest") else 1 if item.get_closest_marker("slow") else 2
+
+
+def _seconds(item: pytest.Item) -> float:
+    """A ``slowest`` test's rough duration (``@pytest.mark.slowest(seconds=...)``), else 0."""
+    marker = item.get_closest_marker("slowest")
+    return float(marker.kwargs.get("seconds", 30)) if marker else 0.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the tests so that ``pytest -n N --dist worksteal`` (``make test``) keeps its N
+    workers busy to the end: worksteal hands worker k the k-th contiguous share of this list
+    and later moves tests only from the back of a queue, so the long tests are dealt round-robin
+    to the front of every share (the longest first) and quick ones fill the shares up; without
+    workers, slow tests simply run first."""
+    ranked = sorted(items, key=lambda item: (_cost(item), -_seconds(item)))
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    heavy = [item for item in ranked if _cost(item) < 2]
+    light = [item for item in ranked if _cost(item) == 2]
+    if workers < 2:
+        items[:] = ranked
+        return
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for k in range(workers):
+        size = left // (workers - k)  # what worksteal's first distribution sends worker k
+        share = heavy[k::workers]
+        take = max(size - len(share), 0)
+        ordered += share + light[:take]
+        light = light[take:]
+        left -= size
+    items[:] = ordered + light

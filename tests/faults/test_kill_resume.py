@@ -121,7 +121,7 @@ def uninterrupted(shards, tmp_path_factory) -> dict[int, dict[str, bytes]]:
     return Runs()
 
 
-@pytest.mark.slow
+@pytest.mark.slowest(seconds=50)
 @pytest.mark.parametrize(
     "processes, seed",
     [*((1, seed) for seed in extra_seeds(0, 1)), pytest.param(2, 0, id="2proc-accelerate-0")],

@@ -80,7 +80,7 @@ def _state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.slowest
 def test_two_process_run_then_resume(shards, tmp_path):
     out = tmp_path / "run"
     first = _accelerate(

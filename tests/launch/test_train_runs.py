@@ -88,7 +88,7 @@ def test_eval_datasets_run_inside_training(tmp_path: Path) -> None:
     assert (out / "plots" / "loss_curve.png").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.slowest(seconds=180)
 def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> None:
     """The demo's model, data generator and batch for 200 steps on 2000 samples at twice the
     demo's lr, fixed seed: zero-shot on 270 held-out images (9 classes, chance 1/9 = 0.111)

@@ -349,7 +349,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
+@pytest.mark.slowest
 @pytest.mark.parametrize("seed", extra_seeds(0, 1))
 def test_resume_inside_and_between_episodes_equals_the_uninterrupted_run_bitwise(tmp_path, seed):
     """16 steps in 4 episodes of 4 (CLIP, prototypes, prototypes, LiT): resuming at steps 5 and
