@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Both build .venv/ on first use (python -m venv + pip: the pinned torch/torchvision wheels
 # come from the local disk; uv/poetry would download ~3 GB instead) and reuse it afterwards.
-# --no-compile: Python compiles what is imported when it is first imported, not all of torch.
+# pip compiles the packages' bytecode at install: keep it (PYTHONDONTWRITEBYTECODE=1 in CI
+# would otherwise make every process compile torch from source).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +18,7 @@ PEER_PINS := torch==2.14.1 torchvision==0.29.1 "open_clip_torch[training]==3.3.0
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
