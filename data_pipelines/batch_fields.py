@@ -15,7 +15,6 @@ for padded lists); each array field's name -> :func:`collate_arrays` (with its m
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.decode import SampleError
+from data_pipelines.sidecar import CONVERTED_SIZE_KEY, open_sidecar, sidecar_metadata
 from data_pipelines.text_sources import TextSource
 
 CHOICES = ("all", "sentence")
@@ -198,13 +198,14 @@ class ArrayField:
 
 @dataclass(frozen=True)
 class SidecarField:
-    """A per-sample tensor looked up by sample key in a safetensors file beside the shards
-    (``path``; one tensor per key, all of one shape), under batch key ``name``, stacked.
+    """A per-sample tensor looked up by sample key in a sidecar file beside the shards
+    (``path``, :mod:`data_pipelines.sidecar`: sorted keys and one ``[N, ...]`` array,
+    memory-mapped), under batch key ``name``, stacked.
 
-    Precomputed per-sample values (PRIOR's reference log-probabilities) travel this way. The
-    file's size and its ``id`` metadata (written with it) join the resume fingerprint, so a
-    resume against a recomputed sidecar is refused. A sample the file lacks is skipped and
-    counted as bad data.
+    Precomputed per-sample values (PRIOR's reference log-probabilities, ProtoCLIP's teacher)
+    travel this way. The file's size and its ``id`` metadata (written with it) join the resume
+    fingerprint, so a resume against a recomputed sidecar is refused. A sample the file lacks
+    is skipped and counted as bad data.
     """
 
     name: str
@@ -216,28 +217,19 @@ class SidecarField:
             raise ValueError(f"sidecar field '{self.name}': path must be a .safetensors file")
 
     def fingerprint(self) -> tuple[str, ...]:
-        """Name, path, file size and the file's ``id``: what identifies its values."""
-        from safetensors import safe_open
-
-        with safe_open(self.path, "pt") as handle:
-            metadata = handle.metadata() or {}
-        size = str(os.path.getsize(self.path))
+        """Name, path, file size and the file's ``id``: what identifies its values (a file
+        converted from the old format keeps the old file's size and ``id``)."""
+        metadata = sidecar_metadata(self.path)
+        size = metadata.get(CONVERTED_SIZE_KEY) or str(os.path.getsize(self.path))
         return ("sidecar", self.name, str(self.path), size, metadata.get("id", ""))
 
     def lookup(self, key: str) -> torch.Tensor:
-        """The tensor of sample ``key``; SampleError when the file lacks it."""
-        handle = open_sidecar(str(self.path))
-        if key not in handle.keys():
+        """The tensor of sample ``key`` (a binary search of the file's sorted keys); SampleError
+        when the file lacks it."""
+        value = open_sidecar(str(self.path)).get(key)
+        if value is None:
             raise SampleError(f"sample key '{key}' is not in sidecar {self.path}")
-        return handle.get_tensor(key)
-
-
-@functools.lru_cache(maxsize=8)
-def open_sidecar(path: str) -> Any:
-    """One open safetensors handle per file and process (memory-mapped; lookups are cheap)."""
-    from safetensors import safe_open
-
-    return safe_open(path, "pt")
+        return value
 
 
 @dataclass(frozen=True)

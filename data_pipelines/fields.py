@@ -13,10 +13,13 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import webdataset as wds
 
-from data_pipelines.batch_fields import BatchFields, open_sidecar
+from data_pipelines.batch_fields import BatchFields
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
+from data_pipelines.shards import listed_sizes
+from data_pipelines.sidecar import open_sidecar, shard_name
 from data_pipelines.tario import iter_keys, iter_samples
 from data_pipelines.text_sources import TextSource
 
@@ -116,7 +119,7 @@ def missing_batch_fields(
         for sidecar in fields.sidecars:
             if not os.path.isfile(sidecar.path):
                 missing.append(MissingField(sidecar.name, f"sidecar file {sidecar.path}", url))
-            elif key not in open_sidecar(sidecar.path).keys():
+            elif key not in open_sidecar(sidecar.path):
                 where = f"key '{key}' in sidecar {sidecar.path}"
                 missing.append(MissingField(sidecar.name, where, url))
     return missing
@@ -132,23 +135,35 @@ class SidecarGaps(NamedTuple):
 
 
 def sidecar_gaps(urls: Sequence[str], path: str) -> SidecarGaps:
-    """Count the samples of ``urls`` whose key is not in the sidecar ``path`` (reads every
-    shard's member names, not its images).
+    """Count the samples of ``urls`` whose key is not in the sidecar ``path``, from what is
+    cheap: a shard that the sidecar records with as many samples as ``sizes.json`` lists for
+    it is whole (its writer gave every sample it read an entry); only the other shards'
+    member names are read (tar headers, not images), each once.
 
     Raises:
-        ValueError: a shard that cannot be read as a tar file.
+        ValueError: a shard that cannot be read as a tar file; a sidecar of another format
+            (:class:`~data_pipelines.sidecar.SidecarFormatError`, naming the command to run).
     """
-    keys = set(open_sidecar(path).keys())
+    sidecar = open_sidecar(path)
+    recorded = sidecar.shards()
+    try:
+        listed = listed_sizes(urls) if recorded else [None] * len(urls)
+    except Exception:  # an unreadable sizes.json: read the shards instead, which names it
+        listed = [None] * len(urls)
     missing = total = 0
     first = ""
-    for url in urls:
+    for url, size in zip(urls, listed, strict=True):
+        if size is not None and recorded.get(shard_name(url)) == size:
+            total += size
+            continue
         try:
             with wds.gopen(url) as stream:
-                for key in iter_keys(stream):
-                    total += 1
-                    if key not in keys:
-                        missing += 1
-                        first = first or f"'{key}' in shard {url}"
+                keys = list(iter_keys(stream))
         except DATA_ERRORS as error:
             raise ValueError(f"shard '{url}' cannot be read as a tar file: {error}") from error
+        absent = np.flatnonzero(~sidecar.contains(keys))
+        total += len(keys)
+        missing += len(absent)
+        if absent.size and not first:
+            first = f"'{keys[absent[0]]}' in shard {url}"
     return SidecarGaps(missing, total, first)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import webdataset as wds
 
 from data_pipelines.decode import DATA_ERRORS, SampleError
-from data_pipelines.stream_plan import StreamSpec, shard_url, shards_per_pass
+from data_pipelines.stream_plan import StreamSpec, WorkerShards
 from data_pipelines.tario import RawSample, iter_samples
 
 Ref = tuple[int, int, int]  # (epoch, shard index in the worker's sequence, sample index in shard)
@@ -52,8 +52,11 @@ class ShardReader:
         self.open: list[list[int]] = [[int(i), int(j)] for i, j in state["open"]]
         """[shard index, next sample index] per open shard, the next to read from first."""
         self.next_shard = int(state["next_shard"])
-        self.per_pass = shards_per_pass(spec, worker, epoch)
+        self.shards = WorkerShards(spec, worker, epoch)
+        self.per_pass = self.shards.per_pass
         self._iters: dict[int, Iterator[RawSample]] = {}
+        self._urls: dict[int, str] = {}
+        """The open shards' URLs, resolved once per shard opened."""
 
     def state(self) -> dict[str, Any]:
         """The reader's position (JSON-ready)."""
@@ -61,7 +64,10 @@ class ShardReader:
 
     def url(self, shard: int) -> str:
         """URL of shard ``shard`` of this worker's sequence in this epoch."""
-        return shard_url(self.spec, self.worker, self.epoch, shard)
+        url = self._urls.get(shard)
+        if url is None:
+            url = self._urls[shard] = self.shards.url(shard)
+        return url
 
     def close(self) -> None:
         """Close the open shard streams."""
@@ -106,6 +112,7 @@ class ShardReader:
 
     def _finish(self, shard: int) -> None:
         self.open.pop(0)
+        self._urls.pop(shard, None)
         it = self._iters.pop(shard, None)
         getattr(it, "close", lambda: None)()
 
@@ -120,7 +127,7 @@ class ShardReader:
         for shard in sorted(set(wanted) | set(resume_at)):
             samples = wanted.get(shard, set())
             stop = max(samples | {resume_at.get(shard, -1)})
-            it = _samples(self.url(shard), 0)
+            it = _samples(self.shards.url(shard), 0)
             for raw in it:
                 if raw.index in samples:
                     found[(self.epoch, shard, raw.index)] = raw

@@ -23,9 +23,12 @@ DataLoader within seconds; a remote shard that stalls raises ``RemoteShardError`
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.batch_fields import BatchFields
@@ -95,6 +98,21 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _without_sigchld_errors(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` without torch's SIGCHLD handler, which raises "DataLoader worker exited
+    unexpectedly" wherever the main thread happens to be when a worker dies: in the trainer's
+    code or the caller's, where no one can say which shard it was reading (a flaky test showed
+    it). Without it the loader finds the dead worker itself, inside ``next()`` (0.1-0.2 s after
+    a worker's ``os._exit`` here), where :class:`TrainStream` names the worker and its shard
+    (:class:`DataWorkerDied`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)  # torch installs no handler off the main thread
+    previous = signal.getsignal(signal.SIGCHLD)
+    batches = iter(loader)
+    signal.signal(signal.SIGCHLD, previous)
+    return batches
+
+
 class TrainStream:
     """This rank's training batches, with ``state_dict``/``load_state_dict`` for exact resume.
 
@@ -138,6 +156,9 @@ class TrainStream:
             timeout=self.settings.timeout if workers else 0,
             persistent_workers=False,
             collate_fn=_as_is,
+            # Each iterator draws a base seed (its workers' seeds, unused: samples are seeded
+            # by their place in the stream); from a generator of its own, not the trainer's.
+            generator=torch.Generator().manual_seed(self.spec.seed),
         )
         if not self.spec.resampled and self._consumed >= len(self):  # the last epoch is over
             self._consumed, self.epoch = 0, self.epoch + 1
@@ -150,7 +171,7 @@ class TrainStream:
                 "and dropped (%d so far)",
                 self.epoch, self.spec.rank, remaining, dropped, self.dropped,
             )  # fmt: skip
-        batches = iter(loader)
+        batches = _without_sigchld_errors(loader)
         try:
             for batch in batches:
                 meta = batch.pop("__stream__")

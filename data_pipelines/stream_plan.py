@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -74,16 +76,20 @@ class StreamSpec:
 @functools.lru_cache(maxsize=8)
 def _epoch_deal(spec: StreamSpec, epoch: int) -> tuple[list[list[int]], list[int]]:
     """(shards, load) per slot ``rank * workers + worker``: epoch ``epoch``'s seeded shuffle,
-    each shard dealt to the least-loaded slot (fewest shards, then lowest slot, on ties)."""
+    each shard dealt to the least-loaded slot (fewest shards, then lowest slot, on ties). A heap
+    of (load, shards, slot) finds that slot: O(shards · log slots)."""
     order = list(range(len(spec.urls)))
     random.Random(derive_seed(spec.seed, epoch)).shuffle(order)
     slots = spec.world_size * spec.workers
     shards: list[list[int]] = [[] for _ in range(slots)]
-    loads = [0] * slots
+    heap = [(0, 0, slot) for slot in range(slots)]  # sorted, so already a heap
     for index in order:
-        slot = min(range(slots), key=lambda s: (loads[s], len(shards[s]), s))
+        load, count, slot = heap[0]
         shards[slot].append(index)
-        loads[slot] += spec.sizes[index]
+        heapq.heapreplace(heap, (load + spec.sizes[index], count + 1, slot))
+    loads = [0] * slots
+    for load, _, slot in heap:
+        loads[slot] = load
     return shards, loads
 
 
@@ -119,20 +125,40 @@ def epoch_dropped(spec: StreamSpec, epoch: int, rank: int) -> int:
     return sum(load - used for load in loads[rank * spec.workers : (rank + 1) * spec.workers])
 
 
+class WorkerShards:
+    """The shard sequence of one (rank, worker) in one epoch, made once per epoch so that the
+    URL of its i-th shard costs O(1) in epoch mode and O(log shards) in resampled mode, whatever
+    the number of shards (a reader asks once per shard it opens)."""
+
+    def __init__(self, spec: StreamSpec, worker: int, epoch: int) -> None:
+        self.spec, self.worker = spec, worker
+        if spec.resampled:
+            self._cum_weights = list(itertools.accumulate(spec.weights))
+            self.mine: list[int] = []
+        else:
+            self.mine = epoch_plan(spec, epoch)[spec.rank][worker]
+
+    @property
+    def per_pass(self) -> int | None:
+        """How many shards the worker reads in one pass over its epoch (None: resampled)."""
+        return None if self.spec.resampled else len(self.mine)
+
+    def url(self, index: int) -> str:
+        """URL of shard ``index`` of the sequence. In epoch mode, indices past the worker's
+        shards wrap around: a worker whose skipped samples left it short of its quota re-reads
+        its own shards (never another worker's or the next epoch's)."""
+        spec = self.spec
+        if spec.resampled:  # each draw from its own seed: a resume needs no replay of earlier draws
+            draw = random.Random(derive_seed(spec.seed, spec.rank, self.worker, index, 11))
+            # the draw ``choices(urls, weights=...)`` makes, without summing the weights again
+            return draw.choices(spec.urls, cum_weights=self._cum_weights)[0]
+        return spec.urls[self.mine[index % len(self.mine)]]
+
+
 def shard_url(spec: StreamSpec, worker: int, epoch: int, index: int) -> str:
-    """URL of shard ``index`` of ``worker``'s sequence in ``epoch``. In epoch mode, indices past
-    the worker's shards wrap around: a worker whose skipped samples left it short of its quota
-    re-reads its own shards (never another worker's or the next epoch's)."""
-    if spec.resampled:  # each draw from its own seed: a resume needs no replay of earlier draws
-        draw = random.Random(derive_seed(spec.seed, spec.rank, worker, index, 11))
-        return draw.choices(spec.urls, weights=spec.weights)[0]
-    mine = epoch_plan(spec, epoch)[spec.rank][worker]
-    return spec.urls[mine[index % len(mine)]]
-
-
-def shards_per_pass(spec: StreamSpec, worker: int, epoch: int) -> int | None:
-    """How many shards ``worker`` reads in one pass over its epoch (None: resampled, endless)."""
-    return None if spec.resampled else len(epoch_plan(spec, epoch)[spec.rank][worker])
+    """URL of shard ``index`` of ``worker``'s sequence in ``epoch`` (one lookup: readers keep a
+    :class:`WorkerShards`)."""
+    return WorkerShards(spec, worker, epoch).url(index)
 
 
 def check_epoch_mode(spec: StreamSpec) -> None:

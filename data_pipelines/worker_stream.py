@@ -3,7 +3,8 @@
 shard sequence (``stream_plan``) -> tar samples, a few shards at once in turn (``shard_reader``;
 open and read errors are counted, the shard is left) -> seeded shuffle buffer on raw bytes (slot k of emission n is a
 hash of (seed, rank, w, n)) -> decode (``decode``: data errors skipped and counted) ->
-each image view transformed with torch's CPU generator seeded per sample and view, one
+each image view transformed with torch's CPU generator seeded per sample and view (in the
+trainer's own process, ``data.workers=0``, its state is put back after the sample), one
 sentence drawn per sample where a text field asks (``batch_fields``) -> batch, tokenised once
 per batch, JSON fields padded with masks.
 Every batch carries the worker's position after it, from which :func:`worker_batches` resumes.
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from data_pipelines.batch_fields import (
     BatchFields,
@@ -209,11 +211,21 @@ def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) ->
     except SampleError as error:
         raise SampleError(f"shard {raw.url} sample {raw.key}: {error}", raw.url, raw.key) from error
     sample: dict[str, Any] = {"__key__": raw.key}
-    for i, view in enumerate(fields.views):
-        # Augmentations are a function of the sample's place in the stream. The CPU generator
-        # alone: torch.manual_seed also queues CUDA seeding, ~1 ms per sample on a CUDA build.
-        torch.default_generator.manual_seed(seed if i == 0 else derive_seed(seed, 19, i))
-        sample[view.name] = view.transform(image)
+    # Without DataLoader workers (data.workers=0) this runs in the trainer's process, whose CPU
+    # generator draws the dropout masks: the sample's seeding must leave it where it was. A
+    # worker's generator is its own, so nothing is saved there.
+    trainer_state = torch.default_generator.get_state() if get_worker_info() is None else None
+    try:
+        for i, view in enumerate(fields.views):
+            # Augmentations are a function of the sample's place in the stream. The CPU
+            # generator alone: torch.manual_seed also queues CUDA seeding, ~1 ms per sample on
+            # a CUDA build. The transforms draw from the default generator (torchvision's v2
+            # ops take no generator), so it is seeded here and put back after.
+            torch.default_generator.manual_seed(seed if i == 0 else derive_seed(seed, 19, i))
+            sample[view.name] = view.transform(image)
+    finally:
+        if trainer_state is not None:
+            torch.default_generator.set_state(trainer_state)
     return {**sample, **texts, **values, **extras}
 
 

@@ -13,22 +13,34 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
 from evals.zeroshot import average_precision_per_class
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _RECALL_KEY = re.compile(r"^(image|text)_retrieval_recall@(\d+)$")
 _MAX_ANNOTATED_CLASSES = 20
 _MAX_LABELLED_CLASSES = 60
 
 
+def _figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches. matplotlib is imported here, at the first
+    figure, not with this module: every training process imports it, few of them draw."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
     """Render ``figure`` to a PNG at ``path`` (parents created) with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -80,7 +92,7 @@ def plot_confusion_matrix(
     shown = counts / counts.sum(dim=1, keepdim=True).clamp(min=1) if normalize else counts
 
     side = min(4.0 + 0.35 * num_classes, 24.0)
-    figure = Figure(figsize=(side + 1.5, side))
+    figure = _figure(side + 1.5, side)
     axes = figure.add_subplot()
     image = axes.imshow(shown.numpy(), cmap="Blues", vmin=0.0)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
@@ -125,7 +137,7 @@ def plot_per_class(
     if len(values) != len(classnames) or len(values) == 0:
         raise ValueError(f"{len(values)} values for {len(classnames)} class names")
     order = sorted(range(len(values)), key=lambda i: float(values[i]))
-    figure = Figure(figsize=(min(4.0 + 0.2 * len(values), 24.0), 4.5))
+    figure = _figure(min(4.0 + 0.2 * len(values), 24.0), 4.5)
     axes = figure.add_subplot()
     axes.bar(range(len(order)), [float(values[i]) for i in order], color="tab:blue")
     if len(values) <= _MAX_LABELLED_CLASSES:
@@ -174,7 +186,7 @@ def plot_recall_at_k(
             "metrics has no 'image_retrieval_recall@k' / 'text_retrieval_recall@k' keys; "
             f"got {sorted(metrics)}"
         )
-    figure = Figure(figsize=(6, 4))
+    figure = _figure(6, 4)
     axes = figure.add_subplot()
     labels = {"image": "image retrieval (text → image)", "text": "text retrieval (image → text)"}
     for name, points in curves.items():
@@ -201,7 +213,7 @@ def plot_retrieval_grid(
     if not queries:
         raise ValueError("no retrieval queries to draw")
     columns = max(len(images) for _, images in queries)
-    figure = Figure(figsize=(1.8 * columns, 2.1 * len(queries)))
+    figure = _figure(1.8 * columns, 2.1 * len(queries))
     for row, (caption, images) in enumerate(queries):
         for column, (image, correct) in enumerate(images):
             axes = figure.add_subplot(len(queries), columns, row * columns + column + 1)
@@ -229,7 +241,7 @@ def plot_caption_grid(
         raise ValueError("no captioned images to draw")
     columns = min(columns, len(examples))
     rows = math.ceil(len(examples) / columns)
-    figure = Figure(figsize=(2.6 * columns, 3.2 * rows))
+    figure = _figure(2.6 * columns, 3.2 * rows)
     for position, (image, generated, references) in enumerate(examples):
         axes = figure.add_subplot(rows, columns, position + 1)
         axes.imshow(image)
@@ -255,7 +267,7 @@ def plot_loss_curve(
         raise ValueError(f"steps ({len(steps)}) and losses ({len(losses)}) differ in length")
     if len(steps) == 0:
         raise ValueError("no loss values to plot")
-    figure = Figure(figsize=(6, 4))
+    figure = _figure(6, 4)
     axes = figure.add_subplot()
     axes.plot(list(steps), [float(loss) for loss in losses], linewidth=1.2)
     if log_y:

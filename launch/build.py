@@ -31,6 +31,7 @@ from data_pipelines.batch_fields import (
 )
 from data_pipelines.fields import missing_batch_fields, sidecar_gaps
 from data_pipelines.shards import split_sources
+from data_pipelines.sidecar import SidecarFormatError
 from data_pipelines.stream import TrainStream, make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
@@ -204,17 +205,53 @@ def _text_field(config: Config, name: str, spec: TextSpec, tokenizer: Any) -> Te
 
 
 def check_data(
-    config: Config, fields: BatchFields, sidecar_commands: Mapping[str, str] | None = None
+    config: Config,
+    fields: BatchFields,
+    sidecar_commands: Mapping[str, str] | None = None,
+    state: Any = None,
 ) -> list[str]:
     """Expand the shard URLs and check that the first shard carries every field the objective
-    reads (image, text members or json keys), and that every sidecar file has an entry for every
-    training sample (else: how many lack one, and ``sidecar_commands``' command that makes it)."""
+    reads (image, text members or json keys), and that every sidecar file is of this vlp's
+    format and has an entry for every training sample (else: how many lack one, and
+    ``sidecar_commands``' command that makes it).
+
+    With several processes (``state``: the run's Accelerator or PartialState) only the main
+    one checks, and its verdict is broadcast: the data are read once per run, not once per
+    rank, and every rank raises the same error.
+
+    Raises:
+        StartupError: on every rank alike.
+    """
     if not config.data.train_shards:
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
     urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
+    if state is None or state.num_processes == 1:
+        _check_urls(config, urls, fields, sidecar_commands or {})
+        return urls
+    from accelerate.utils import broadcast_object_list
+
+    verdict, bug = "", None
+    if state.is_main_process:
+        try:
+            _check_urls(config, urls, fields, sidecar_commands or {})
+        except StartupError as error:
+            verdict = str(error)
+        except Exception as error:  # a bug: the other ranks must not wait for a verdict
+            verdict, bug = f"the start-up data check failed on the main process: {error!r}", error
+    verdict = broadcast_object_list([verdict])[0]
+    if bug is not None:
+        raise bug
+    if verdict:
+        raise StartupError(verdict)
+    return urls
+
+
+def _check_urls(
+    config: Config, urls: list[str], fields: BatchFields, sidecar_commands: Mapping[str, str]
+) -> None:
     for sidecar in fields.sidecars:
         if os.path.isfile(sidecar.path):
-            _check_sidecar(config, urls, sidecar, (sidecar_commands or {}).get(sidecar.name, ""))
+            _check_sidecar(config, urls, sidecar, sidecar_commands.get(sidecar.name, ""))
     try:
         missing = missing_batch_fields(urls, fields, image_keys=config.data.image_keys)
     except ValueError as error:
@@ -225,12 +262,15 @@ def check_data(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; write that field into the shards or pick another objective"
         )
-    return urls
 
 
 def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, command: str) -> None:
+    """Every training sample has an entry (:func:`sidecar_gaps`: ``sizes.json`` against the
+    shards the sidecar records, member names only where they disagree)."""
     try:
         gaps = sidecar_gaps(urls, sidecar.path)
+    except SidecarFormatError as error:
+        raise StartupError(f"objective '{config.objective.name}': {error}") from None
     except ValueError as error:
         raise StartupError(str(error)) from None
     if not gaps.missing:

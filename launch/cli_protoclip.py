@@ -11,16 +11,14 @@ from launch.failure import rank_and_world
 
 def _protoclip_teacher(args: argparse.Namespace) -> int:
     """`vlp protoclip teacher`: the external teacher's embedding of every caption, by key."""
-    from safetensors import safe_open
-
+    from data_pipelines.sidecar import sidecar_metadata
     from launch.protoclip_teacher import write_teacher_sidecar
 
     model = {"model": args.model} if args.model else {}  # else the function's default
     out = write_teacher_sidecar(args.shards, args.out, dim=args.dim, text_key=args.text_key,
                                 batch_size=args.batch_size, **model)  # fmt: skip
     if rank_and_world()[0] == 0:  # once under `accelerate launch`
-        with safe_open(str(out), "pt") as handle:
-            samples = (handle.metadata() or {}).get("samples", "?")
+        samples = sidecar_metadata(out).get("samples", "?")
         print(f"wrote the teacher embeddings of {samples} samples to {out}; train with "
               f"objective.protoclip.teacher={out}")  # fmt: skip
     return 0
@@ -35,7 +33,7 @@ def add_protoclip_command(commands: argparse._SubParsersAction) -> None:
         help="precompute the external teacher's text embeddings (objective.protoclip.teacher)",
         description="Embeds every caption with a frozen text model (last layer, mean-pooled, "
         "L2-normalised), reduces them by PCA fitted on all samples to --dim, and writes one "
-        "float32 [dim] tensor per sample key into one safetensors file (ProtoCLIP, arXiv "
+        "float32 [dim] row per sample key into one sidecar, a safetensors file (ProtoCLIP, arXiv "
         "2206.10996, 'external teacher': RoBERTa-large, PCA to 64). Under `accelerate launch "
         "-m launch.cli protoclip teacher ...` the processes split the shards.",
     )

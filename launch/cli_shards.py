@@ -1,5 +1,6 @@
-"""`vlp shards write|validate|inspect|attach`: write, check, preview and extend webdataset
-shards. Each command imports what it runs when it runs, and none imports `launch.run`."""
+"""`vlp shards write|validate|inspect|attach|convert-sidecar`: write, check, preview and extend
+webdataset shards, and convert an old sidecar. Each command imports what it runs when it runs,
+and none imports `launch.run`."""
 
 from __future__ import annotations
 
@@ -140,6 +141,20 @@ def _shards_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar_errors() -> tuple[type[Exception], ...]:
+    from data_pipelines.sidecar import SidecarFormatError
+
+    return (SidecarFormatError, FileNotFoundError)
+
+
+def _shards_convert_sidecar(args: argparse.Namespace) -> int:
+    from data_pipelines.sidecar import convert_sidecar
+
+    rows = convert_sidecar(args.old, args.new)
+    print(f"wrote {rows} rows of {args.old} to {args.new or args.old} in the sorted-key format")
+    return 0
+
+
 def _shards_inspect(args: argparse.Namespace) -> int:
     from data_pipelines.preview import describe, first_samples, write_grid
 
@@ -150,7 +165,7 @@ def _shards_inspect(args: argparse.Namespace) -> int:
 
 
 def add_shards_command(commands: argparse._SubParsersAction) -> None:
-    """Register `vlp shards write|validate|inspect|attach`."""
+    """Register `vlp shards write|validate|inspect|attach|convert-sidecar`."""
     shards = commands.add_parser(
         "shards", help="write, validate, inspect and attach fields to webdataset shards"
     )
@@ -234,3 +249,17 @@ def add_shards_command(commands: argparse._SubParsersAction) -> None:
         "--require-all", action="store_true", help="a sample without a record is an error"
     )
     attach.set_defaults(func=_shards_attach, user_errors=_attach_errors)
+
+    convert = sub.add_parser(
+        "convert-sidecar",
+        help="rewrite an old sidecar (one tensor per sample key) in the sorted-key format",
+        description="Rewrites a sidecar written by an older `vlp prior weights` or `vlp protoclip "
+        "teacher` (one safetensors tensor per sample key) as one sorted key array and one value "
+        "array, which training reads in O(log N) per sample. Its id is kept, so a run started "
+        "on the old file resumes on the converted one (convert in place for that).",
+    )
+    convert.add_argument("old", help="the old .safetensors sidecar")
+    convert.add_argument(
+        "new", nargs="?", help="where to write (default: OLD, replaced atomically)"
+    )
+    convert.set_defaults(func=_shards_convert_sidecar, user_errors=_sidecar_errors)

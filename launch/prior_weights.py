@@ -2,8 +2,8 @@
 
 PRIOR weighs caption tokens by 1 − P_r(t_i | t_<i) of a frozen reference LM. Online, P_r runs
 at every step; this writes log P_r(t_i | t_<i) of every sample's caption (``[L-1]`` float32,
-aligned with CoCa's labels) into one safetensors file keyed by sample key, which
-``objective.prior.sidecar`` reads through the stream instead (the weights, exponent α
+aligned with CoCa's labels) into one sidecar (:mod:`data_pipelines.sidecar`) keyed by sample
+key, which ``objective.prior.sidecar`` reads through the stream instead (the weights, exponent α
 included, are then computed from it exactly as online). The file carries an ``id`` that joins
 the stream's resume fingerprint. Captions are read whole (``text_key``), as training reads them.
 """
@@ -14,13 +14,10 @@ import json
 import uuid
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
+from data_pipelines.sidecar import DuplicateKeyError, SidecarWriter
 from launch.build import StartupError, shard_urls
-from vlp.atomic_files import atomic_path
 from vlp.models import create_model
 from vlp.models.tokenizers import run_tokenizer_file
 from vlp.objectives.prior.objective import PAD_ID, load_reference
@@ -32,7 +29,8 @@ def write_reference_sidecar(
     reference: str | Path, shards: str, out: str | Path, *, text_key: str = "txt",
     batch_size: int = 256, model: str | None = None, tokenizer_file: str | None = None,
 ) -> int:  # fmt: skip
-    """Write log P_r of every caption of ``shards`` into ``out`` (atomically); the count.
+    """Write log P_r of every caption of ``shards`` into the sidecar ``out`` (atomically; the
+    rows stream to a spool beside it, so memory does not grow with the captions); the count.
 
     ``reference`` is a ``prior_reference`` run (its model and tokenizer read the captions), or
     a transformers causal LM (a local folder or a hub name), checked against the tokenizer of
@@ -59,32 +57,37 @@ def write_reference_sidecar(
         lm = load_reference(reference, clip, tokenizer).eval()
     except (ValueError, FileNotFoundError) as error:
         raise StartupError(str(error)) from None
-    tensors: dict[str, torch.Tensor] = {}
-    pending: list[tuple[str, str]] = []
-    seen: set[str] = set()
-
-    def flush() -> None:
-        logprobs, _ = reference_target_logprobs(lm, tokenizer([c for _, c in pending]), PAD_ID)
-        for (key, _), row in zip(pending, logprobs.float(), strict=True):
-            tensors[key] = row.contiguous()
-        pending.clear()
-
-    try:
-        for _, key, caption in shard_captions(shard_urls(shards, "training"), text_key):
-            if key in seen:
-                raise StartupError(f"sample key '{key}' appears twice in {shards}")
-            seen.add(key)
-            pending.append((key, caption))
-            if len(pending) == batch_size:
-                flush()
-    except SampleError as error:
-        raise StartupError(str(error)) from None
-    if pending:
-        flush()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
                 "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return len(tensors)
+    urls = shard_urls(shards, "training")
+    counts = dict.fromkeys(urls, 0)
+    pending: list[tuple[str, str]] = []
+    writer = SidecarWriter(out, metadata)
+
+    def flush() -> None:
+        logprobs, _ = reference_target_logprobs(lm, tokenizer([c for _, c in pending]), PAD_ID)
+        writer.add([key for key, _ in pending], logprobs.float())
+        pending.clear()
+
+    try:
+        for url, key, caption in shard_captions(urls, text_key):
+            counts[url] += 1
+            pending.append((key, caption))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        for url, count in counts.items():
+            writer.add_shard(url, count)
+    except SampleError as error:
+        writer.discard()
+        raise StartupError(str(error)) from None
+    except BaseException:
+        writer.discard()
+        raise
+    try:
+        return writer.close()
+    except DuplicateKeyError as error:
+        raise StartupError(f"sample key '{error.key}' appears twice in {shards}") from None

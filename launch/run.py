@@ -7,18 +7,20 @@ a run stopped by its data or its losses as :class:`RunStopped`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data_pipelines.remote import RemoteShardError, register_remote_openers
 from data_pipelines.stream import DataWorkerDied, TooManyBadSamples
-from evals.plots import plot_loss_curve
 from launch.build import (
     StartupError,
     batch_fields,
@@ -30,6 +32,7 @@ from launch.build import (
 )
 from vlp.config import Config, redact_url
 from vlp.distributed import contrastive_group
+from vlp.objectives import Objective
 from vlp.training import (
     NonFiniteLossError,
     ResumeError,
@@ -75,22 +78,31 @@ class RunPlan:
     first_step_loss: float | None = None
 
 
-def setup_logging(out_dir: Path, is_main: bool) -> None:
-    """Log to stderr and ``train.log`` on the main process; warnings only elsewhere."""
+@contextlib.contextmanager
+def run_logging(out_dir: Path, is_main: bool) -> Iterator[None]:
+    """Log to stderr and ``train.log`` on the main process, warnings only elsewhere, while the
+    run lasts; then take those handlers and levels away again, so that a process that trains
+    twice (a notebook, the tests) neither doubles its lines nor writes to a stream it closed."""
     root = logging.getLogger()
+    levels = root.level, logger.level
     root.setLevel(logging.WARNING)  # libraries (open_clip logs at INFO) stay quiet
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    root.addHandler(stream)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(out_dir / "train.log")
-        file.setFormatter(fmt)
-        root.addHandler(file)
+        handlers.append(logging.FileHandler(out_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(levels[0])
+        logger.setLevel(levels[1])
 
 
 def train(config: Config) -> TrainResult:
@@ -121,17 +133,33 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
     except ValueError as error:
         raise StartupError(str(error)) from None
     accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
-    setup_logging(out_dir, accelerator.is_main_process)
+    with run_logging(out_dir, accelerator.is_main_process):
+        return _run_logged(config, run_config, objective, accelerator, scratch, check=check)
+
+
+def _run_logged(
+    config: Config,
+    run_config: Config,
+    objective: Objective,
+    accelerator: Accelerator,
+    scratch: tempfile.TemporaryDirectory | None,
+    *,
+    check: bool,
+) -> tuple[TrainResult, RunPlan]:
+    out_dir = Path(run_config.train.out_dir)
     try:
         check_sharding(accelerator)
         contrastive_group(config.train.group_size)  # made once here, reused by the trainer
     except ValueError as error:
         raise StartupError(str(error)) from None
+    # The same seed on every rank, so every rank builds the same initial weights; the Trainer
+    # reseeds each rank from (seed, rank) once the model and its heads are built
+    # (vlp.training.seeding), so dropout masks differ between ranks.
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     objective.use_tokenizer(tokenizer)
     parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
-    urls = check_data(config, parts.fields, objective.sidecar_commands)
+    urls = check_data(config, parts.fields, objective.sidecar_commands, accelerator)
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)
@@ -205,4 +233,6 @@ def plot_history(out_dir: Path) -> Path | None:
         if "train/loss" in record:  # eval records carry eval/<dataset>/<metric> keys only
             by_step[record["step"]] = record["train/loss"]
     steps = sorted(by_step)
+    from evals.plots import plot_loss_curve  # matplotlib: a second per rank at start-up
+
     return plot_loss_curve(steps, [by_step[s] for s in steps], out_dir / "plots" / "loss_curve.png")

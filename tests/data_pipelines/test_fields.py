@@ -1,4 +1,5 @@
-"""Start-up check of a stream's BatchFields against the shards' first samples."""
+"""Start-up checks: a stream's BatchFields against the shards' first samples, and a sidecar
+against every training sample (from sizes.json where it can)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,67 @@ def test_unreadable_shards_or_bad_json_raise_naming_them(tmp_path: Path) -> None
 def test_first_sample_fields_still_merges_members_and_json_keys(tmp_path: Path) -> None:
     urls = _shards(tmp_path, {"summary": "red star"})
     assert {"jpg", "txt", "json", "cls", "summary", "key", "image"} <= first_sample_fields(urls[0])
+
+
+def _sidecar_of(urls: list[str], path: Path, *, drop: tuple[str, ...] = (), record=None) -> str:
+    """A sidecar with an entry for every sample of ``urls`` but ``drop``, recording the shards
+    (``record``: url -> count; default: each shard's true count)."""
+    import torch
+    import webdataset as wds
+
+    from data_pipelines.sidecar import write_sidecar
+    from data_pipelines.tario import iter_keys
+
+    keys = {}
+    for url in urls:
+        with wds.gopen(url) as stream:
+            keys[url] = list(iter_keys(stream))
+    rows = {k: torch.zeros(1) for url in urls for k in keys[url] if k not in drop}
+    counts = {url: len(keys[url]) for url in urls} if record is None else record
+    write_sidecar(path, rows, shards=counts)
+    return str(path)
+
+
+def _count_shard_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import webdataset as wds
+
+    from data_pipelines import fields
+
+    opened: list[str] = []
+    real = wds.gopen
+    monkeypatch.setattr(wds, "gopen", lambda url, *a, **k: opened.append(url) or real(url, *a, **k))
+    keys = fields.iter_keys
+    monkeypatch.setattr(fields, "iter_keys", lambda stream: opened.append("names") or keys(stream))
+    return opened
+
+
+def test_the_sidecar_check_reads_no_shard_when_sizes_json_agrees(tmp_path, monkeypatch) -> None:
+    """The sidecar records each shard with the count sizes.json lists (its writer gave every
+    sample it read an entry): no shard is opened, no member name read."""
+    from data_pipelines.fields import sidecar_gaps
+
+    urls = write_shards(generate_samples(20, seed=0), tmp_path / "shards", samples_per_shard=7)
+    path = _sidecar_of(urls, tmp_path / "s.safetensors")
+    opened = _count_shard_reads(monkeypatch)
+    assert sidecar_gaps(urls, path) == (0, 20, "")
+    assert opened == []
+
+
+def test_the_sidecar_check_reads_the_names_of_the_shards_it_cannot_vouch_for(
+    tmp_path, monkeypatch
+) -> None:
+    """Shard 1 recorded with another count (rewritten since), shard 2 not recorded: only
+    those two shards' member names are read, once, and their missing keys counted."""
+    from data_pipelines.fields import sidecar_gaps
+
+    urls = write_shards(generate_samples(21, seed=0), tmp_path / "shards", samples_per_shard=7)
+    record = {urls[0]: 7, urls[1]: 6}
+    drop = ("000000008", "000000015", "000000016")  # shard 1, shard 2, shard 2
+    path = _sidecar_of(urls, tmp_path / "s.safetensors", drop=drop, record=record)
+    opened = _count_shard_reads(monkeypatch)
+    assert sidecar_gaps(urls, path) == (3, 21, f"'000000008' in shard {urls[1]}")
+    assert opened == [urls[1], "names", urls[2], "names"]
+    (tmp_path / "shards" / "sizes.json").unlink()  # no sizes.json: every shard is read
+    opened.clear()
+    assert sidecar_gaps(urls, path).missing == 3
+    assert [u for u in opened if u != "names"] == urls

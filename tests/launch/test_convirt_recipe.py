@@ -1,4 +1,4 @@
-"""The ConVIRT demo recipe end to end: 2 gloo processes under `accelerate launch`, accumulated
+"""The ConVIRT demo recipe end to end: 2 gloo ranks as `accelerate launch` starts them, accumulated
 micro-batches, heads checkpointed beside open_clip's weights and applied when evaluating."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
-from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
+from tests.launch.test_pretrain import ROOT, _on_two_ranks, _overrides, shards  # noqa: F401
 
 RECIPE = ROOT / "launch" / "configs" / "convirt_demo.yaml"
 
@@ -22,8 +22,7 @@ def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(
 
     out = tmp_path / "run"
     extra = {"train.steps": 3, "train.accum_steps": 2, "data.batch_size": 4}
-    done = _accelerate(_overrides(shards, out, **extra), recipe=RECIPE)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _on_two_ranks(_overrides(shards, out, **extra), recipe=RECIPE)
     assert_first_loss_is_the_one_process_loss(out, RECIPE, _overrides(shards, out, **extra))
     log = (out / "train.log").read_text()
     assert "step 3/3" in log and "contrastive_loss" in log and "logit_scale" not in log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -76,6 +79,29 @@ def _accelerate(
     )  # fmt: skip
 
 
+def _train_on_rank(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
+    """``vlp ARGV`` on this rank; its exit status and the end of what it printed on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()[-3000:]
+
+
+def _on_two_ranks(args: list[str], recipe: Path = DEMO) -> None:
+    """``vlp train --config RECIPE ARGS`` on 2 gloo ranks, each with the variables torchrun
+    gives it (as under ``accelerate launch``: one Accelerator over both, DDP), run in
+    ``run_on_ranks``' kept processes: the run a launched one is, without a launcher and two new
+    interpreters importing torch, open_clip and transformers per test (~10-15 s on 2 cores).
+    The launcher itself is tested by the runs above and in test_rank_failures.py."""
+    from tests.ddp_helpers import run_on_ranks
+
+    argv = ["train", "--config", str(recipe), *args]
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}):
+        ranks = run_on_ranks(_train_on_rank, 2, argv, timeout_s=300, torchrun_env=True)
+    for rank, (code, err) in enumerate(ranks):
+        assert code == 0, f"rank {rank} exited with {code}:\n{err}"
+
+
 def _state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
@@ -121,8 +147,7 @@ def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective
     """accelerate + DDP + GradCache (accelerator.no_sync) + contrastive groups, end to end."""
     out = tmp_path / "run"
     extra = {"train.steps": 2, "train.accum_steps": 2, "train.group_size": 1}
-    done = _accelerate(_overrides(shards, out, **extra, **{"objective.name": objective}))
-    assert done.returncode == 0, done.stderr[-3000:]
+    _on_two_ranks(_overrides(shards, out, **extra, **{"objective.name": objective}))
     assert json.loads((out / "provenance.json").read_text())["global_batch"] == 2 * 2 * 8
     assert (
         "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 ranks)"
@@ -228,8 +253,7 @@ def test_two_process_loss_equals_the_one_process_loss_on_the_joined_batch(
     per rank or a 1/N slip in the mean would each move it far beyond the tolerance."""
     out = tmp_path / "run"
     extra = {"data.batch_size": 8 // accum_steps, "train.accum_steps": accum_steps}
-    done = _accelerate(_exact_overrides(flat_shards, out, **extra))
-    assert done.returncode == 0, done.stderr[-3000:]
+    _on_two_ranks(_exact_overrides(flat_shards, out, **extra))
     assert "global batch 16 (contrastive groups of 2 ranks)" in (out / "train.log").read_text()
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 1

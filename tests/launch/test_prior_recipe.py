@@ -1,6 +1,6 @@
 """PRIOR's demo recipes end to end: `vlp prior train-reference` trains P_r on the captions
 (accumulating 2 micro-batches: plain accumulation, as nothing couples its samples), then
-2 gloo processes under `accelerate launch` train PRIOR on a tiny CoCa with it, accumulating 2
+2 gloo ranks as `accelerate launch` starts them train PRIOR on a tiny CoCa with it, accumulating 2
 micro-batches; P_r stays out of the checkpoint, and the export loads in open_clip (and in vlp
 with the recipe's SentencePiece tokenizer)."""
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
-from tests.launch.test_pretrain import ROOT, _accelerate, _overrides, shards  # noqa: F401
+from tests.launch.test_pretrain import ROOT, _on_two_ranks, _overrides, shards  # noqa: F401
 
 CONFIGS = ROOT / "launch" / "configs"
 
@@ -37,8 +37,7 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     extra = {"train.steps": 2, "train.accum_steps": 2, "data.batch_size": 4,
              "objective.prior.reference": reference}  # fmt: skip
-    done = _accelerate(_overrides(shards, out, **extra), recipe=CONFIGS / "prior_demo.yaml")
-    assert done.returncode == 0, done.stderr[-3000:]
+    _on_two_ranks(_overrides(shards, out, **extra), recipe=CONFIGS / "prior_demo.yaml")
     # the weighted caption loss and the contrastive loss over the global batch
     assert_first_loss_is_the_one_process_loss(
         out, CONFIGS / "prior_demo.yaml", _overrides(shards, out, **extra)

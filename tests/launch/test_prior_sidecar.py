@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField, TextField
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
+from data_pipelines.sidecar import Sidecar, sidecar_metadata, write_sidecar
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.transforms import TrainTransform
@@ -76,9 +76,7 @@ def test_the_sidecar_tokenizes_with_the_reference_runs_tokenizer(tmp_path, shard
     sidecar = tmp_path / "logprobs.safetensors"
     assert write_reference_sidecar(reference, str(shards), sidecar) == 256
     lm = load_reference_run(reference, clip).eval()
-    with safe_open(str(sidecar), "pt") as handle:
-        key = next(iter(handle.keys()))
-        stored = handle.get_tensor(key)
+    key, stored = next(Sidecar(sidecar).items())
     caption = next(
         c for _, k, c in shard_captions(shard_urls(str(shards), "training"), "txt") if k == key
     )
@@ -105,9 +103,9 @@ def test_a_transformers_reference_writes_the_same_logprobs_as_online(tmp_path, s
     captions = dict(
         (k, c) for _, k, c in shard_captions(shard_urls(str(shards), "training"), "txt")
     )
-    with safe_open(str(out), "pt") as handle:
-        keys = sorted(handle.keys())[:8]
-        stored = torch.stack([handle.get_tensor(key) for key in keys])
+    written = Sidecar(out)
+    keys = [written.key(i) for i in range(8)]  # sorted
+    stored = torch.stack([written.row(i) for i in range(8)])
     expected, _ = reference_target_logprobs(lm, tokenizer([captions[k] for k in keys]), PAD_ID)
     torch.testing.assert_close(stored, expected.float(), rtol=1e-5, atol=1e-5)
     assert len(captions) == 256
@@ -122,8 +120,7 @@ def test_sidecar_fingerprint_and_missing_key(tiny, shards, tmp_path):  # noqa: F
     again = tmp_path / "again.safetensors"
     write_reference_sidecar(reference, str(shards), again)
     first, second = SidecarField("lp", str(sidecar)), SidecarField("lp", str(again))
-    with safe_open(str(sidecar), "pt") as handle:
-        assert handle.metadata()["id"] in first.fingerprint()
+    assert sidecar_metadata(sidecar)["id"] in first.fingerprint()
     assert first.fingerprint()[-1] != second.fingerprint()[-1]  # a recomputed file is another
     with pytest.raises(SampleError, match="'no-such-key' is not in sidecar"):
         first.lookup("no-such-key")
@@ -143,13 +140,11 @@ def test_cli_writes_the_sidecar_and_names_a_bad_reference(tiny, shards, tmp_path
 
 
 def test_startup_names_a_missing_sidecar_or_key(tiny, shards, tmp_path):  # noqa: F811
-    from safetensors.torch import save_file
-
     from data_pipelines.fields import missing_batch_fields
 
     view = ImageView("image", TrainTransform((32, 32), scale=(0.9, 1.0)))
     other = tmp_path / "other.safetensors"
-    save_file({"not-a-key": torch.zeros(3)}, str(other))
+    write_sidecar(other, {"not-a-key": torch.zeros(3)})
     for path, where in ((tmp_path / "none.safetensors", "sidecar file"), (other, "key '")):
         fields = BatchFields(views=(view,), sidecars=(SidecarField("lp", str(path)),))
         (missing,) = missing_batch_fields([f"{shards}/00000.tar"], fields)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField
+from data_pipelines.sidecar import Sidecar
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.synthetic import generate_samples
@@ -23,6 +24,8 @@ from launch.build import StartupError
 from launch.protoclip_teacher import (
     DEFAULT_NAME,
     METADATA_KEYS,
+    Moments,
+    Pca,
     default_out,
     fit_pca,
     write_teacher_sidecar,
@@ -49,8 +52,8 @@ def sidecar(shards, tmp_path_factory) -> Path:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+    sidecar = Sidecar(path)
+    return dict(sidecar.items()), sidecar.metadata
 
 
 def _assert_same_values(a: Path, b: Path, atol: float) -> None:
@@ -108,14 +111,19 @@ def test_the_stream_reads_it_as_batch_teacher(sidecar, shards) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "width", "dim", "chunk"), [(50, 6, 3, 7), (9, 20, 8, 4), (300, 32, 32, 1000)]
+    ("n", "width", "dim", "chunk", "offset"),
+    [(50, 6, 3, 7, 0.0), (9, 20, 8, 4, 0.0), (300, 32, 32, 1000, 0.0), (200, 16, 5, 7, 30.0)],
 )
-def test_fit_pca_matches_an_svd_reference(n, width, dim, chunk) -> None:
-    """Reference: the SVD of the centred data, each direction's largest entry made positive."""
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fit_pca_matches_an_svd_reference(n, width, dim, chunk, offset, streamed) -> None:
+    """Reference: the SVD of the centred data, each direction's largest entry made positive;
+    the same from the whole tensor and from an iterator of its chunks (far from the origin too:
+    the chunks' moments are merged, not accumulated raw)."""
     features = torch.randn(n, width, generator=torch.Generator().manual_seed(n)) * torch.linspace(
         3, 1, width
     )
-    pca = fit_pca(features, dim, chunk=chunk)
+    features = features + offset
+    pca = fit_pca(iter(features.split(chunk)) if streamed else features, dim, chunk=chunk)
     x = features.double().numpy()
     centred = x - x.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
@@ -125,6 +133,46 @@ def test_fit_pca_matches_an_svd_reference(n, width, dim, chunk) -> None:
     np.testing.assert_allclose(
         pca.project(features, chunk=chunk).numpy(), centred @ vt.T, atol=1e-5
     )
+
+
+def test_fit_pca_keeps_no_chunk_of_a_stream() -> None:
+    """Peak memory independent of n: when a chunk is drawn, every chunk before the previous
+    one (still the loop's variable) is gone, so nothing [n, w] is ever built; and the result
+    equals that of the whole tensor."""
+    generator = torch.Generator().manual_seed(0)
+    whole = torch.randn(400, 6, generator=generator) * torch.linspace(2, 1, 6)
+    alive: list[weakref.ref] = []
+
+    def chunks():
+        for rows in whole.split(10):
+            assert all(ref() is None for ref in alive[:-1]), "an earlier chunk is still held"
+            chunk = rows.clone()
+            alive.append(weakref.ref(chunk))
+            yield chunk
+            del chunk
+
+    streamed, reference = fit_pca(chunks(), 3), fit_pca(whole, 3)
+    assert len(alive) == 40
+    torch.testing.assert_close(streamed.components, reference.components, rtol=0, atol=1e-10)
+    torch.testing.assert_close(streamed.mean, reference.mean, rtol=0, atol=1e-12)
+
+
+def test_the_main_process_never_holds_all_the_features(shards, tmp_path, monkeypatch) -> None:
+    """48 samples, batches of 16: the moments take one batch at a time, the projection one
+    shard at a time; nothing of all 48 rows reaches the PCA."""
+    added, projected = [], []
+    add, project = Moments.add, Pca.project
+    monkeypatch.setattr(
+        Moments, "add", lambda self, rows: added.append(len(rows)) or add(self, rows)
+    )
+    monkeypatch.setattr(
+        Pca,
+        "project",
+        lambda self, rows, **k: projected.append(len(rows)) or project(self, rows, **k),
+    )
+    out = write_teacher_sidecar(str(shards), tmp_path / "t.safetensors", dim=DIM, batch_size=16)
+    assert added == [16, 16, 16] and projected == [16, 16, 16]
+    assert Sidecar(out).shards() == {str(p): 16 for p in sorted(shards.glob("*.tar"))}
 
 
 def test_fit_pca_refuses_a_dim_it_cannot_fit() -> None:

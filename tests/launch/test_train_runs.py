@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,18 +89,18 @@ def test_eval_datasets_run_inside_training(tmp_path: Path) -> None:
     assert (out / "plots" / "loss_curve.png").is_file()
 
 
-@pytest.mark.slowest(seconds=180)
+@pytest.mark.slowest(seconds=120)
 def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> None:
-    """The demo's model, data generator and batch for 200 steps on 2000 samples at twice the
-    demo's lr, fixed seed: zero-shot on 270 held-out images (9 classes, chance 1/9 = 0.111)
-    with the eval templates, which the training captions never use. Measured here: acc1 0.274,
-    mean per-class recall 0.290 (~2-3 min on 2 cores; 300 steps at the demo's lr gave 0.341 in
-    1.5x the time, 150 steps 0.174-0.181); the bar is chance + 0.09, 5 standard errors above
-    chance at n = 270."""
+    """The demo's model, data generator and batch for 120 steps on 2000 samples at twice the
+    demo's lr, fixed seed: zero-shot on 1800 held-out images (9 classes, chance 1/9 = 0.111)
+    with the eval templates, which the training captions never use. Measured here: acc1 0.201,
+    mean per-class recall 0.195 (200 steps on 270 images gave 0.274 in 1.7x the time); the bar
+    is chance + 0.037, 5 standard errors above chance at n = 1800 (evaluating many images is
+    cheap, training steps are not)."""
     from data_pipelines.synthetic import CLASSNAMES, EVAL_TEMPLATES
 
     write_shards(generate_samples(2000, seed=0), tmp_path / "train", samples_per_shard=500)
-    write_shards(generate_samples(270, seed=1), tmp_path / "heldout", samples_per_shard=270)
+    write_shards(generate_samples(1800, seed=1), tmp_path / "heldout", samples_per_shard=1800)
     config = _config(
         tmp_path / "train",
         tmp_path / "run",
@@ -107,8 +108,8 @@ def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> Non
             "data.batch_size": 64,
             "data.workers": 1,
             "data.shuffle_buffer": 1000,
-            "train.steps": 200,
-            "train.log_every": 50,
+            "train.steps": 120,
+            "train.log_every": 40,
             "train.checkpoint_every": 0,
             "optim.warmup_steps": 30,
             "optim.lr": 0.002,
@@ -119,5 +120,6 @@ def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> Non
     )
     metrics = train(config).eval_metrics
     chance = 1 / len(CLASSNAMES)
-    assert metrics["eval/heldout/acc1"] >= chance + 0.09, metrics
-    assert metrics["eval/heldout/mean_per_class_recall"] >= chance + 0.09, metrics
+    bar = chance + 5 * math.sqrt(chance * (1 - chance) / 1800)
+    assert metrics["eval/heldout/acc1"] >= bar, metrics
+    assert metrics["eval/heldout/mean_per_class_recall"] >= bar, metrics

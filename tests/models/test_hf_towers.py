@@ -111,41 +111,35 @@ def test_tiny_bert_alias_is_written_once_into_the_cache(tmp_path, monkeypatch):
     assert model_config(TINY)["text_cfg"]["hf_tokenizer_name"] == str(path)
 
 
-def _write_tiny_bert_in_rounds(roots: list[str], barrier, results) -> None:
-    """One process of the race test: every round, start with the others and note the folder."""
+def _write_tiny_bert_in_rounds(rank: int, world: int, roots: list[str]) -> list[tuple]:
+    """One rank of the race test: every round, start with the others and note the folder."""
     import os
 
+    import torch.distributed as dist
+
+    seen = []
     for root in roots:
         os.environ["VLP_CACHE_DIR"] = root
-        barrier.wait()
+        dist.barrier()
         path = tiny_bert_path()
-        results.put((root, os.stat(path).st_ino, (path / "model.safetensors").is_file()))
+        seen.append((root, os.stat(path).st_ino, (path / "model.safetensors").is_file()))
+    return seen
 
 
+@pytest.mark.slow
 def test_tiny_bert_written_by_processes_starting_together_is_never_replaced(tmp_path):
     """Ranks of one run start together; once one is handed the folder, nobody replaces it.
 
     Over many rounds, every process must be handed the same folder (same inode), complete.
     """
-    import multiprocessing
+    from tests.ddp_helpers import run_on_ranks
 
-    context = multiprocessing.get_context("spawn")
     roots = [str(tmp_path / f"round{index}") for index in range(8)]
-    barrier, results = context.Barrier(3), context.Queue()
-    processes = [
-        context.Process(target=_write_tiny_bert_in_rounds, args=(roots, barrier, results))
-        for _ in range(3)
-    ]
-    for process in processes:
-        process.start()
-    seen = [results.get(timeout=300) for _ in range(3 * len(roots))]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    seen = [row for rank in run_on_ranks(_write_tiny_bert_in_rounds, 2, roots) for row in rank]
     for root in roots:
         folder = tmp_path / root / "hf_towers" / "tiny-bert-v2"
         handed = [(inode, complete) for where, inode, complete in seen if where == root]
-        assert handed == [(folder.stat().st_ino, True)] * 3
+        assert handed == [(folder.stat().st_ino, True)] * 2
 
 
 def test_a_torn_tiny_bert_folder_is_rewritten(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -322,6 +323,66 @@ def test_two_processes_cluster_the_gathered_features_as_one_process_the_concaten
     assert two[0] == two[1] == one
 
 
+def _clustering_on_every_rank(rank: int, world: int, seconds: float) -> dict[str, object]:
+    """Two episodes (k-means, then reuse: ``cluster_every=2``) on the same gathered features,
+    with each k-means made ``seconds`` slower; what every rank computed itself, what it holds
+    after the broadcasts, and the longest any broadcast of the episode kept it waiting."""
+    import time
+
+    import torch.distributed as dist
+
+    from vlp.objectives.protoclip import objective as module
+
+    real_kmeans, real_broadcast = module.kmeans, module.broadcast_
+    own: list[torch.Tensor] = []
+    waits: list[float] = []
+
+    def slow_kmeans(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)  # a slow device at the paper's M and K
+        result = real_kmeans(*args, **kwargs)
+        own.extend([result.labels.clone(), result.centroids.clone()])
+        return result
+
+    def timed_broadcast(tensor: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = real_broadcast(tensor)
+        waits.append(time.perf_counter() - start)
+        return out
+
+    module.kmeans, module.broadcast_ = slow_kmeans, timed_broadcast  # type: ignore[assignment]
+    objective = _objective(k=4, episode_size=64, cluster_every=2)
+    dist.barrier()  # the ranks reach the episode together, as after pass 1's all-gather
+    objective.begin_episode(2, 8, _features(64, seed=0))
+    held = [objective.prototypes.image_labels, objective.prototypes.text_labels,
+            objective.centroids["image"], objective.centroids["text"]]  # fmt: skip
+    objective.begin_episode(3, 8, _features(64, seed=1))  # assigned to the kept centroids
+    held += [objective.prototypes.image_labels, objective.prototypes.text_labels]
+    return {"own": own, "held": held, "longest_wait": max(waits)}
+
+
+@pytest.mark.slow
+def test_every_rank_clusters_so_no_rank_waits_for_the_main_process():
+    """Before: the main process clustered while rank 1 waited inside the broadcast for all of
+    it, which at the paper's M = 200,000 and K = 20,000 can pass the collective timeout. Now
+    each rank clusters the same features with the same seed (bitwise the same result on the
+    CPU), the broadcast waits only for the difference, and every rank holds what one process
+    holds."""
+    seconds = 2.0
+    ranks = run_on_ranks(_clustering_on_every_rank, 2, seconds)
+    one = _objective(k=4, episode_size=64, cluster_every=2)
+    one.begin_episode(2, 8, _features(64, seed=0))
+    expected = [one.prototypes.image_labels, one.prototypes.text_labels,
+                one.centroids["image"], one.centroids["text"]]  # fmt: skip
+    one.begin_episode(3, 8, _features(64, seed=1))
+    expected += [one.prototypes.image_labels, one.prototypes.text_labels]
+    for result in ranks:
+        assert len(result["own"]) == 6  # image, text, teacher: labels and centroids each
+        assert result["longest_wait"] < seconds / 2, result["longest_wait"]
+        assert all(torch.equal(a, b) for a, b in zip(result["held"], expected, strict=True))
+    mine, theirs = ranks[0]["own"], ranks[1]["own"]
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
 def _config(shards: Path, out: Path, **extra: object):  # type: ignore[no-untyped-def]
     values = {
         "data.train_shards": shards,
@@ -386,8 +447,7 @@ def test_the_demo_recipe_is_valid():
 def test_training_samples_without_a_teacher_embedding_stop_the_run_at_start_up(tmp_path):
     """Counted over every shard, not only the first sample: the message gives how many and
     the command that writes the teacher embeddings."""
-    from safetensors.torch import save_file
-
+    from data_pipelines.sidecar import write_sidecar
     from launch.build import StartupError
 
     shards = tmp_path / "shards"
@@ -395,7 +455,7 @@ def test_training_samples_without_a_teacher_embedding_stop_the_run_at_start_up(t
     write_shards(iter(samples), shards, samples_per_shard=8)
     teacher = tmp_path / "teacher.safetensors"
     keep = [s["key"] for s in samples if s["key"] != samples[13]["key"]][:20]  # 4 missing
-    save_file({key: torch.zeros(4) for key in keep}, str(teacher))
+    write_sidecar(teacher, {key: torch.zeros(4) for key in keep})
     config = _config(shards, tmp_path / "run", **{"objective.protoclip.teacher": teacher})
     with pytest.raises(StartupError) as error:
         train(config)
@@ -409,14 +469,14 @@ def test_training_samples_without_a_teacher_embedding_stop_the_run_at_start_up(t
 def test_an_external_teacher_adds_its_terms_through_the_stream(tmp_path):
     """The teacher's embeddings come per sample key from the sidecar, are clustered with the
     same k, and give the I→E and T→E terms."""
-    from safetensors.torch import save_file
+    from data_pipelines.sidecar import write_sidecar
 
     shards = tmp_path / "shards"
     samples = list(generate_samples(32, seed=0))
     write_shards(iter(samples), shards, samples_per_shard=16)
     teacher = tmp_path / "teacher.safetensors"
     generator = torch.Generator().manual_seed(0)
-    save_file({s["key"]: torch.randn(6, generator=generator) for s in samples}, str(teacher))
+    write_sidecar(teacher, {s["key"]: torch.randn(6, generator=generator) for s in samples})
     out = tmp_path / "run"
     extra = {"objective.protoclip.teacher": teacher, "train.steps": 12, "train.checkpoint_every": 0}
     train(_config(shards, out, **extra))

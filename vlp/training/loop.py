@@ -44,6 +44,7 @@ from vlp.training.nonfinite import NonFiniteSkips
 from vlp.training.optim import create_optimizer, create_scheduler
 from vlp.training.progress import Progress, duration
 from vlp.training.run_dir import RunDir
+from vlp.training.seeding import seed_rank
 from vlp.training.stop_signals import StopFlag
 from vlp.training.trainer_checkpoint import TrainerCheckpoints, TrainerState, write_skips
 
@@ -142,6 +143,9 @@ class Trainer:
         self._saved_step = -1
         self.run_id = uuid.uuid4().hex
         """Names this run's checkpoints (kept across resumes); pruning touches only its own."""
+        # Every parameter is made (the same on every rank): from here on each rank draws its own
+        # dropout and drop-path masks (vlp.training.seeding); a resume restores this rank's state.
+        seed_rank(config.train.seed, accelerator.process_index)
 
     @property
     def nonfinite_total(self) -> int:

@@ -8,10 +8,12 @@
   keeps the un-projected features and the model's own scale. No weight decay on the heads,
   norms, biases or scales (implementation details; :meth:`ProtoClipObjective.no_decay`).
 - **Episodes** (episodic training, :mod:`vlp.training.episodes`): pass 1 encodes the episode's
-  M samples in eval mode without gradient; the main process runs k-means (K prototypes, 20
-  iterations, 3 restarts) on the image projections, the text projections and, with an external
-  teacher, the teacher's embeddings, back-translates them (PBT) and broadcasts labels, centroids
-  and translated centroids to every rank (all ranks then hold the very same episode state).
+  M samples in eval mode without gradient; every rank runs k-means (K prototypes, 20
+  iterations, 3 restarts) on the gathered image projections, text projections and, with an
+  external teacher, the teacher's embeddings, with the same seed, and back-translates them
+  (PBT); the main process's labels, centroids and translated centroids are then broadcast, so
+  all ranks hold the very same episode state and none waits in a collective while another
+  clusters (:meth:`ProtoClipObjective._labels`).
   ``cluster_every`` = n > 1 runs k-means every n-th episode and assigns the others' samples to
   the last centroids (PBT is recomputed).
 - **Loss**: w_clip·L_CLIP + w_proto·½(L_I→T + L_T→I) + w_ext·½(L_I→E + L_T→E)
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.distributed import broadcast_, contrastive_loss, rank
+from vlp.distributed import broadcast_, contrastive_loss
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives.base import Coupled, Fields, Output, PerSample, Shared, Tensors, learned_scale
 from vlp.objectives.clip import clamp_logit_scale
@@ -265,7 +267,8 @@ class ProtoClipObjective(EpisodicObjective):
         return features
 
     def begin_episode(self, episode: int, episodes: int, features: Tensors | None) -> Tensors:
-        """Cluster on the main process, broadcast, and set the episode's phase."""
+        """Cluster (on every rank, the main process's result broadcast) and set the episode's
+        phase."""
         self.phase = self.phase_of(episode, episodes)
         if episode == 0 and "proto" not in {self.phase_of(e, episodes) for e in range(episodes)}:
             logger.warning(
@@ -302,26 +305,28 @@ class ProtoClipObjective(EpisodicObjective):
         return [p.image_from_text, p.text_from_image, *external]
 
     def _labels(self, features: Tensors, episode: int, recluster: bool) -> dict[str, torch.Tensor]:
-        """Each modality's labels (k-means on the main process, or the last centroids), with
-        centroids and labels broadcast from the main process; ``self.centroids`` updated."""
+        """Each modality's labels (k-means, or the last centroids) and ``self.centroids``.
+
+        Every rank clusters the same gathered features with the same seed, so no rank waits
+        inside a collective while another one clusters: at the paper's M and K a wait for the
+        main process alone can outlast the collective timeout (NCCL's default is 10 minutes).
+        The main process's result is then broadcast anyway, so every rank holds the very same
+        state where a backend is not bitwise reproducible between processes (CUDA atomics,
+        faiss's threads); that broadcast waits only for the slowest rank's own k-means."""
         s = self.settings
         labels: dict[str, torch.Tensor] = {}
         for name, x in features.items():
-            device = x.device
-            assigned = torch.zeros(x.shape[0], dtype=torch.long, device=device)
             if recluster:
-                centroids = torch.zeros(s.k, x.shape[1], device=device)
-                if rank() == 0:
-                    result = kmeans(
-                        x, s.k, iterations=s.iterations, restarts=s.restarts,
-                        seed=s.seed + episode, backend=s.backend,  # type: ignore[arg-type]
-                    )  # fmt: skip
-                    centroids = result.centroids.to(device=device, dtype=torch.float32)
-                    assigned = result.labels.to(device)
+                result = kmeans(
+                    x, s.k, iterations=s.iterations, restarts=s.restarts,
+                    seed=s.seed + episode, backend=s.backend,  # type: ignore[arg-type]
+                )  # fmt: skip
+                centroids = result.centroids.to(device=x.device, dtype=torch.float32)
                 self.centroids[name] = broadcast_(centroids.contiguous())
-            elif rank() == 0:
-                assigned = nearest_centroids(x, self.centroids[name]).to(device)
-            labels[name] = broadcast_(assigned)
+                assigned = result.labels
+            else:
+                assigned = nearest_centroids(x, self.centroids[name])
+            labels[name] = broadcast_(assigned.to(x.device).contiguous())
         return labels
 
     def episode_state(self) -> Tensors:

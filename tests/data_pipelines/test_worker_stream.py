@@ -1,0 +1,57 @@
+"""The worker stream's per-sample seeding: without DataLoader workers (``data.workers=0``) the
+stream runs in the trainer's process and must leave that process's generators alone."""
+
+from __future__ import annotations
+
+import random
+from itertools import islice
+
+import pytest
+import torch
+from torchvision import transforms
+
+from .conftest import make_stream
+
+
+def _augment() -> transforms.Compose:
+    """Random crops and flips: they draw from torch's generator for every sample."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(16, scale=(0.3, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
+
+
+def _batches(urls: str, workers: int, n: int = 3) -> list[dict]:
+    stream = make_stream(urls, _augment(), batch_size=4, shuffle_buffer=6, workers=workers)
+    return list(islice(stream, n))
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_no_workers_leave_the_trainers_generators_alone(shard_dir: str, resampled: bool) -> None:
+    """Before: each sample reseeded ``torch.default_generator``, so the trainer's dropout drew
+    from the last sample's augmentation seed."""
+    torch.manual_seed(1234)
+    random.seed(99)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    stream = make_stream(
+        shard_dir, _augment(), batch_size=4, shuffle_buffer=6, workers=0, resampled=resampled
+    )
+    assert len(list(islice(stream, 3))) == 3
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == python_state
+
+
+@pytest.mark.slow
+def test_no_workers_augment_as_a_worker_process_does(shard_dir: str) -> None:
+    """The augmentations still come from the per-sample seeds alone: the main process's batches
+    are the ones a DataLoader worker makes, whatever the trainer's generator holds."""
+    torch.manual_seed(5)
+    in_worker = _batches(shard_dir, workers=1)
+    torch.manual_seed(6)
+    in_main = _batches(shard_dir, workers=0)
+    for a, b in zip(in_worker, in_main, strict=True):
+        assert a["__key__"] == b["__key__"]
+        assert torch.equal(a["image"], b["image"])
