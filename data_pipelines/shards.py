@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tarfile
@@ -22,6 +21,36 @@ def _local_path(url: str) -> str:
     return url.removeprefix("file://")
 
 
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _folder_shards(folder: str) -> list[str]:
+    """The ``*.tar`` files of a local folder (not hidden ones, as ``glob`` would), sorted: one
+    listing of the folder, whatever the number of shards."""
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.name.endswith(".tar") and not e.name.startswith(".")]
+    return [os.path.join(folder, name) for name in sorted(names)]
+
+
+def _expand_one(pattern: str) -> tuple[list[str], bool]:
+    """A pattern's shards, and whether they come from listing a folder (so they exist).
+
+    Only a local pattern that does not name a tar file may be a folder (a list of 400,000 shard
+    paths costs no ``stat`` here), and only a pattern with braces or escapes is parsed."""
+    if _is_local(pattern) and not pattern.endswith(_SHARD_SUFFIXES):
+        if os.path.isdir(_local_path(pattern)):
+            return _folder_shards(_local_path(pattern)), True
+    if "{" not in pattern and "\\" not in pattern:
+        return [pattern], False
+    return list(braceexpand.braceexpand(pattern)), False
+
+
+def _patterns(urls: Urls) -> list[str]:
+    if isinstance(urls, os.PathLike):
+        urls = os.fspath(urls)
+    return [urls] if isinstance(urls, str) else [os.fspath(u) for u in urls]
+
+
 def expand_patterns(urls: Urls) -> list[str]:
     """Expand shard URLs: brace patterns, a list of them, or a directory (all its ``*.tar``).
 
@@ -29,18 +58,30 @@ def expand_patterns(urls: Urls) -> list[str]:
     can report a missing shard as one problem among others. Raises ``FileNotFoundError`` naming
     the pattern when nothing matches.
     """
-    if isinstance(urls, os.PathLike):
-        urls = os.fspath(urls)
-    patterns = [urls] if isinstance(urls, str) else [os.fspath(u) for u in urls]
-    result: list[str] = []
-    for pattern in patterns:
-        if _is_local(pattern) and os.path.isdir(_local_path(pattern)):
-            result.extend(sorted(glob.glob(os.path.join(_local_path(pattern), "*.tar"))))
-        else:
-            result.extend(braceexpand.braceexpand(pattern))
+    result = [url for pattern in _patterns(urls) for url in _expand_one(pattern)[0]]
     if not result:
         raise FileNotFoundError(f"no shards match {urls!r}")
     return result
+
+
+def _missing_local(urls: Sequence[str]) -> list[str]:
+    """The local shards of ``urls`` that do not exist: one listing per folder, not a ``stat``
+    per shard (on a network file system, 512 ranks stat-ing 400,000 shards each is 2·10^8
+    metadata requests before the first step)."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for url in urls:
+        if not _is_local(url):
+            continue
+        folder, name = os.path.split(_local_path(url))
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = set()
+        if name not in listings[folder]:
+            missing.append(url)
+    return missing
 
 
 def expand_urls(urls: Urls) -> list[str]:
@@ -49,9 +90,15 @@ def expand_urls(urls: Urls) -> list[str]:
     Raises ``FileNotFoundError`` naming the pattern when nothing matches or a local shard is
     missing, so a typo fails at construction instead of as an empty (hanging) stream.
     """
-    result = expand_patterns(urls)
-    missing = [u for u in result if _is_local(u) and not os.path.exists(_local_path(u))]
-    if missing:
+    result, unlisted = [], []
+    for pattern in _patterns(urls):
+        shards, listed = _expand_one(pattern)
+        result.extend(shards)
+        if not listed:
+            unlisted.extend(shards)
+    if not result:
+        raise FileNotFoundError(f"no shards match {urls!r}")
+    if missing := _missing_local(unlisted):
         raise FileNotFoundError(
             f"{len(missing)} of {len(result)} shards from {urls!r} do not exist, e.g. {missing[0]}"
         )
@@ -137,9 +184,13 @@ def listed_shards(folder: str) -> list[str]:
 def shard_sizes(urls: Urls) -> list[int]:
     """Samples per shard, in ``expand_urls`` order: from ``sizes.json`` next to the shards when
     it lists them, else by reading the tar headers (local shards only)."""
-    expanded = expand_urls(urls)
+    return sizes_of(expand_urls(urls))
+
+
+def sizes_of(shards: Sequence[str]) -> list[int]:
+    """Samples per shard of an expanded shard list, as :func:`shard_sizes` counts them."""
     sizes = []
-    for url, listed in zip(expanded, listed_sizes(expanded), strict=True):
+    for url, listed in zip(shards, listed_sizes(shards), strict=True):
         if listed is not None:
             sizes.append(listed)
         elif _is_local(url):

@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.batch_fields import BatchFields
 from data_pipelines.remote import register_remote_openers
-from data_pipelines.shards import Urls, count_samples, expand_urls, shard_sizes, split_sources
+from data_pipelines.shards import (
+    Urls,
+    count_samples,
+    expand_urls,
+    shard_sizes,
+    sizes_of,
+    split_sources,
+)
 from data_pipelines.stream_plan import (
     StreamSpec,
     check_epoch_mode,
@@ -350,7 +357,7 @@ def make_train_stream(
         max_consecutive_errors=settings.max_consecutive_errors,
         remote_timeout=settings.remote_timeout,
         remote_retries=settings.remote_retries,
-        sizes=() if settings.resampled else tuple(shard_sizes(shard_urls)),
+        sizes=() if settings.resampled else tuple(sizes_of(shard_urls)),
         shards_in_flight=settings.shards_in_flight,
         fields=parts,
     )
