@@ -58,7 +58,7 @@ def _shards_write(args: argparse.Namespace) -> int:
     )
     with fsspec.open(posixpath.join(args.out, "sizes.json"), "rt") as f:
         written = sum(json.load(f).values())
-    print(f"wrote {written} samples in {len(paths)} shards to {args.out}")
+    print(f"wrote {_count(written, 'sample')} in {_count(len(paths), 'shard')} to {args.out}")
     if names is not None:
         print(f"classes (cls 0..{len(names) - 1}): {json.dumps(names)}")
     _print_skipped(skipped)
@@ -67,7 +67,7 @@ def _shards_write(args: argparse.Namespace) -> int:
 
 def _print_skipped(skipped: Sequence[Skipped]) -> None:
     if skipped:
-        print(f"skipped {len(skipped)} samples:")
+        print(f"skipped {_count(len(skipped), 'sample')}:")
         for item in skipped[:20]:
             print(f"  {item.where}: {item.reason}")
         if len(skipped) > 20:
@@ -100,7 +100,7 @@ def _shards_write_clip_benchmark(args: argparse.Namespace) -> int:
 
         raise SourceError(str(error)) from None
     print(
-        f"wrote {written.samples} samples in {written.shards} shards to "
+        f"wrote {_count(written.samples, 'sample')} in {_count(written.shards, 'shard')} to "
         f"{args.out}/{args.split} ({written.kind}, CLIP_benchmark layout)"
     )
     if written.classnames is not None:
@@ -112,9 +112,17 @@ def _shards_write_clip_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _shards_validate(args: argparse.Namespace) -> int:
     from data_pipelines.validate import format_report, validate_shards
 
+    plain_local = "://" not in args.shards and not args.shards.startswith("pipe:")
+    if plain_local and "{" not in args.shards and not os.path.exists(args.shards):
+        raise FileNotFoundError(f"no shards match {args.shards!r}: no such folder or file")
     report = validate_shards(args.shards, caption_key=args.caption_key)
     print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
     return 0 if report.ok else 1

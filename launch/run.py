@@ -164,6 +164,13 @@ def _run_logged(
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)
     batches = build_stream(config, parts, accelerator.process_index, accelerator.num_processes)
+    if config.optim.warmup_steps > config.train.steps and accelerator.is_main_process:
+        # The user's schedule (config), not the one step of `vlp train --check` (run_config).
+        logger.warning(
+            "optim.warmup_steps=%d is more than train.steps=%d: the learning rate never "
+            "reaches optim.lr=%g; lower optim.warmup_steps",
+            config.optim.warmup_steps, config.train.steps, config.optim.lr,
+        )  # fmt: skip
 
     try:
         trainer = Trainer(

@@ -180,8 +180,9 @@ def render(state: RunState) -> str:
     if state.updated_s is not None and not state.finished:
         status += f", last log {state.updated_s:.0f}s ago"
     lines = [f"{state.run_dir}  {progress}  [{status}]"]
-    if state.rows:
-        last = state.rows[-1]
+    trained = [row for row in state.rows if any(k.startswith("train/") for k in row)]
+    if trained:  # the newest training row: an eval logs a line of its own after it
+        last = trained[-1]
         keys = ["train/loss", *sorted(k for k in last if k.endswith("_loss") and k != "train/loss")]
         keys += [k for k in ("train/lr", "train/samples_per_s") if k in last]
         keys += sorted(k for k in last if k.startswith("train/") and k not in keys)
@@ -189,7 +190,7 @@ def render(state: RunState) -> str:
         for key in (k for k in keys if k in last):
             line = f"  {key.removeprefix('train/'):<{width}}{_number(last[key]):>12}"
             if key.endswith("loss"):
-                history = [float(r[key]) for r in state.rows if isinstance(r.get(key), int | float)]
+                history = [float(r[key]) for r in trained if isinstance(r.get(key), int | float)]
                 line += f"  {sparkline(history)}  (first {_number(history[0])})"
             lines.append(line)
     if state.used or state.skipped:

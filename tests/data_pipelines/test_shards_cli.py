@@ -24,6 +24,15 @@ def class_folder(tmp_path: Path) -> Path:
     return root
 
 
+def test_counts_of_one_read_in_the_singular(
+    class_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "one"
+    assert main(["shards", "write", str(class_folder), str(out), "--max-side", "16"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote 6 samples in 1 shard to {out}\n" in text and "skipped 1 sample:" in text
+
+
 def test_write_validate_inspect(
     class_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -33,7 +42,7 @@ def test_write_validate_inspect(
     text = capsys.readouterr().out
     assert "wrote 6 samples in 2 shards" in text
     assert 'classes (cls 0..1): ["red fox", "snow leopard"]' in text
-    assert f"skipped 1 samples:\n  {class_folder}/red fox/broken.jpg: undecodable image" in text
+    assert f"skipped 1 sample:\n  {class_folder}/red fox/broken.jpg: undecodable image" in text
     with tarfile.open(out / "00000.tar") as tar:
         assert tar.extractfile("000000000.txt").read() == b"a photo of the red fox."  # type: ignore[union-attr]
         assert tar.extractfile("000000000.cls").read() == b"0"  # type: ignore[union-attr]
@@ -73,10 +82,11 @@ def test_validate_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["shards", "validate", str(out), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["problems"] == {"truncated_shard": 1}
-    assert main(["shards", "validate", str(tmp_path / "00009.tar")]) == 1
-    assert "00009.tar: 0 samples, 1 problems\n  unreadable_shard: does not open" in (
-        capsys.readouterr().out
-    )
+    for nowhere in ("00009.tar", "nope"):  # a usage error (2), not a report of problems (1)
+        assert main(["shards", "validate", str(tmp_path / nowhere)]) == 2
+        assert f"no shards match '{tmp_path / nowhere}': no such folder or file" in (
+            capsys.readouterr().err
+        )
     (tmp_path / "empty").mkdir()
     assert main(["shards", "validate", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith("vlp: error: no shards match")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -283,14 +284,19 @@ def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum):
     assert signal.Signals(signum).name in (out / "train.log").read_text()
 
 
-def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys):
+def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys, caplog):
     out = tmp_path / "planned"
-    code = main(["train", "--check", "--config", str(DEMO), *_overrides(shards, out)])
+    with caplog.at_level(logging.INFO):
+        warmup = {"optim.warmup_steps": 50}
+        code = main(["train", "--check", "--config", str(DEMO), *_overrides(shards, out, **warmup)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "global batch:   8" in printed and "samples seen:   4800" in printed
     assert str(out) in printed
     assert not out.exists()  # a check writes nothing into the run directory
+    # The warnings and the plan are about the user's 600 steps, not the check's one step.
+    assert "training 1 step from step 0" in caplog.text, caplog.text
+    assert "is more than train.steps" not in caplog.text
 
 
 CONVIRT = (

@@ -53,6 +53,18 @@ def test_once_prints_losses_lr_speed_skips_and_eval(tmp_path) -> None:
     assert CLEAR not in text and text.endswith("\n\n")
 
 
+def test_an_eval_line_after_the_last_step_keeps_the_training_rows(tmp_path) -> None:
+    """A finished demo's last line is its eval (``{"step": N, "eval/...": ...}``)."""
+    run_dir = write_run(tmp_path / "run", steps=40, logged=[10, 20, 30, 40])
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 40, "eval/heldout/acc1": 0.75}) + "\n")
+    out = io.StringIO()
+    watch(run_dir, once=True, out=out)
+    text = out.getvalue()
+    assert "  loss " in text and "(first 0.4)" in text and "812.5" in text, text
+    assert "eval at step 40" in text and "0.75" in text
+
+
 def test_refreshes_until_the_run_finishes(tmp_path) -> None:
     run_dir = write_run(tmp_path / "run", steps=30, logged=[10])
     sleeps: list[float] = []

@@ -165,17 +165,12 @@ class Trainer:
             self.run_dir.claim(cfg.train.overwrite)
         self.run_dir.prepare(cfg, self.step, self.global_batch)
         logger.info(
-            "training %d steps from step %d: %d processes x %d micro-batches x batch %d = global "
-            "batch %d (contrastive groups of %s ranks)", cfg.train.steps, self.step,
-            acc.num_processes, cfg.train.accum_steps, cfg.data.batch_size, self.global_batch,
+            "training %d step%s from step %d: %d processes x %d micro-batches x batch %d = "
+            "global batch %d (contrastive groups of %s ranks)", cfg.train.steps,
+            "" if cfg.train.steps == 1 else "s", self.step, acc.num_processes,
+            cfg.train.accum_steps, cfg.data.batch_size, self.global_batch,
             cfg.train.group_size or acc.num_processes,
         )  # fmt: skip
-        if cfg.optim.warmup_steps > cfg.train.steps and acc.is_main_process:
-            logger.warning(
-                "optim.warmup_steps=%d is more than train.steps=%d: the learning rate never "
-                "reaches optim.lr=%g; lower optim.warmup_steps",
-                cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.lr,
-            )  # fmt: skip
         feed = DeviceBatches(
             self.batches, cfg.train.accum_steps, acc.device,
             list(self.objective.fields().views), self.image_transform,
