@@ -209,11 +209,14 @@ def check_data(
     fields: BatchFields,
     sidecar_commands: Mapping[str, str] | None = None,
     state: Any = None,
+    *,
+    field_hint: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Expand the shard URLs and check that the first shard carries every field the objective
     reads (image, text members or json keys), and that every sidecar file is of this vlp's
     format and has an entry for every training sample (else: how many lack one, and
-    ``sidecar_commands``' command that makes it).
+    ``sidecar_commands``' command that makes it). A missing field is named with
+    ``field_hint(field)`` (the objective's :meth:`~vlp.objectives.base.Objective.field_hint`).
 
     With several processes (``state``: the run's Accelerator or PartialState) only the main
     one checks, and its verdict is broadcast: the data are read once per run, not once per
@@ -226,14 +229,14 @@ def check_data(
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
     urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
     if state is None or state.num_processes == 1:
-        _check_urls(config, urls, fields, sidecar_commands or {})
+        _check_urls(config, urls, fields, sidecar_commands or {}, field_hint)
         return urls
     from accelerate.utils import broadcast_object_list
 
     verdict, bug = "", None
     if state.is_main_process:
         try:
-            _check_urls(config, urls, fields, sidecar_commands or {})
+            _check_urls(config, urls, fields, sidecar_commands or {}, field_hint)
         except StartupError as error:
             verdict = str(error)
         except Exception as error:  # a bug: the other ranks must not wait for a verdict
@@ -247,7 +250,11 @@ def check_data(
 
 
 def _check_urls(
-    config: Config, urls: list[str], fields: BatchFields, sidecar_commands: Mapping[str, str]
+    config: Config,
+    urls: list[str],
+    fields: BatchFields,
+    sidecar_commands: Mapping[str, str],
+    field_hint: Callable[[str], str] | None,
 ) -> None:
     for sidecar in fields.sidecars:
         if os.path.isfile(sidecar.path):
@@ -257,10 +264,11 @@ def _check_urls(
     except ValueError as error:
         raise StartupError(str(error)) from None
     if missing:
+        hint = field_hint(missing[0].field) if field_hint else ""
         raise StartupError(
             f"objective '{config.objective.name}': {missing[0]}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; write that field into the shards or pick another objective"
+            + f"; {hint or 'write that field into the shards or pick another objective'}"
         )
 
 

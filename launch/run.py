@@ -159,7 +159,10 @@ def _run_logged(
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     objective.use_tokenizer(tokenizer)
     parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
-    urls = check_data(config, parts.fields, objective.sidecar_commands, accelerator)
+    urls = check_data(
+        config, parts.fields, objective.sidecar_commands, accelerator,
+        field_hint=objective.field_hint,
+    )  # fmt: skip
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)

@@ -331,6 +331,10 @@ def test_an_hf_text_tower_that_does_not_load_is_one_line(shards, tmp_path, capsy
             f"{CONVIRT} objective.convirt.text_source=json:abstract",
             "field 'text' (json key 'abstract') is missing in shard",
         ),
+        (
+            f"{CONVIRT} objective.convirt.text_source=json:abstract",
+            "; objective.convirt.text_source=txt trains on the captions (txt) instead",
+        ),
         (  # every summary is 2 words: no sentence of 3 -> every sample skipped
             f"{CONVIRT} objective.convirt.text_source=json:summary",
             "consecutive samples or shards failed",

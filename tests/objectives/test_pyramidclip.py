@@ -220,6 +220,11 @@ PYRAMID = "objective.name=pyramidclip objective.pyramidclip.last_blocks=2"
             f"{PYRAMID} objective.pyramidclip.objects_key=detections",
             "field 'attributes' (json key 'detections') is missing in shard",
         ),
+        (
+            f"{PYRAMID} objective.pyramidclip.objects_key=detections",
+            "; vlp shards attach SHARDS --jsonl RECORDS.jsonl --out OUT writes summaries and "
+            "objects into copies of the shards",
+        ),
         (f"{PYRAMID} model.name=convirt-RN50-minilm", "ResNets are not supported"),
         (f"{PYRAMID} objective.pyramidclip.mu=0.9", "lam + mu <= 1"),
     ],

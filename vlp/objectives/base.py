@@ -139,6 +139,12 @@ class Objective(nn.Module):
     """Per sidecar field, the command that writes it (``{shards}``, ``{path}`` filled in): named
     when training samples are missing from the file."""
 
+    def field_hint(self, field: str) -> str:
+        """How to give the shards a batch field ``field`` they lack, named after it at
+        start-up (the command that writes it, or a setting that does without); "" when there
+        is nothing more specific than writing it into the shards."""
+        return ""
+
     model_kwargs: ClassVar[dict[str, Any]] = {}
     """open_clip model-constructor overrides the objective needs (SigLIP: a logit bias)."""
 

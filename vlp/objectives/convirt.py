@@ -109,6 +109,12 @@ class ConvirtObjective(ConfiguredObjective):
         )
         return Fields(views={"image": self.settings.augment}, texts={"text": text})
 
+    def field_hint(self, field: str) -> str:
+        """Shards without reports: the captions can stand in for them."""
+        if field == "text" and self.settings.text_source != "txt":
+            return "objective.convirt.text_source=txt trains on the captions (txt) instead"
+        return ""
+
     def build_model(self, clip: nn.Module) -> VlpModel:
         """Freeze the text tower's bottom (an HF tower), and the model's learned scale when τ
         is fixed (unused: DDP would wait for its gradient); then add the heads."""

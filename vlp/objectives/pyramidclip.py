@@ -189,6 +189,16 @@ class PyramidClipObjective(ConfiguredObjective):
         "logit_scale": Shared(),
     }
 
+    def field_hint(self, field: str) -> str:
+        """Summaries and objects go into existing shards' json with ``vlp shards attach``."""
+        if field in ("summary", "attributes", "boxes", "regions"):
+            return (
+                "vlp shards attach SHARDS --jsonl RECORDS.jsonl --out OUT writes summaries and "
+                "objects into copies of the shards (README: 'Attaching summaries and detected "
+                "objects')"
+            )
+        return ""
+
     def fields(self) -> Fields:
         """The views, texts and json values the active terms need."""
         s, sides = self.settings, self.settings.sides()
