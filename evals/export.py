@@ -113,7 +113,8 @@ def export_run(
             "vlp": vlp_block,
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / CARD_NAME).write_text(model_card(info, str(target), tokenizer_block))
+        card = model_card(info, str(target), tokenizer_block, heads="objective" in vlp_block)
+        (staging / CARD_NAME).write_text(card)
         if target.exists():  # last, so a failed export leaves the old one
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     return target

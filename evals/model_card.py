@@ -155,10 +155,12 @@ def _usage_section(out: str, tokenizer: dict[str, str]) -> list[str]:
     return lines
 
 
-def model_card(info: ModelInfo, out: str, tokenizer: dict[str, str]) -> str:
+def model_card(info: ModelInfo, out: str, tokenizer: dict[str, str], *, heads: bool = False) -> str:
     """The Markdown card for an export of ``info`` into ``out`` (the name used to load it).
 
-    ``tokenizer`` is the export config's tokenizer description (``{"tokenizer": ...}``).
+    ``tokenizer`` is the export config's tokenizer description (``{"tokenizer": ...}``);
+    ``heads``: the export holds the objective's heads (``heads.safetensors``), which open_clip
+    does not load.
     Whatever the run folder lacks (config, trainer state, results) is left out, not guessed.
     """
     run_dir = run_dir_of(info)
@@ -198,4 +200,11 @@ def model_card(info: ModelInfo, out: str, tokenizer: dict[str, str]) -> str:
     lines += _results_section(read_results(run_dir) if run_dir else [])
     lines += ["", "## How to load", ""]
     lines += _usage_section(out, tokenizer)
+    if heads:
+        lines += [
+            "",
+            "This model's objective trains heads on top of the towers (`heads.safetensors`): "
+            "open_clip loads the bare towers, whose features are not the ones the objective "
+            "trained; `vlp eval` and `evals.loading.load_model` apply the heads.",
+        ]
     return "\n".join(lines) + "\n"

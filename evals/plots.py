@@ -194,6 +194,9 @@ def plot_recall_at_k(
             ks, recalls = zip(*sorted(points), strict=True)
             axes.plot(ks, recalls, marker="o", label=labels[name])
     axes.set_xscale("log")
+    ticks = sorted({k for points in curves.values() for k, _ in points})
+    axes.set_xticks(ticks, labels=[str(k) for k in ticks])  # 1, 5, 10, not 10^0, 10^1
+    axes.minorticks_off()
     axes.set_xlabel("k")
     axes.set_ylabel("recall@k")
     axes.set_ylim(0.0, 1.02)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from evals.export import WEIGHTS_NAME, export_run
 from evals.loading import CONFIG_NAME, load_model
-from evals.model_card import CARD_NAME
+from evals.model_card import CARD_NAME, model_card
 from evals.results import write_result
 from tests.evals.test_loading import embeddings
 
@@ -108,6 +108,16 @@ def test_model_card_names_config_steps_results_and_loading(run_with_results, tmp
     assert "python -m evals.clip_benchmark_cli eval --model_type open_clip" in card
     assert f"--model local-dir:{out} --pretrained none" in card and "--no_amp" in card
     assert "```yaml\nmodel:\n  name: vlp-tiny-vit" in card  # the resolved config itself
+    assert "heads.safetensors" not in card  # a CLIP run has no heads
+
+
+def test_model_card_of_an_objective_with_heads_says_open_clip_loads_the_bare_towers(
+    tiny_run,
+) -> None:
+    info = load_model(tiny_run[0]).info
+    card = model_card(info, "exported", {"tokenizer": "open_clip"}, heads=True)
+    assert "open_clip loads the bare towers" in card
+    assert "`vlp eval` and `evals.loading.load_model` apply the heads" in card
 
 
 def test_model_card_without_config_or_results(export_dir) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evals import plots
 from evals.plots import (
     confusion_matrix,
     plot_classification,
@@ -71,6 +72,13 @@ def test_plot_recall_at_k(tmp_path) -> None:
         "text_retrieval_recall@10": 0.85,
         "image_retrieval_mean_rank": 3.2,
     }
+    saved: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "_save", lambda figure, path: saved.append(figure) or Path(path))
+        plot_recall_at_k(metrics, tmp_path / "ticks.png")
+    (axes,) = saved[0].axes
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["1", "5", "10"]
+    assert not axes.get_xticklabels(minor=True)
     assert_png(plot_recall_at_k(metrics, tmp_path / "recall.png"))
     with pytest.raises(ValueError, match="no 'image_retrieval_recall@k'"):
         plot_recall_at_k({"acc1": 0.5}, tmp_path / "none.png")

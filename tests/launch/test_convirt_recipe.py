@@ -52,6 +52,7 @@ def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(
 
     export = export_run(out, tmp_path / "export")
     assert (export / "heads.safetensors").is_file()
+    assert "open_clip loads the bare towers" in (export / "README.md").read_text()
     again = load_model(export)
     assert isinstance(again.model, VlpModel)
     torch.testing.assert_close(
