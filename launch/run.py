@@ -33,6 +33,7 @@ from launch.build import (
 from vlp.config import Config, redact_url
 from vlp.distributed import contrastive_group
 from vlp.objectives import Objective
+from vlp.run_folder import checkpoints_dir, list_checkpoints
 from vlp.training import (
     NonFiniteLossError,
     ResumeError,
@@ -223,7 +224,21 @@ def _run_logged(
         scratch.cleanup()
     elif accelerator.is_main_process:
         plot_history(out_dir)
+        if not result.interrupted:
+            logger.info(closing_line(result, trainer.global_batch, out_dir))
     return result, plan
+
+
+def closing_line(result: TrainResult, global_batch: int, out_dir: Path) -> str:
+    """What a finished run says last: steps, samples, time, and where its files are."""
+    checkpoints = list_checkpoints(checkpoints_dir(out_dir))
+    saved = f"last checkpoint {checkpoints[-1]}" if checkpoints else "no checkpoint kept"
+    return (
+        f"finished at step {result.step:,}: {result.step * global_batch:,} samples seen, "
+        f"{result.seconds / 60:.1f} min in this run; {saved}; metrics in "
+        f"{out_dir / 'metrics.jsonl'}, plots in {out_dir / 'plots'}, eval results in "
+        f"{out_dir / 'results'}"
+    )
 
 
 def _last_line(error: BaseException) -> str:

@@ -31,7 +31,8 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_piped_training_log_is_whole_lines_with_eta(shards, tmp_path):
     """Not a TTY: no progress-bar frames (``\\r``) glued onto log lines; each periodic line has
-    step, losses, samples/s and ETA; warmup longer than the run is pointed out."""
+    step, losses, samples/s and ETA; warmup longer than the run is pointed out; the last line
+    says where the run's files are."""
     overrides = _overrides(shards, tmp_path / "run", **{"train.steps": 3, "optim.warmup_steps": 5})
     command = [sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), *overrides]
     done = subprocess.run(
@@ -49,6 +50,13 @@ def test_piped_training_log_is_whole_lines_with_eta(shards, tmp_path):
             line,
         ), line
     assert "optim.warmup_steps=5 is more than train.steps=3" in output
+    run = tmp_path / "run"
+    last = [line for line in output.splitlines() if line.strip()][-1]
+    assert re.search(
+        rf"finished at step 3: 24 samples seen, [\d.]+ min in this run; last checkpoint "
+        rf"{run}/checkpoints/step_00000003; metrics in {run}/metrics.jsonl, plots in {run}/plots",
+        last,
+    ), output[-3000:]
     assert "initialized randomly" not in output
 
 
