@@ -92,11 +92,28 @@ class _WorkerDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
+        if info is not None:
+            _leave_stop_signals_to_the_trainer()
         physical = 0 if info is None else info.id
         worker = (physical + self.first_worker) % self.spec.workers
         # Workers started with "spawn" import webdataset afresh: route remote schemes again.
         register_remote_openers(self.spec.remote_timeout, self.spec.remote_retries)
         return worker_batches(self.spec, worker, self.starts.get(worker), self.fields)
+
+
+def _leave_stop_signals_to_the_trainer() -> None:
+    """In a data worker: a terminal's Ctrl-C and a scheduler's preemption notice (SIGTERM,
+    SIGUSR1) reach every process of the group, workers included; the trainer acts on them
+    (its step, a checkpoint) and then ends its workers. So a worker ignores Ctrl-C and the
+    first notice of each kind; a second SIGTERM (the DataLoader's own ``terminate()``) ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _ignore_once)
+
+
+def _ignore_once(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
 
 
 def _as_is(batch: Any) -> Any:

@@ -14,6 +14,10 @@ EXIT_PREEMPTED = 75
 """`vlp train`'s status after SIGTERM/SIGUSR1 (EX_TEMPFAIL): a checkpoint was written and the
 same command with train.resume=latest continues; schedulers can requeue on it."""
 
+EXIT_INTERRUPTED = 130
+"""`vlp train`'s status after Ctrl-C (128 + SIGINT, as a shell reports it): a checkpoint was
+written and train.resume=latest continues."""
+
 
 def run_errors() -> tuple[type[Exception], ...]:
     """The user errors of a command that starts a run (imported when one is raised: `launch.run`
@@ -26,7 +30,8 @@ def run_errors() -> tuple[type[Exception], ...]:
 
 def train_command(args: argparse.Namespace) -> int:
     """`vlp train`: train from ``args.config`` plus ``args.overrides``, or with ``args.check``
-    run one step and print the plan; 0 when steps ran, `EXIT_PREEMPTED` after a stop signal."""
+    run one step and print the plan; 0 when steps ran, `EXIT_PREEMPTED` after a stop signal,
+    `EXIT_INTERRUPTED` after Ctrl-C."""
     from launch.run import check, train
 
     config = load_config(args.config, args.overrides)
@@ -44,7 +49,7 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     result = train(config)
     if result.interrupted:
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else EXIT_PREEMPTED
     return 0 if result.step > 0 else 1
 
 

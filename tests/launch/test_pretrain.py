@@ -262,22 +262,29 @@ def test_two_process_loss_equals_the_one_process_loss_on_the_joined_batch(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)]
+)
+def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum, status):
     """A preemption notice (SIGTERM, or SIGUSR1 as SLURM's --signal sends it): a checkpoint
-    within a step, then exit status 75 (EX_TEMPFAIL) for the scheduler to requeue."""
+    within a step, then exit status 75 (EX_TEMPFAIL) for the scheduler to requeue. Ctrl-C, as
+    a terminal sends it to the whole process group (data workers included): the same, then
+    130."""
     out = tmp_path / "run"
+    extra = {"train.steps": 100_000, "train.checkpoint_every": 0, "data.workers": 1}
     command = [
         sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO),
-        *_overrides(shards, out, **{"train.steps": 100_000, "train.checkpoint_every": 0}),
+        *_overrides(shards, out, **extra),
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
         assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
         time.sleep(0.5)
-    process.send_signal(signum)
-    assert process.wait(timeout=120) == 75
+    os.killpg(process.pid, signum)  # the process and its data worker, as a terminal does
+    assert process.wait(timeout=120) == status, process.stderr.read()[-3000:]
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step_")
     assert _state(checkpoints[0])["step"] >= 1 and (checkpoints[0] / "COMPLETE").is_file()

@@ -61,6 +61,8 @@ class TrainResult:
     nonfinite_steps: int
     seconds: float
     eval_metrics: dict[str, float]
+    stop_signal: str = ""
+    """The signal that stopped the run early (``SIGTERM``, ``SIGUSR1``, ``SIGINT``), or ""."""
 
 
 class Trainer:
@@ -221,6 +223,7 @@ class Trainer:
             nonfinite_steps=self.nonfinite.total,
             seconds=progress.seconds(),
             eval_metrics=eval_metrics,
+            stop_signal=stop.signal_name if interrupted else "",
         )
 
     def train_step(
