@@ -14,11 +14,15 @@ then:
    2 workers: vlp = ``make_train_stream`` with the fast transforms and JPEG draft decoding,
    uint8 batches normalised in this process (counted); open_clip =
    ``open_clip_train.data.get_wds_dataset`` run by ``openclip_wds_peer.py`` in
-   ``.venv-openclip`` (``make bench-peer``). Odd rounds run open_clip first.
+   ``.venv-openclip`` (``make bench-peer``; ``--skip-peer`` leaves it out). Odd rounds run
+   open_clip first;
+3. with ``--profile``: where one worker's time goes, per sample and stage, in CPU time
+   (``worker_profile.py``: tar reading, decode, seeds, crop box, crop+resize, collate,
+   tokenise, the batch's pickling between processes, and what is left of the whole loop).
 
 Prints tables and writes ``benchmarks/results/data_throughput.json``.
 
-    .venv/bin/python benchmarks/data_throughput.py [--rounds 3] [--batches 16]
+    .venv/bin/python benchmarks/data_throughput.py [--rounds 3] [--batches 16] [--profile]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import PIL
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from worker_profile import worker_profile
 
 from data_pipelines.batch_fields import BatchFields
 from data_pipelines.stream import make_train_stream
@@ -309,7 +314,8 @@ def throughput(
             decode_wall[size].append(decode_only_rate(jpegs[size], time.perf_counter))
         for size, workers in keys:
             runs = rates[size, workers]
-            for side in ("vlp", "open_clip") if round_ % 2 == 0 else ("open_clip", "vlp"):
+            sides = ("vlp", "open_clip") if round_ % 2 == 0 else ("open_clip", "vlp")
+            for side in sides if not opts.skip_peer else ("vlp",):
                 runs["load_avg_1min"].append(os.getloadavg()[0])
                 if side == "vlp":
                     rate = vlp_rate(urls[size], fast, workers, round_, opts)
@@ -321,7 +327,8 @@ def throughput(
                 )
     rows = []
     for (size, workers), runs in rates.items():
-        vlp, peer = statistics.median(runs["vlp"]), statistics.median(runs["open_clip"])
+        vlp = statistics.median(runs["vlp"])
+        peer = statistics.median(runs["open_clip"]) if runs["open_clip"] else None
         decode = statistics.median(decode_wall[size])
         rows.append(
             {
@@ -329,7 +336,7 @@ def throughput(
                 "workers": workers,
                 "open_clip_samples_per_s": peer,
                 "vlp_samples_per_s": vlp,
-                "vlp_over_open_clip": vlp / peer,
+                "vlp_over_open_clip": vlp / peer if peer else None,
                 "decode_only_images_per_s": decode,
                 "vlp_per_worker_over_decode_only": vlp / workers / decode,
                 "runs": {**runs, "decode_only": decode_wall[size]},
@@ -341,7 +348,8 @@ def throughput(
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     print(f"\n{title}\n" + " | ".join(header))
     for row in rows:
-        print(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+        cells = (f"{v:.3g}" if isinstance(v, float) else "—" if v is None else str(v) for v in row)
+        print(" | ".join(cells))
 
 
 def main() -> None:
@@ -354,13 +362,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--data", default=str(ROOT / "runs" / "bench_data_throughput"))
     parser.add_argument("--levers-only", action="store_true", help="skip the stream comparison")
+    parser.add_argument("--skip-peer", action="store_true", help="no open_clip side")
+    parser.add_argument("--profile", action="store_true", help="per-stage worker profile")
     opts = parser.parse_args()
-    if not opts.levers_only and not PEER_PYTHON.exists():
-        raise SystemExit(f"{PEER_PYTHON} is missing: run `make bench-peer` first")
+    if not (opts.levers_only or opts.skip_peer) and not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} is missing: run `make bench-peer` or pass --skip-peer")
     torch.set_num_threads(1)  # like a data worker; normalize_images runs on one core here
     fast = fast_transforms({"size": 224})
     print(f"torch {torch.__version__}, Pillow {PIL.__version__}, {os.cpu_count()} cores, ")
-    print(f"draft size {fast.draft_size}, load average {os.getloadavg()}")
+    load_start = os.getloadavg()
+    print(f"draft size {fast.draft_size}, load average {load_start}")
     folders = {size: Path(opts.data) / size for size in opts.sizes}
     urls = {size: ensure_shards(folder, *SIZES[size]) for size, folder in folders.items()}
     jpegs = {size: read_jpegs(folder, PER_SHARD) for size, folder in folders.items()}
@@ -376,6 +387,20 @@ def main() -> None:
             ["step", "ms", "mean |diff| vs torchvision, 0..255"],
             [[r["step"], r["ms"], r.get("mean_abs_diff", "")] for r in rows],
         )
+    if opts.profile:
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        results["worker_profile_cpu_ms_per_sample"] = {}
+        for size, folder in folders.items():
+            rows = worker_profile(folder, fast, tokenizer)
+            results["worker_profile_cpu_ms_per_sample"][size] = rows
+            print_table(
+                f"{size}: one worker's CPU ms per sample, by stage",
+                ["stage", "ms", "us per tar member", "ratio"],
+                [
+                    [r["stage"], r.get("ms", ""), r.get("us_per_member", ""), r.get("ratio", "")]
+                    for r in rows
+                ],
+            )
     if not opts.levers_only:
         results["throughput"] = throughput(urls, jpegs, fast, opts)
         print_table(
@@ -402,6 +427,8 @@ def main() -> None:
                 for r in results["throughput"]
             ],
         )
+    results["load_average_start_end"] = [load_start, os.getloadavg()]
+    print(f"load average at the end {os.getloadavg()}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS}")

@@ -218,8 +218,9 @@ class _Join:
 def _write_shard(url: str, fs: AbstractFileSystem, path: str, join: _Join) -> int:
     """Write ``url``'s samples, records merged, to ``path``; return how many."""
     count = 0
-    # As data_pipelines.write: fixed mtime, so the same input gives byte-identical shards.
-    with fs.open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
+    # As data_pipelines.write: fixed int mtime, so the same input gives byte-identical shards
+    # (and no pax header per member).
+    with fs.open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as writer:
         for raw in _read_shard(url):
             writer.write({"__key__": raw.key, **join.members(raw)})
             count += 1

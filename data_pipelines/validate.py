@@ -3,14 +3,14 @@
 ``vlp shards validate`` runs this before a long job. A sample is checked with the stream's own
 rules (:mod:`data_pipelines.decode`), so "valid" here means "decodes in training". A shard is
 checked as a tar: one that does not open, and one that is truncated (a read error, or, since
-Python's streaming tar reader stops silently when a tar is cut at a member boundary, an
-uncompressed tar that does not end with the two zero blocks of the end-of-archive marker) are
-reported, and so is a sample count that disagrees with ``sizes.json``. A json member's
-``summary`` and ``objects`` keys, where present, are checked with ``vlp shards attach``'s rules
-(:func:`data_pipelines.object_fields.check_fields`). A warning (not a problem) says when most
-shards hold a single class (``cls``): shards written in class order, whose batches would hold
-one or two classes when the stream's shuffle buffer holds about a shard; write them shuffled
-(``vlp shards write`` does by default).
+the streaming tar reader (``tario``, like Python's ``tarfile``) stops silently when a tar is cut
+at a member boundary, an uncompressed tar that does not end with the two zero blocks of the
+end-of-archive marker) are reported, and so is a sample count that disagrees with
+``sizes.json``. A json member's ``summary`` and ``objects`` keys, where present, are checked
+with ``vlp shards attach``'s rules (:func:`data_pipelines.object_fields.check_fields`). A
+warning (not a problem) says when most shards hold a single class (``cls``): shards written in
+class order, whose batches would hold one or two classes when the stream's shuffle buffer holds
+about a shard; write them shuffled (``vlp shards write`` does by default).
 """
 
 from __future__ import annotations

@@ -78,8 +78,9 @@ def _write_shard(
     count = 0
     failed = {"read": 0, "decode": 0}
     try:
-        # Fixed mtime: the same samples give byte-identical shards.
-        with fs.open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
+        # Fixed mtime: the same samples give byte-identical shards. An int: a float mtime makes
+        # tarfile's pax format write a pax header before every member, which readers then parse.
+        with fs.open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as writer:
             for item in items:
                 if isinstance(item, Skipped):
                     if on_skip is None:

@@ -95,6 +95,8 @@ def test_fields_are_merged_and_everything_else_is_copied(shards: Path, tmp_path:
         else:
             assert new.members["json"] == old.members["json"]
     assert validate_shards(out).ok
+    with tarfile.open(out / "00000.tar") as tar:
+        assert all(m.pax_headers == {} for m in tar), "no pax header per member (a float mtime)"
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -76,6 +76,19 @@ def test_deterministic_bytes_and_no_temporary_files(tmp_path: Path) -> None:
     assert not [n for n in os.listdir(tmp_path / "a") if n.endswith(".tmp")]
 
 
+def test_no_pax_header_per_member(tmp_path: Path) -> None:
+    """A float mtime made tarfile write a pax header before every member (two header blocks
+    each, and a pax parse per member in every reader); an int one writes plain ustar headers."""
+    (path,) = write_shards(generate_samples(3, seed=0), tmp_path)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert len(members) == 12
+    assert all(m.pax_headers == {} and m.mtime == 0 for m in members)
+    headers = len(members) + 2  # one header block per member, two end-of-archive blocks
+    data_blocks = sum(-(-m.size // 512) for m in members)
+    assert Path(path).stat().st_size <= (headers + data_blocks) * 512 + tarfile.RECORDSIZE
+
+
 def test_refuses_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
     write_shards(generate_samples(30, seed=0), tmp_path, samples_per_shard=10)
     with pytest.raises(FileExistsError, match="not empty"):
