@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from vlp.training import (
     create_trackers,
 )
 from vlp.training.accel import check_sharding
+from vlp.training.run_dir import RunFolderInUse, hold_run_folder
 from vlp.training.threads import set_threads
 
 logger = logging.getLogger("vlp")
@@ -129,12 +131,20 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
             eval=replace(config.eval, zeroshot_shards=None),
         )
     out_dir = Path(run_config.train.out_dir)
-    try:
-        trackers = create_trackers(config.train.report_to, out_dir)
-    except ValueError as error:
-        raise StartupError(str(error)) from None
-    accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
-    with run_logging(out_dir, accelerator.is_main_process):
+    with contextlib.ExitStack() as held:
+        # Before anything is written there; the main process by torchrun's RANK, as the
+        # Accelerator that says so is made after (with the settings only it knows).
+        if not check and os.environ.get("RANK", "0") == "0":
+            try:
+                held.enter_context(hold_run_folder(out_dir))
+            except RunFolderInUse as error:
+                raise StartupError(str(error)) from None
+        try:
+            trackers = create_trackers(config.train.report_to, out_dir)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
+        held.enter_context(run_logging(out_dir, accelerator.is_main_process))
         return _run_logged(config, run_config, objective, accelerator, scratch, check=check)
 
 

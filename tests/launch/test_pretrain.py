@@ -291,6 +291,30 @@ def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum, status):
     assert signal.Signals(signum).name in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_second_run_into_a_live_runs_folder_stops_naming_it(shards, tmp_path, capsys):
+    """Two trainings into one train.out_dir at once would interleave their metrics and
+    overwrite each other's checkpoints: the second stops at start-up, naming the first."""
+    out = tmp_path / "run"
+    args = _overrides(shards, out, **{"train.steps": 100_000, "train.checkpoint_every": 0})
+    command = [sys.executable, str(ROOT / "launch/pretrain.py"), "--config", str(DEMO), *args]
+    first = subprocess.Popen(command, cwd=ROOT, env=_env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+            assert first.poll() is None
+            time.sleep(0.5)
+        logged = (out / "metrics.jsonl").read_text()
+        assert main(["train", "--config", str(DEMO), *args]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"train.out_dir='{out}' is in use by another training run (host " in error
+        assert f"pid {first.pid})" in error
+        assert (out / "metrics.jsonl").read_text().startswith(logged)  # nothing of the second
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 75
+
+
 def test_check_runs_one_step_and_prints_the_plan(shards, tmp_path, capsys, caplog):
     out = tmp_path / "planned"
     with caplog.at_level(logging.INFO):

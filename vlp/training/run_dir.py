@@ -8,9 +8,14 @@ provenance, and every logged value goes to the trackers and to ``metrics.jsonl``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -24,6 +29,43 @@ from vlp.training.trainer_checkpoint import ResumeError
 logger = logging.getLogger(__name__)
 
 SUBDIRS = (run_folder.CHECKPOINTS, "results", "plots")
+LOCK_NAME = ".vlp-run.lock"
+
+
+class RunFolderInUse(RuntimeError):
+    """Another live training run holds ``train.out_dir``."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(path: Path) -> Iterator[None]:
+    """Hold ``path`` for one run while the block runs (main process): a second run into the
+    same folder, started while this one lives, stops at once instead of mixing its metrics
+    and checkpoints into this one's.
+
+    An ``flock`` on ``path/.vlp-run.lock``, which names its holder (host and pid): the kernel
+    releases it when the holder exits, however it exits (``kill -9`` included), so a crashed
+    run never leaves the folder locked. (On a network file system without working ``flock``,
+    a second run is not detected.)
+
+    Raises:
+        RunFolderInUse: another process holds the folder; the message names it.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "another process"
+            raise RunFolderInUse(
+                f"train.out_dir='{path}' is in use by another training run ({holder}); wait "
+                "for it to end, or pick another train.out_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class RunDir:
