@@ -17,14 +17,16 @@ every worker is infinite, so the order is fixed.
 Never hang: epoch mode with fewer shards than ranks × workers fails at construction; a worker
 whose samples all fail stops after ``max_consecutive_errors``; a dead worker is reported by the
 DataLoader within seconds; a remote shard that stalls raises ``RemoteShardError``
-(``remote``); and the DataLoader's ``timeout`` bounds the wait for any batch.
+(``remote``); and ``StreamSettings.timeout`` bounds the wait for any batch.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -55,6 +57,7 @@ from data_pipelines.worker_stream import SkipCounts, TooManyBadSamples, worker_b
 
 __all__ = [
     "BatchFields",
+    "BatchTimeout",
     "SkipCounts",
     "StreamSettings",
     "StreamSpec",
@@ -70,6 +73,16 @@ __all__ = [
 logger = logging.getLogger("data_pipelines.stream")
 
 _STATE_VERSION = 2  # 2: epoch-mode quotas (epoch, batches in epoch) and shards in flight
+
+LIVENESS_POLL_S = 5.0
+"""How often a wait for a batch checks that the workers are alive. The DataLoader checks only
+when its own ``timeout`` runs out, so it gets this one, and the stream waits in these slices up
+to ``StreamSettings.timeout``: a worker that died after its last batch was received (the OOM
+killer) is an error within seconds, not after ``data.batch_timeout`` (600 s by default)."""
+
+
+class BatchTimeout(RuntimeError):
+    """No batch came from the data workers within ``data.batch_timeout`` seconds."""
 
 
 class DataWorkerDied(RuntimeError):
@@ -105,7 +118,8 @@ def _leave_stop_signals_to_the_trainer() -> None:
     """In a data worker: a terminal's Ctrl-C and a scheduler's preemption notice (SIGTERM,
     SIGUSR1) reach every process of the group, workers included; the trainer acts on them
     (its step, a checkpoint) and then ends its workers. So a worker ignores Ctrl-C and the
-    first notice of each kind; a second SIGTERM (the DataLoader's own ``terminate()``) ends it."""
+    first notice of each kind; a second SIGTERM ends it, and the stream kills a worker that
+    outlives the DataLoader's shutdown (:func:`_end_stragglers`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
@@ -114,6 +128,16 @@ def _leave_stop_signals_to_the_trainer() -> None:
 
 def _ignore_once(signum: int, frame: Any) -> None:
     signal.signal(signum, signal.SIG_DFL)
+
+
+def _end_stragglers(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """Kill the workers still alive once the DataLoader has shut them down: one stuck in a
+    transform or a read ignored its ``terminate()``, which may have been the first SIGTERM it
+    got (see :func:`_leave_stop_signals_to_the_trainer`)."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=LIVENESS_POLL_S)
 
 
 def _as_is(batch: Any) -> Any:
@@ -177,7 +201,7 @@ class TrainStream:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.settings.prefetch_factor if workers else None,
-            timeout=self.settings.timeout if workers else 0,
+            timeout=min(self.settings.timeout, LIVENESS_POLL_S) if workers else 0,
             persistent_workers=False,
             collate_fn=_as_is,
             # Each iterator draws a base seed (its workers' seeds, unused: samples are seeded
@@ -195,9 +219,15 @@ class TrainStream:
                 "and dropped (%d so far)",
                 self.epoch, self.spec.rank, remaining, dropped, self.dropped,
             )  # fmt: skip
+        started_before = set(multiprocessing.active_children())
         batches = _without_sigchld_errors(loader)
+        worker_processes = [p for p in multiprocessing.active_children() if p not in started_before]
         try:
-            for batch in batches:
+            while True:
+                try:
+                    batch = self._next_within_timeout(batches)
+                except StopIteration:
+                    return
                 meta = batch.pop("__stream__")
                 self._positions[meta["worker"]] = meta["position"]
                 self._next_worker = (meta["worker"] + 1) % self.spec.workers
@@ -225,6 +255,27 @@ class TrainStream:
             ) from error
         finally:
             del batches  # shuts the workers down now, so no late SIGCHLD error escapes
+            _end_stragglers(worker_processes)
+
+    def _next_within_timeout(self, batches: Iterator[Any]) -> Any:
+        """The next batch, waiting at most ``settings.timeout`` seconds in slices of the
+        DataLoader's own timeout, after each of which it has checked its workers' liveness."""
+        started = time.monotonic()
+        while True:
+            try:
+                return next(batches)
+            except RuntimeError as error:
+                if not str(error).startswith("DataLoader timed out"):
+                    raise
+                waited = time.monotonic() - started
+                if waited >= self.settings.timeout:
+                    raise BatchTimeout(
+                        f"no batch from data worker {self._next_worker} of rank "
+                        f"{self.spec.rank} within {waited:.0f} s (data.batch_timeout="
+                        f"{self.settings.timeout:g}) while reading "
+                        f"{self._whereabouts(self._next_worker)}: a stalled file system or a "
+                        "transform that hangs"
+                    ) from error
 
     def _whereabouts(self, worker: int) -> str:
         """The shards ``worker`` had open after its last batch consumed here (it may be a few

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data_pipelines.remote import RemoteShardError, register_remote_openers
-from data_pipelines.stream import DataWorkerDied, TooManyBadSamples
+from data_pipelines.stream import BatchTimeout, DataWorkerDied, TooManyBadSamples
 from launch.build import (
     StartupError,
     batch_fields,
@@ -214,7 +214,7 @@ def _run_logged(
     except NonFiniteLossError as error:
         log_to_file_only(str(error))
         raise RunStopped(str(error)) from None
-    except (RemoteShardError, DataWorkerDied) as error:
+    except (RemoteShardError, DataWorkerDied, BatchTimeout) as error:
         message = redact_url(_last_line(error))
         log_to_file_only(message)
         raise RunStopped(message) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 from data_pipelines.remote import RemoteShardError
+from data_pipelines.stream import BatchTimeout
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
@@ -126,20 +128,56 @@ def test_a_key_that_matches_nothing_stops_within_seconds(tmp_path: Path) -> None
     assert time.monotonic() - started < 30
 
 
-def _die_on_fifth(image: Image.Image) -> torch.Tensor:
+def _die_on_fifth(image: Image.Image, *, after_s: float = 0.0) -> torch.Tensor:
     _die_on_fifth.calls = getattr(_die_on_fifth, "calls", 0) + 1  # type: ignore[attr-defined]
     if _die_on_fifth.calls == 5:  # type: ignore[attr-defined]
+        time.sleep(after_s)
         os._exit(3)  # a worker killed mid-epoch (OOM killer, segfault in a codec)
     return transforms.functional.to_tensor(image)
 
 
-def test_a_dead_worker_is_an_error_within_seconds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-once", "after-its-batches-are-received"])
+def test_a_dead_worker_is_an_error_within_seconds(tmp_path: Path, after_s: float) -> None:
+    """Also when the main process has received every batch the worker sent before it died:
+    then only a liveness check finds it (CI once waited out the 600 s batch timeout)."""
     write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="DataLoader worker .* exited unexpectedly"):
-        for _ in _stream(str(tmp_path), preprocess=_die_on_fifth, workers=1, resampled=True):
+    with pytest.raises(RuntimeError, match="data worker 0 of rank 0 .* exited unexpectedly"):
+        for _ in _stream(
+            str(tmp_path), preprocess=partial(_die_on_fifth, after_s=after_s), workers=1,
+            resampled=True, timeout=120.0,
+        ):  # fmt: skip
             pass
     assert time.monotonic() - started < 30
+
+
+def _hang_on_third(image: Image.Image, *, pid_file: Path) -> torch.Tensor:
+    _hang_on_third.calls = getattr(_hang_on_third, "calls", 0) + 1  # type: ignore[attr-defined]
+    if _hang_on_third.calls == 3:  # type: ignore[attr-defined]
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(600)  # a transform or a read that never returns
+    return transforms.functional.to_tensor(image)
+
+
+def test_a_hung_worker_is_a_batch_timeout_and_is_ended(tmp_path: Path) -> None:
+    write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    pid_file = tmp_path / "worker.pid"
+    started = time.monotonic()
+    with pytest.raises(
+        BatchTimeout,
+        match=r"data worker 0 of rank 0 within \d+ s "
+        r"\(data.batch_timeout=2\) while reading shard .*0000[01].tar",
+    ):
+        for _ in _stream(
+            str(tmp_path), preprocess=partial(_hang_on_third, pid_file=pid_file), workers=1,
+            resampled=True, timeout=2.0,
+        ):  # fmt: skip
+            pass
+    assert time.monotonic() - started < 30
+    # The DataLoader's terminate() is the first SIGTERM this worker sees, which it ignores
+    # (a scheduler's notice to the whole group): the stream kills it itself.
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_remote_shards_over_http_match_local_ones(tmp_path: Path) -> None:
