@@ -9,6 +9,7 @@ converted), a caption becomes stripped UTF-8 text. Anything wrong with the bytes
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import zlib
 
@@ -48,6 +49,20 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # truncated image data, missing shard file, connection reset
 )
 """Exception types that mean "this data is bad": skipped and counted, never a crash."""
+
+
+_IN_MEMORY_FILE = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def describe_data_error(error: BaseException) -> str:
+    """One line for a data error, for skip messages: its type (unless it is a
+    :class:`SampleError`, whose message says what and where) and its message, without Pillow's
+    ``<_io.BytesIO object at 0x…>``, which names nothing; the caller names the file or the
+    shard and key."""
+    text = _IN_MEMORY_FILE.sub("", str(error)).strip()
+    if isinstance(error, SampleError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -92,7 +107,7 @@ def decode_image(
     except SampleError:
         raise
     except DATA_ERRORS as error:
-        raise SampleError(f"undecodable image: {error!r}") from error
+        raise SampleError(f"undecodable image: {describe_data_error(error)}") from error
 
 
 def decode_caption(data: bytes, max_bytes: int = MAX_CAPTION_BYTES) -> str:

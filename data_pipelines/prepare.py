@@ -18,7 +18,7 @@ from typing import Any, Literal
 import fsspec
 from PIL import Image, ImageOps
 
-from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS, decode_image
+from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS, decode_image, describe_data_error
 
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 RESERVED = frozenset({"key", "image", "txt", "json", "cls"})
@@ -78,7 +78,7 @@ def _image_bytes(
             with fsspec.open(image, "rb") as f:
                 data = f.read()
         except DATA_ERRORS as error:
-            return Skipped(where, f"cannot read image: {error!r}", "read")
+            return Skipped(where, f"cannot read image: {describe_data_error(error)}", "read")
     elif isinstance(image, bytes):
         data = image
     else:

@@ -32,7 +32,7 @@ from data_pipelines.batch_fields import (
     collate_json,
     fallback_key,
 )
-from data_pipelines.decode import SampleError, decode_caption, decode_image
+from data_pipelines.decode import SampleError, decode_caption, decode_image, describe_data_error
 from data_pipelines.shard_reader import Ref, ShardReader
 from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_quota
 from data_pipelines.tario import RawSample
@@ -101,7 +101,7 @@ class _WorkerCounts:
         self.consecutive += 1
         self.pending.by_shard[url] = self.pending.by_shard.get(url, 0) + 1
         self.pending.skipped += 1
-        self.pending.reasons[url] = redact_url(repr(error))
+        self.pending.reasons[url] = redact_url(describe_data_error(error))
         if self.pending.skipped <= 3:
             logger.warning("skipped data in %s: %s", url, self.pending.reasons[url])
         if self.consecutive >= self.limit:

@@ -37,6 +37,12 @@ CLASSNAMES_FILE = "classnames.txt"
 _BATCH = 16
 
 
+class NothingWritten(ValueError):
+    """No sample could be written (all were skipped, or there were none): no shard, no
+    ``sizes.json`` or ``classnames.txt``, and a folder that the write created is removed, so
+    that the same command runs again once the input is fixed."""
+
+
 def _prepared(
     samples: Iterable[dict[str, Any]], prepare: Callable[[dict[str, Any]], Prepared], workers: int
 ) -> Iterator[Prepared]:
@@ -155,6 +161,9 @@ def write_shards(
     out (counted in the shard's ``_stats.json``); without ``on_skip`` it raises
     ``SampleError``. Image bytes are stored as given unless ``max_side`` is set.
     ``classnames`` (the names of ``cls`` 0, 1, ...) are written to ``classnames.txt``.
+
+    Raises:
+        NothingWritten: no sample could be written (see the class).
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
@@ -166,6 +175,7 @@ def write_shards(
         raise ValueError(f"max_side must be > 0, got {max_side}")
     out = os.fspath(out_dir)
     fs, root = fsspec.core.url_to_fs(out)
+    created = not fs.exists(root)
     _prepare_output(fs, root, out, overwrite)
 
     prepare = functools.partial(
@@ -174,12 +184,14 @@ def write_shards(
     items = _prepared(samples, prepare, workers)
     paths: list[str] = []
     sizes: dict[str, int] = {}
+    skipped = 0
     while True:
         index = len(paths)
         name = f"{index:05d}.tar"
         count, failed = _write_shard(
             fs, items, posixpath.join(root, name), samples_per_shard, on_skip
         )
+        skipped += sum(failed.values())
         if count == 0:
             break
         stats = {
@@ -193,6 +205,11 @@ def write_shards(
         paths.append(posixpath.join(out, name))
         if count < samples_per_shard:
             break
+    if not paths:
+        if created:
+            fs.rm(root, recursive=True)
+        why = f"all {skipped} were skipped" if skipped else "the input holds none"
+        raise NothingWritten(f"write_shards: no sample was written to {out}: {why}")
     if classnames is not None:
         with fs.open(posixpath.join(root, CLASSNAMES_FILE), "w", encoding="utf-8") as f:
             f.write("".join(f"{name}\n" for name in classnames))

@@ -21,15 +21,19 @@ if TYPE_CHECKING:
 def _shards_errors() -> tuple[type[Exception], ...]:
     from data_pipelines.decode import SampleError
     from data_pipelines.sources import SourceError
+    from data_pipelines.write import NothingWritten
 
-    return (SourceError, SampleError, FileExistsError, FileNotFoundError, NotADirectoryError)
+    return (
+        SourceError, SampleError, NothingWritten, FileExistsError, FileNotFoundError,
+        NotADirectoryError,
+    )  # fmt: skip
 
 
 def _shards_write(args: argparse.Namespace) -> int:
     import fsspec
 
     from data_pipelines.sources import DEFAULT_TEMPLATE, class_names, read_source
-    from data_pipelines.write import write_shards
+    from data_pipelines.write import NothingWritten, write_shards
 
     if args.layout == "clip_benchmark":
         return _shards_write_clip_benchmark(args)
@@ -44,25 +48,29 @@ def _shards_write(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     names = class_names(args.source) if os.path.isdir(args.source) else None
-    paths = write_shards(
-        samples,
-        args.out,
-        samples_per_shard=args.samples_per_shard,
-        image_format=args.image_format,
-        quality=args.quality,
-        overwrite=args.overwrite,
-        max_side=args.max_side,
-        workers=args.workers,
-        on_skip=skipped.append,
-        classnames=names,
-    )
+    try:
+        paths = write_shards(
+            samples,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            image_format=args.image_format,
+            quality=args.quality,
+            overwrite=args.overwrite,
+            max_side=args.max_side,
+            workers=args.workers,
+            on_skip=skipped.append,
+            classnames=names,
+        )
+    except NothingWritten:
+        _print_skipped(skipped)
+        raise
     with fsspec.open(posixpath.join(args.out, "sizes.json"), "rt") as f:
         written = sum(json.load(f).values())
     print(f"wrote {_count(written, 'sample')} in {_count(len(paths), 'shard')} to {args.out}")
     if names is not None:
         print(f"classes (cls 0..{len(names) - 1}): {json.dumps(names)}")
     _print_skipped(skipped)
-    return 0 if written else 1
+    return 0
 
 
 def _print_skipped(skipped: Sequence[Skipped]) -> None:

@@ -33,6 +33,29 @@ def test_counts_of_one_read_in_the_singular(
     assert f"wrote 6 samples in 1 shard to {out}\n" in text and "skipped 1 sample:" in text
 
 
+def test_a_folder_of_corrupt_images_writes_nothing_and_the_fixed_rerun_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "src"
+    (root / "cat").mkdir(parents=True)
+    for i in range(2):
+        (root / "cat" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "shards"
+    assert main(["shards", "write", str(root), str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(
+        f"vlp: error: write_shards: no sample was written to {out}: all 2 were skipped"
+    )
+    assert f"skipped 2 samples:\n  {root}/cat/0.jpg: undecodable image: " in captured.out
+    assert "UnidentifiedImageError: cannot identify image file\n" in captured.out
+    assert "BytesIO" not in captured.out + captured.err
+    assert not out.exists()  # no classnames.txt or sizes.json that refuse the rerun
+
+    Image.new("RGB", (40, 24)).save(root / "cat" / "0.jpg")
+    assert main(["shards", "write", str(root), str(out)]) == 0
+    assert "wrote 1 sample in 1 shard" in capsys.readouterr().out
+
+
 def test_write_validate_inspect(
     class_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

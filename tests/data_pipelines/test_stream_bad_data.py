@@ -91,6 +91,20 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path: Path) -> None
     assert by_key["000000003_png16"].min() > 0.9  # 60000/65535, not clipped to 255/255 garbage
 
 
+def test_a_skip_reason_names_shard_and_key_and_no_in_memory_file(tmp_path: Path) -> None:
+    jpeg = _encode(RGB, "JPEG")
+    samples = [("000000000_good", {"jpg": jpeg, "txt": b"x"})]
+    samples.append(("000000001_not_an_image", {"jpg": b"hello", "txt": b"x"}))
+    url = write_tar(tmp_path / "00000.tar", samples)
+    stream = _stream(url, max_skip_fraction=1.0, resampled=True, shards_in_flight=1)
+    for _ in zip(range(3), stream, strict=False):
+        pass
+    assert stream.skips.reasons == {
+        url: f"shard {url} sample 000000001_not_an_image: undecodable image: "
+        "UnidentifiedImageError: cannot identify image file"
+    }
+
+
 def test_a_truncated_shard_keeps_its_good_head_and_counts_the_rest(tmp_path: Path) -> None:
     paths = write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
     data = Path(paths[1]).read_bytes()

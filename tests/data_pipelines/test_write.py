@@ -17,7 +17,7 @@ from PIL import Image
 from data_pipelines.decode import SampleError
 from data_pipelines.prepare import Skipped
 from data_pipelines.synthetic import generate_samples
-from data_pipelines.write import write_shards
+from data_pipelines.write import NothingWritten, write_shards
 
 
 def _members(path: str) -> dict[str, bytes]:
@@ -142,9 +142,9 @@ def test_max_side_shrinks_and_keeps_small_encoded_images(tmp_path: Path) -> None
     assert sizes == [(32, 20), (16, 10), (5, 32)]
     assert members["000000001.jpg"] == small.getvalue()  # right format and size: not re-encoded
     skipped: list[Skipped] = []
-    write_shards(
-        [{**samples[0], "image": b"junk"}], tmp_path / "b", max_side=32, on_skip=skipped.append
-    )
+    junk = {**samples[0], "image": b"junk"}
+    with pytest.raises(NothingWritten):
+        write_shards([junk], tmp_path / "b", max_side=32, on_skip=skipped.append)
     assert [(s.where, s.stage) for s in skipped] == [("sample 000000000", "decode")]
 
 
@@ -215,3 +215,17 @@ def test_shuffled_folder_writes_the_same_bytes_for_any_worker_count(tmp_path: Pa
     classes = [{m for m in _members(p) if m.endswith(".cls")} for p in one]
     first = {_members(one[0])[m] for m in classes[0]}
     assert len(first) > 1, "a shard of a shuffled class folder holds several classes"
+
+
+def test_nothing_to_write_is_an_error_that_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    created = tmp_path / "new"
+    with pytest.raises(NothingWritten, match=f"no sample was written to {created}: the input"):
+        write_shards([], created, classnames=["cat"])
+    assert not created.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    skipped: list[Skipped] = []
+    bad = {"key": "0", "image": b"not an image", "txt": "a cat"}
+    with pytest.raises(NothingWritten, match="all 1 were skipped"):
+        write_shards([bad], existing, max_side=8, on_skip=skipped.append)
+    assert existing.is_dir() and not list(existing.iterdir()) and len(skipped) == 1
