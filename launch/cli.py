@@ -1,14 +1,17 @@
-"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp shards write|validate|inspect|attach`,
-`vlp prior train-reference|weights`, `vlp protoclip teacher`, `vlp eval zeroshot|retrieval|
-linear-probe|captioning`, `vlp export`, `vlp watch` — thin shells over tested functions."""
+"""The `vlp` command: `vlp demo`, `vlp train [--check]`, `vlp config --list`, `vlp shards
+write|validate|inspect|attach`, `vlp prior train-reference|weights`, `vlp protoclip teacher`,
+`vlp eval zeroshot|retrieval|linear-probe|captioning`, `vlp export`, `vlp watch`: thin shells
+over tested functions."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import traceback
 from collections.abc import Sequence
 
+from launch.cli_config import add_config_command
 from launch.cli_prior import add_prior_command
 from launch.cli_protoclip import add_protoclip_command
 from launch.cli_shards import add_shards_command
@@ -16,6 +19,7 @@ from launch.cli_train import EXIT_PREEMPTED, add_train_commands
 from launch.evaluate import add_eval_commands, add_export_command
 from launch.failure import rank_and_world, report_failure
 from launch.watch import add_watch_command
+from vlp.config import ConfigError
 
 __all__ = ["EXIT_PREEMPTED", "build_parser", "main"]
 
@@ -28,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     `launch/evaluate.py` (eval, export) and `launch/watch.py`; this module keeps the entry and
     `main`'s error handling.
     """
-    parser = argparse.ArgumentParser(prog="vlp", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vlp",
+        description="Contrastive vision-language pretraining: write shards, train, evaluate, "
+        "export. Start with `vlp demo`; `vlp COMMAND --help` describes each command and "
+        "`vlp config --list` every config key.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_train_commands(commands)
+    add_config_command(commands)
     add_shards_command(commands)
     add_prior_command(commands)
     add_protoclip_command(commands)
@@ -39,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_command(commands)
     add_watch_command(commands)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vlp")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except Exception as error:
-        if isinstance(error, args.user_errors()):
+        # A config error is always the user's; checked first, since `user_errors()` may import
+        # what the command would have run (seconds of torch for a typo in a key).
+        if isinstance(error, ConfigError) or isinstance(error, args.user_errors()):
             report_failure(str(error))
             return 2
         if rank_and_world()[1] == 1:

@@ -202,8 +202,16 @@ def add_shards_command(commands: argparse._SubParsersAction) -> None:
     )
     write.add_argument("--max-side", type=positive_int, help="shrink larger images to this side")
     write.add_argument("--workers", type=positive_int, default=1, help="image worker processes")
-    write.add_argument("--image-format", choices=("jpg", "png", "webp"), default="jpg")
-    write.add_argument("--quality", type=positive_int, default=95, help="jpg/webp quality")
+    write.add_argument(
+        "--image-format",
+        choices=("jpg", "png", "webp"),
+        default="jpg",
+        help="format of the stored images: a file in another one, or shrunk by --max-side, is "
+        "re-encoded (default: jpg)",
+    )
+    write.add_argument(
+        "--quality", type=positive_int, default=95, help="jpg/webp quality (default: 95)"
+    )
     write.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     write.add_argument(
         "--caption-template",

@@ -19,6 +19,11 @@ EXIT_INTERRUPTED = 130
 written and train.resume=latest continues."""
 
 
+def demo_recipes() -> list[Path]:
+    """The demo recipes, one per objective: ``demo.yaml`` (CLIP) and ``*_demo.yaml``."""
+    return [DEMO_RECIPE, *sorted(DEMO_RECIPE.parent.glob("*_demo.yaml"))]
+
+
 def run_errors() -> tuple[type[Exception], ...]:
     """The user errors of a command that starts a run (imported when one is raised: `launch.run`
     takes seconds to import)."""
@@ -32,9 +37,9 @@ def train_command(args: argparse.Namespace) -> int:
     """`vlp train`: train from ``args.config`` plus ``args.overrides``, or with ``args.check``
     run one step and print the plan; 0 when steps ran, `EXIT_PREEMPTED` after a stop signal,
     `EXIT_INTERRUPTED` after Ctrl-C."""
+    config = load_config(args.config, args.overrides)  # before launch.run's seconds of imports
     from launch.run import check, train
 
-    config = load_config(args.config, args.overrides)
     if args.check:
         plan = check(config)
         print("config, shards and sample fields OK; one training step ran.")
@@ -56,26 +61,44 @@ def train_command(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from launch.demo import run_demo
 
-    run_demo(args.out, args.overrides, args.config)
+    recipe = Path(args.config)
+    if not recipe.exists() and (DEMO_RECIPE.parent / recipe).is_file():
+        recipe = DEMO_RECIPE.parent / recipe  # a recipe by name: `vlp demo --config x_demo.yaml`
+    run_demo(args.out, args.overrides, recipe)
     return 0
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """Register `vlp train` and `vlp demo`."""
     train = commands.add_parser(
-        "train", help="pretrain from a YAML config plus key=value overrides"
+        "train",
+        help="pretrain from a YAML config plus key=value overrides",
+        description="Pretrain from a YAML config plus section.key=value overrides (an override "
+        "wins over the file). Every key, its default and meaning: vlp config --list.",
+        epilog="Under accelerate: accelerate launch launch/pretrain.py --config FILE [KEY=VALUE "
+        "...]. SIGTERM/SIGUSR1 (exit 75) and Ctrl-C (exit 130) write a checkpoint first; "
+        "train.resume=latest continues.",
     )
     train.add_argument("--config", help="YAML run config (e.g. launch/configs/demo.yaml)")
-    train.add_argument("--check", action="store_true", help="validate, run one step, print plan")
+    train.add_argument(
+        "--check", action="store_true", help="check config, shards and fields, run one step"
+    )
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
     train.set_defaults(func=train_command, user_errors=run_errors)
 
-    demo = commands.add_parser("demo", help="write synthetic shards, train a tiny CLIP, evaluate")
+    recipes = ", ".join(path.name for path in demo_recipes())
+    demo = commands.add_parser(
+        "demo",
+        help="write procedural shards, train a tiny model, evaluate",
+        description="Write procedural shapes shards into OUT/data, train a recipe on them and "
+        "evaluate it on held-out shapes; one recipe per objective.",
+    )
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument(
         "--config",
         default=str(DEMO_RECIPE),
-        help="demo recipe (default: launch/configs/demo.yaml; convirt_demo.yaml for ConVIRT)",
+        help=f"a recipe of launch/configs by name ({recipes}) or a path (default: "
+        f"{DEMO_RECIPE.name}, CLIP)",
     )
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
     demo.set_defaults(func=_demo, user_errors=run_errors)

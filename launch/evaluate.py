@@ -318,7 +318,12 @@ def _common(parser: argparse.ArgumentParser, *, several: bool = True) -> None:
     )
     parser.add_argument("--split", default="test", help="split of a webdataset root")
     parser.add_argument("--out", required=True, help="folder for the result JSON and PNG")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="images per forward pass (default: 256)",
+    )
     parser.add_argument(
         "--workers", type=int, help="image decoding processes (default: 4, at most the cores)"
     )
@@ -342,17 +347,27 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
 
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification from class prompts")
     _common(zeroshot)
-    zeroshot.add_argument("--classnames", help="one class name per line, or a JSON list")
+    zeroshot.add_argument(
+        "--classnames", metavar="FILE", help="a file: one class name per line, or a JSON list"
+    )
     zeroshot.add_argument(
         "--templates",
-        help="one template with {c} per line, a JSON list, or a JSON object class -> prompts "
-        "(CuPL); default: the dataset's, else 'a photo of a {c}.'",
+        metavar="FILE",
+        help="a file: one template with {c} per line, a JSON list, or a JSON object class -> "
+        "prompts (CuPL); default: the dataset's, else 'a photo of a {c}.'",
     )
     zeroshot.set_defaults(func=zeroshot_command, user_errors=_user_errors)
 
     retrieval = tasks.add_parser("retrieval", help="image<->text retrieval recall@k")
     _common(retrieval)
-    retrieval.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10])
+    retrieval.add_argument(
+        "--recall-k",
+        type=positive_int,
+        nargs="+",
+        default=[1, 5, 10],
+        metavar="K",
+        help="recall@K for each K, image->text and text->image (default: 1 5 10)",
+    )
     retrieval.set_defaults(func=retrieval_command, user_errors=_user_errors)
 
     probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features")
@@ -361,17 +376,28 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         "--train-dataset", help="training set (default: --dataset, split --train-split)"
     )
     probe.add_argument("--train-split", default="train", help="split of a webdataset root")
-    probe.add_argument("--classnames", help="one class name per line, or a JSON list")
+    probe.add_argument(
+        "--classnames", metavar="FILE", help="a file: one class name per line, or a JSON list"
+    )
     probe.add_argument("--fewshot-k", type=positive_int, help="train on k images per class")
-    probe.add_argument("--val-fraction", type=float, default=0.2, help="for the decay sweep")
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="training images held out to choose the weight decay (default: 0.2)",
+    )
+    probe.add_argument(
+        "--seed", type=int, default=0, help="of the few-shot pick and the split (default: 0)"
+    )
     probe.set_defaults(func=linear_probe_command, user_errors=_user_errors)
 
     captioning = tasks.add_parser(
         "captioning", help="captions of a CoCa model, BLEU-4 and CIDEr against the dataset's"
     )
     _common(captioning)
-    captioning.add_argument("--method", choices=("greedy", "beam"), default="greedy")
+    captioning.add_argument(
+        "--method", choices=("greedy", "beam"), default="greedy", help="decoding (default: greedy)"
+    )
     captioning.add_argument(
         "--max-len",
         type=positive_int,
@@ -386,7 +412,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         help="no end token before this many tokens, start token included (default: 5, "
         "open_clip's; 2 lets one-word captions end)",
     )
-    captioning.add_argument("--num-beams", type=positive_int, default=6, help="for --method beam")
+    captioning.add_argument(
+        "--num-beams", type=positive_int, default=6, help="for --method beam (default: 6)"
+    )
     captioning.set_defaults(func=captioning_command, user_errors=_user_errors)
 
 

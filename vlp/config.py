@@ -88,6 +88,7 @@ class ObjectiveConfig:
     """
 
     name: str = "clip"
+    """The objective, by registry name (``vlp config --list`` lists them and their keys)."""
     settings: dict[str, Any] = field(default_factory=dict)
     """Objective name -> its ``Config`` dataclass instance (those given, plus the chosen one)."""
 
@@ -121,11 +122,17 @@ class OptimConfig:
     """AdamW with linear warmup and cosine decay."""
 
     lr: float = 5e-4
+    """Peak learning rate, reached after ``warmup_steps`` and decayed to 0 by ``train.steps``."""
     weight_decay: float = 0.2
+    """AdamW's decoupled weight decay, on weight matrices only (not gains, biases, the scale)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.98
+    """AdamW's second-moment decay (CLIP's 0.98 rather than 0.999)."""
     eps: float = 1e-6
+    """AdamW's denominator epsilon."""
     warmup_steps: int = 100
+    """Steps of linear warmup from 0 to ``lr``."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping."""
 
@@ -137,7 +144,9 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps."""
     out_dir: str = "runs/default"
+    """The run folder: checkpoints, config.yaml, metrics.jsonl, train.log, plots, eval results."""
     seed: int = 0
+    """Seed of the initial weights, the data order and the augmentations."""
     accum_steps: int = 1
     """Micro-batches of ``data.batch_size`` per optimizer step, accumulated exactly (GradCache):
     the contrastive loss sees all k·b samples of every rank, as one k times larger batch."""
@@ -147,7 +156,9 @@ class TrainConfig:
     tile_size: int | None = None
     """Rows/columns per tile of the tiled contrastive core (None = 1024)."""
     checkpoint_every: int = 500
+    """Steps between checkpoints (one is also written at the end and on SIGTERM/Ctrl-C)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str | None = None
     """``latest`` or a checkpoint directory. Without it, a folder that already holds checkpoints
     is refused (see ``overwrite``)."""
@@ -155,6 +166,7 @@ class TrainConfig:
     """Start afresh in a ``out_dir`` that holds a run: its checkpoints, metrics, results and plots
     are removed first. Off by default, so a new run never clobbers a finished one."""
     log_every: int = 10
+    """Steps between rows of ``metrics.jsonl`` and the trackers."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Accelerate trackers (``tensorboard``, ``wandb``, ...; [] for none). wandb needs the
     ``wandb`` package and its login, or ``WANDB_MODE=offline``."""
@@ -174,8 +186,11 @@ class EvalConfig:
     zeroshot_shards: str | None = None
     """Held-out shards with a ``cls`` field for zero-shot classification and retrieval."""
     classnames: list[str] = field(default_factory=list)
+    """Names of ``zeroshot_shards``' classes, item i naming ``cls`` i (needed with them)."""
     templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    """Zero-shot prompts, ``{c}`` standing for the class name; the classifier averages them."""
     batch_size: int = 256
+    """Images per forward pass of the evaluators."""
     datasets: dict[str, str] = field(default_factory=dict)
     """More eval sets, name -> path: a CLIP_benchmark webdataset root, a folder of class
     subfolders or a CSV table (as ``vlp eval`` reads them); logged as ``eval/<name>/<metric>``."""
@@ -347,6 +362,7 @@ def load_config(
 ) -> Config:
     """Build a :class:`Config` from an optional YAML file and ``section.key=value`` overrides."""
     config = Config()
+    layers: list[dict[str, Any]] = []
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -359,9 +375,15 @@ def load_config(
             ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{file}' must hold a mapping of sections")
-        _apply(config, data, "")
-    for item in overrides:
-        _apply(config, _parse_override(item), "")
+        layers.append(data)
+    layers += [_parse_override(item) for item in overrides]
+    # The objective sections last: reading them imports the objectives (torch, seconds), so
+    # that a mistake anywhere else is reported at once.
+    for layer in layers:
+        _apply(config, {k: v for k, v in layer.items() if k != "objective"}, "")
+    for layer in layers:
+        if "objective" in layer:
+            _apply(config, {"objective": layer["objective"]}, "")
     validate_config(config)
     return config
 

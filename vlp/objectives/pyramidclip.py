@@ -82,12 +82,17 @@ class PyramidClipSettings:
     smoothing: float = 0.2
     """α of the softened targets (0: plain InfoNCE)."""
     w_gs: float = 1.0
-    """Extra weight of L_GS (0 switches the term off); likewise the five below."""
+    """Extra weight of L_GS, global view ↔ summary (0 switches the term off)."""
     w_lt: float = 1.0
+    """Extra weight of L_LT, local view ↔ original text (0 switches the term off)."""
     w_ga: float = 1.0
+    """Extra weight of L_GA, global view ↔ attribute text (0 switches the term off)."""
     w_rs: float = 1.0
+    """Extra weight of L_RS, ROI ↔ summary (0 switches the term off)."""
     w_la: float = 1.0
+    """Extra weight of L_LA, local view ↔ attribute text (0 switches the term off)."""
     w_rt: float = 1.0
+    """Extra weight of L_RT, ROI ↔ original text (0 switches the term off)."""
     clip_only: bool = False
     """Ablation: symmetric InfoNCE on (global view, caption) alone, with the same smoothing."""
     last_blocks: int = 3

@@ -72,8 +72,11 @@ class PriorReferenceSettings:
     """``objective.prior_reference.*``: the reference LM's size."""
 
     width: int = 64
+    """Width of the reference LM's transformer."""
     layers: int = 2
+    """Transformer blocks of the reference LM."""
     heads: int = 4
+    """Attention heads per block (``width`` must divide by it)."""
 
     def validate(self) -> None:
         """Reject sizes that cannot build."""
@@ -209,7 +212,9 @@ class PriorSettings:
     alpha: float = 1.0
     """Exponent of 1 − P_r (0: plain CoCa; the paper's formula has none, i.e. 1)."""
     contrastive_weight: float = 1.0
+    """Weight of the contrastive (CLIP) loss."""
     caption_weight: float = 2.0
+    """Weight of the re-weighted captioning loss (CoCa's 2)."""
 
     def validate(self) -> None:
         """Reject settings that cannot train."""

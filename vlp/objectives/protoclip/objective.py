@@ -76,7 +76,9 @@ class ProtoClipSettings:
     dim: int = 128
     """Width of the heads' output (the space that is clustered)."""
     iterations: int = 20
+    """Lloyd iterations per k-means run."""
     restarts: int = 3
+    """k-means runs per clustering; the one with the lowest within-cluster error is kept."""
     backend: str = "auto"
     """k-means: ``faiss`` (CPU), ``torch`` (deterministic, on the training device), ``auto``."""
     cluster_every: int = 1
@@ -84,8 +86,11 @@ class ProtoClipSettings:
     target_temperature: float = 0.01
     """τ_t of the soft targets (<= 0: hard labels)."""
     w_clip: float = 1.0
+    """Weight of the instance-level CLIP loss."""
     w_proto: float = 1.0
+    """Weight of the prototype terms ½(L_I→T + L_T→I)."""
     w_ext: float = 1.0
+    """Weight of the teacher terms ½(L_I→E + L_T→E) (needs ``teacher``)."""
     clip_episodes: int = 1
     """The first episodes train CLIP alone (clustering still runs)."""
     lit_episodes: int = 2
