@@ -54,14 +54,18 @@ def result_filename(
     """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``.
 
     As CB does: a ``wds/`` prefix is dropped and ``/`` in the dataset becomes ``_``; a
-    ``pretrained`` that is an existing file contributes its basename only. Unlike CB, a ``/``
-    left in ``pretrained`` or ``model`` (a checkpoint directory, ``local-dir:PATH``) also becomes
-    ``_``: CB would write into (possibly missing) subfolders named after the path.
+    ``pretrained`` that is an existing file contributes its basename only. Unlike CB, a ``/`` or
+    ``:`` left in ``pretrained`` or ``model`` (a checkpoint directory, ``local-dir:PATH``) also
+    becomes ``_``: CB would write into (possibly missing) subfolders named after the path, and a
+    ``:`` is refused by some file systems and tools (SMB shares, Windows, ``scp``).
     """
     dataset_slug = dataset.removeprefix("wds/").replace("/", "_")
     pretrained_slug = os.path.basename(pretrained) if os.path.isfile(pretrained) else pretrained
-    model_slug = model.replace("/", "_")
-    return f"{dataset_slug}_{pretrained_slug.replace('/', '_')}_{model_slug}_{language}_{task}.json"
+    return f"{dataset_slug}_{_flat(pretrained_slug)}_{_flat(model)}_{language}_{task}.json"
+
+
+def _flat(text: str) -> str:
+    return text.replace("/", "_").replace(":", "_")
 
 
 def write_result(

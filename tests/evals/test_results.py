@@ -120,9 +120,9 @@ def test_result_filename_flattens_paths_in_model_and_pretrained() -> None:
         pretrained="runs/demo/checkpoints/step_00000600",
         task="zeroshot_classification",
     )
-    assert "/" not in name
+    assert "/" not in name and ":" not in name
     assert name == (
-        "shapes_runs_demo_checkpoints_step_00000600_local-dir:_exports_tiny_en_"
+        "shapes_runs_demo_checkpoints_step_00000600_local-dir__exports_tiny_en_"
         "zeroshot_classification.json"
     )
 

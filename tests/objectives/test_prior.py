@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -89,6 +90,25 @@ def test_without_reference_or_at_alpha_zero_it_is_cocas_loss(coca, tmp_path, set
     outputs = model(objective.model_inputs(batch))
     got = total_loss(objective(outputs, batch))
     torch.testing.assert_close(got, _coca_loss(outputs), rtol=1e-12, atol=0)
+
+
+def test_the_log_says_where_p_r_comes_from_or_that_it_is_plain_coca(coca, tmp_path, caplog):
+    clip, _ = coca
+    reference = reference_run(tmp_path / "ref", clip)
+    caplog.set_level(logging.INFO, logger="vlp.objectives.prior.objective")
+    for settings in (
+        {},
+        {"alpha": 0.0, "reference": str(reference)},
+        {"reference": str(reference)},
+    ):
+        create_objective("prior", **settings).build_model(clip)
+    assert [r.getMessage() for r in caplog.records] == [
+        "PRIOR: no objective.prior.reference, so every token weighs 1: plain CoCa",
+        f"PRIOR: reference LM P_r loaded from {reference / 'checkpoints' / 'step_00000001'}",
+        "PRIOR: objective.prior.alpha=0, so every token weighs 1: plain CoCa",
+        f"PRIOR: reference LM P_r loaded from {reference / 'checkpoints' / 'step_00000001'}",
+        f"PRIOR: token weights (1 - P_r)^1, P_r from the reference LM {reference}",
+    ]
 
 
 def prior_weights_reference(

@@ -4,6 +4,8 @@ episode driver's two passes, clustering over 2 processes, and exact resume insid
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,8 @@ def _step_grads(objective, phase: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("phase", ["clip", "lit"])
 def test_clip_only_phases_keep_heads_in_the_graph_then_drop_their_gradients(phase):
     model, parts = _step_grads(_objective(), phase)
-    assert float(parts["proto_idle_loss"].detach()) == 0.0
+    idle = float(parts["proto_idle_loss"].detach())
+    assert idle == 0.0 and math.copysign(1.0, idle) == 1.0  # logged as 0, not -0
     assert all(p.grad is None for p in model.heads.parameters())
     visual_grads = [p.grad for p in model.clip.visual.parameters()]
     assert all(g is None for g in visual_grads) == (phase == "lit")
@@ -139,6 +142,21 @@ def _three_partitions(n: int = 32) -> dict[str, torch.Tensor]:
         "text": blobs((rows // 2) % 4, 8),
         "teacher": blobs(rows // (n // 4), 6),
     }
+
+
+def test_each_phase_is_logged_by_name_when_it_begins(caplog: pytest.LogCaptureFixture) -> None:
+    objective = _objective()
+    caplog.set_level(logging.INFO, logger="vlp.objectives.protoclip.objective")
+    for episode in range(5):
+        objective.begin_episode(episode, 5, None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ProtoCLIP episode 0 of 5: phase 'clip' (episode/phase=0): CLIP alone (clustering "
+        "still runs) from here on",
+        "ProtoCLIP episode 1 of 5: phase 'proto' (episode/phase=1): CLIP and the prototype "
+        "terms from here on",
+        "ProtoCLIP episode 3 of 5: phase 'lit' (episode/phase=2): CLIP alone with the image "
+        "tower frozen (LiT) from here on",
+    ]
 
 
 def test_begin_episode_clusters_and_prototype_terms_use_the_episode_rows():

@@ -21,6 +21,7 @@ no ``reference``, is plain CoCa captioning.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ from vlp.objectives.prior.weights import (
 )
 from vlp.objectives.registry import register_objective
 from vlp.run_folder import checkpoints_dir, list_checkpoints
+
+logger = logging.getLogger(__name__)
 
 PAD_ID = 0
 """open_clip's tokenizers pad with id 0 (CoCa's ``pad_id``)."""
@@ -154,6 +157,7 @@ def load_reference_run(
     lm = TinyCausalLM(*theirs, settings.width, settings.layers, settings.heads)
     state = {k[len("lm.") :]: v for k, v in load_file(str(newest / HEADS_FILE)).items()}
     lm.load_state_dict(state)
+    logger.info("PRIOR: reference LM P_r loaded from %s", newest)
     return lm
 
 
@@ -262,8 +266,15 @@ class PriorObjective(ConfiguredObjective):
                 f"{type(clip).__name__}: pick e.g. coca_ViT-B-32 or vlp-tiny-coca"
             )
         model = super().build_model(clip)
-        if self.settings.reference and not self.settings.sidecar:
+        s = self.settings
+        if s.reference and not s.sidecar:
             model.attach_frozen("reference", self._reference(clip))
+        if s.alpha == 0 or not (s.reference or s.sidecar):
+            why = "objective.prior.alpha=0" if s.alpha == 0 else "no objective.prior.reference"
+            logger.info("PRIOR: %s, so every token weighs 1: plain CoCa", why)
+        else:
+            source = f"the sidecar {s.sidecar}" if s.sidecar else f"the reference LM {s.reference}"
+            logger.info("PRIOR: token weights (1 - P_r)^%g, P_r from %s", s.alpha, source)
         return model
 
     def use_tokenizer(self, tokenizer: Any) -> None:

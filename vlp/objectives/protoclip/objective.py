@@ -60,6 +60,13 @@ logger = logging.getLogger(__name__)
 
 MAX_PROTO_SCALE = math.log(100)
 PHASES = ("clip", "proto", "lit")
+PHASE_MEANINGS = {
+    "clip": "CLIP alone (clustering still runs)",
+    "proto": "CLIP and the prototype terms",
+    "lit": "CLIP alone with the image tower frozen (LiT)",
+}
+"""What each phase trains, logged by name when it begins (the metric ``episode/phase`` holds
+its index in ``PHASES``)."""
 TEACHER = "teacher"
 
 
@@ -214,7 +221,7 @@ class ProtoClipObjective(EpisodicObjective):
         scale = outputs["proto_scale"]
         logged = {"proto_scale": scale.detach()}
         if self.phase != "proto" or self.prototypes is None:
-            idle = 0.0 * (image.sum() + text.sum() + scale)
+            idle = 0.0 * (image.sum() + text.sum() + scale) + 0.0  # + 0.0: never a logged -0
             return {"proto_idle_loss": idle, **logged}
         s = self.settings
         weights = TermWeights(s.w_proto / 2, s.w_proto / 2, s.w_ext / 2, s.w_ext / 2)
@@ -274,7 +281,13 @@ class ProtoClipObjective(EpisodicObjective):
     def begin_episode(self, episode: int, episodes: int, features: Tensors | None) -> Tensors:
         """Cluster (on every rank, the main process's result broadcast) and set the episode's
         phase."""
-        self.phase = self.phase_of(episode, episodes)
+        previous, self.phase = self.phase, self.phase_of(episode, episodes)
+        if episode == 0 or self.phase != previous:
+            logger.info(
+                "ProtoCLIP episode %d of %d: phase '%s' (episode/phase=%d): %s from here on",
+                episode, episodes, self.phase, PHASES.index(self.phase),
+                PHASE_MEANINGS[self.phase],
+            )  # fmt: skip
         if episode == 0 and "proto" not in {self.phase_of(e, episodes) for e in range(episodes)}:
             logger.warning(
                 "objective.protoclip: train.steps hold %d episodes of %d samples, none with the "
