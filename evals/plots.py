@@ -238,20 +238,26 @@ def plot_caption_grid(
     *,
     columns: int = 4,
 ) -> Path:
-    """A grid of images (PIL), each with its generated caption above (bold) and its first
-    reference caption below (grey), to read what a captioning model writes."""
+    """A grid of images (PIL), each with the caption the model generated above it (bold,
+    ``generated:``) and the dataset's first reference caption below it (grey,
+    ``reference:``), to read what a captioning model writes."""
     if not examples:
         raise ValueError("no captioned images to draw")
     columns = min(columns, len(examples))
     rows = math.ceil(len(examples) / columns)
-    figure = _figure(2.6 * columns, 3.2 * rows)
+    figure = _figure(2.6 * columns, 3.2 * rows + 0.4)
+    figure.suptitle(
+        "generated caption (bold, above) and the dataset's reference caption (grey, below)",
+        fontsize=9,
+    )
     for position, (image, generated, references) in enumerate(examples):
         axes = figure.add_subplot(rows, columns, position + 1)
         axes.imshow(image)
         axes.set_xticks([])
         axes.set_yticks([])
-        axes.set_title(textwrap.fill(generated or "(empty)", 30), fontsize=8, fontweight="bold")
-        reference = references[0] if references else ""
+        label = f"generated: {generated or '(empty)'}"
+        axes.set_title(textwrap.fill(label, 30), fontsize=8, fontweight="bold")
+        reference = f"reference: {references[0]}" if references else "reference: (none)"
         axes.set_xlabel(textwrap.fill(reference, 30), fontsize=7, color="dimgray")
     figure.tight_layout()
     return _save(figure, path)

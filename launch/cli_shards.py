@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from data_pipelines.columns import COLUMNS
 from launch.evaluate import positive_int
+from vlp.wording import count
 
 if TYPE_CHECKING:
     from data_pipelines.prepare import Skipped
@@ -66,7 +67,7 @@ def _shards_write(args: argparse.Namespace) -> int:
         raise
     with fsspec.open(posixpath.join(args.out, "sizes.json"), "rt") as f:
         written = sum(json.load(f).values())
-    print(f"wrote {_count(written, 'sample')} in {_count(len(paths), 'shard')} to {args.out}")
+    print(f"wrote {count(written, 'sample')} in {count(len(paths), 'shard')} to {args.out}")
     if names is not None:
         print(f"classes (cls 0..{len(names) - 1}): {json.dumps(names)}")
     _print_skipped(skipped)
@@ -75,7 +76,7 @@ def _shards_write(args: argparse.Namespace) -> int:
 
 def _print_skipped(skipped: Sequence[Skipped]) -> None:
     if skipped:
-        print(f"skipped {_count(len(skipped), 'sample')}:")
+        print(f"skipped {count(len(skipped), 'sample')}:")
         for item in skipped[:20]:
             print(f"  {item.where}: {item.reason}")
         if len(skipped) > 20:
@@ -108,7 +109,7 @@ def _shards_write_clip_benchmark(args: argparse.Namespace) -> int:
 
         raise SourceError(str(error)) from None
     print(
-        f"wrote {_count(written.samples, 'sample')} in {_count(written.shards, 'shard')} to "
+        f"wrote {count(written.samples, 'sample')} in {count(written.shards, 'shard')} to "
         f"{args.out}/{args.split} ({written.kind}, CLIP_benchmark layout)"
     )
     if written.classnames is not None:
@@ -118,11 +119,6 @@ def _shards_write_clip_benchmark(args: argparse.Namespace) -> int:
     )
     _print_skipped(written.skipped)
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 shard``, ``2 shards``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _shards_validate(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """`vlp demo`: the embedded default end to end, with nothing to download.
 
 Writes procedural shapes as webdataset shards (training and held-out, different seeds), trains a
-tiny CLIP on the CPU with ``launch/configs/demo.yaml``, evaluates it zero-shot (eval templates
-worded unlike the training captions) and by retrieval on the held-out images, prints a table and
-writes results JSON and plots into the run directory.
+recipe on the CPU (``launch/configs/demo.yaml``, a tiny CLIP, by default; one ``*_demo.yaml`` per
+objective), evaluates it with what judges its objective (``Objective.evaluations``): zero-shot
+(eval templates worded unlike the training captions) and retrieval on the held-out images, their
+captioning for a CoCa, nothing for a text-only LM; prints a table titled by objective and model
+and writes results JSON and plots into the run directory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from pathlib import Path
 
 from data_pipelines.synthetic import CLASSNAMES, EVAL_TEMPLATES, generate_samples
 from data_pipelines.write import write_shards
+from evals.results import read_result
+from launch.cli import main as cli_main
 from launch.run import train
 from vlp.config import load_config
+from vlp.objectives.registry import objective_class
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 TRAIN_SAMPLES = 10_000
@@ -63,7 +68,10 @@ def run_demo(
         ],
     )
     result = train(run_config)
+    evaluations = objective_class(run_config.objective.name).evaluations
     metrics = {k.removeprefix("eval/heldout/"): v for k, v in result.eval_metrics.items()}
+    if "captioning" in evaluations:
+        metrics |= _captioning_metrics(out, heldout_dir, run_config.eval.batch_size)
     summary = {
         **metrics,
         "train_steps": result.step,
@@ -72,15 +80,36 @@ def run_demo(
         "total_seconds": time.time() - started,
     }
     (out / "results" / "demo.json").write_text(json.dumps(summary, indent=2))
-    print_table(summary, out)
+    title = f"vlp demo — objective {run_config.objective.name}, model {run_config.model.name}"
+    if evaluations:
+        print_table(summary, out, f"{title}, on held-out procedural shapes")
+    else:
+        note = (
+            "This objective trains no image-text towers, so nothing is evaluated on held-out\n"
+            "images: final_train_loss, its next-token cross-entropy (nats), is its measure."
+        )
+        print_table(summary, out, f"{title}, on the procedural captions", note)
     return summary
 
 
-def print_table(summary: dict[str, float], out: Path) -> None:
-    """The demo's result table and where its files are."""
-    print("\nvlp demo — tiny CLIP on procedural shapes (held-out images)")
+def _captioning_metrics(out: Path, heldout_dir: Path, batch_size: int) -> dict[str, float]:
+    """BLEU-4 and CIDEr of the run's captions of the held-out images (`vlp eval captioning`)."""
+    results = out / "results"
+    argv = ["eval", "captioning", "--model", str(out), "--dataset", str(heldout_dir)]
+    if cli_main([*argv, "--out", str(results), "--batch-size", str(batch_size)]) != 0:
+        raise RuntimeError(f"vlp {' '.join(argv)} failed (its error is above)")
+    (path,) = results.glob("*_captioning.json")
+    return {f"captioning_{k}": float(v) for k, v in read_result(path)["metrics"].items()}
+
+
+def print_table(summary: dict[str, float], out: Path, title: str, note: str = "") -> None:
+    """The demo's result table, titled by objective and model, a note on reading it, and
+    where its files are."""
+    print(f"\n{title}")
     print(f"{'metric':<34}{'value':>12}")
     print("-" * 46)
     for key, value in summary.items():
         print(f"{key:<34}{value:>12.4f}" if isinstance(value, float) else f"{key:<34}{value:>12}")
+    if note:
+        print(f"\n{note}")
     print(f"\nresults: {out / 'results'}\nplots:   {out / 'plots'}\nlog:     {out / 'train.log'}")

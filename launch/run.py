@@ -44,7 +44,7 @@ from vlp.training import (
     create_trackers,
 )
 from vlp.training.accel import check_sharding
-from vlp.training.run_dir import RunFolderInUse, hold_run_folder
+from vlp.training.run_dir import LOCK_NAME, RunFolderInUse, hold_run_folder
 from vlp.training.threads import set_threads
 
 logger = logging.getLogger("vlp")
@@ -131,21 +131,43 @@ def _run(config: Config, *, check: bool) -> tuple[TrainResult, RunPlan]:
             eval=replace(config.eval, zeroshot_shards=None),
         )
     out_dir = Path(run_config.train.out_dir)
-    with contextlib.ExitStack() as held:
-        # Before anything is written there; the main process by torchrun's RANK, as the
-        # Accelerator that says so is made after (with the settings only it knows).
-        if not check and os.environ.get("RANK", "0") == "0":
+    # The main process by torchrun's RANK: the Accelerator that says so is made later (with
+    # the settings only it knows).
+    main = not check and os.environ.get("RANK", "0") == "0"
+    before = set(os.listdir(out_dir)) if main and out_dir.is_dir() else None
+    owned = False  # this run holds the folder (another live run's files are never touched)
+    try:
+        with contextlib.ExitStack() as held:
+            if main:  # before anything is written there
+                try:
+                    held.enter_context(hold_run_folder(out_dir))
+                except RunFolderInUse as error:
+                    raise StartupError(str(error)) from None
+                owned = True
             try:
-                held.enter_context(hold_run_folder(out_dir))
-            except RunFolderInUse as error:
+                trackers = create_trackers(config.train.report_to, out_dir)
+            except ValueError as error:
                 raise StartupError(str(error)) from None
-        try:
-            trackers = create_trackers(config.train.report_to, out_dir)
-        except ValueError as error:
-            raise StartupError(str(error)) from None
-        accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
-        held.enter_context(run_logging(out_dir, accelerator.is_main_process))
-        return _run_logged(config, run_config, objective, accelerator, scratch, check=check)
+            accelerator = create_accelerator(out_dir, log_with=None if check else trackers)
+            held.enter_context(run_logging(out_dir, accelerator.is_main_process))
+            return _run_logged(config, run_config, objective, accelerator, scratch, check=check)
+    except BaseException:
+        if owned:
+            _leave_as_found(out_dir, before)
+        raise
+
+
+def _leave_as_found(out_dir: Path, before: set[str] | None) -> None:
+    """After a run that stopped before writing anything of its own (a start-up error): take
+    away the ``train.log`` and lock it made, and the folder if it made that too, so that the
+    folder is as the user left it. A run that wrote anything else keeps everything."""
+    made = set(os.listdir(out_dir)) - (before or set()) if out_dir.is_dir() else set()
+    if not made <= {LOCK_NAME, "train.log"}:
+        return
+    for name in made:
+        (out_dir / name).unlink()
+    if before is None and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def _run_logged(
@@ -175,6 +197,13 @@ def _run_logged(
         field_hint=objective.field_hint,
     )  # fmt: skip
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
+    if evaluators and not objective.evaluations:
+        logger.info(
+            "objective.name=%s trains no image-text towers: eval.* is not run (it would score "
+            "untrained, frozen towers); its training loss is its measure",
+            config.objective.name,
+        )
+        evaluators = []
     # After the start-up checks (a user error stays one line), before the stream and any step.
     set_threads(config.train.threads, config.data.workers)
     batches = build_stream(config, parts, accelerator.process_index, accelerator.num_processes)
@@ -243,11 +272,11 @@ def closing_line(result: TrainResult, global_batch: int, out_dir: Path) -> str:
     """What a finished run says last: steps, samples, time, and where its files are."""
     checkpoints = list_checkpoints(checkpoints_dir(out_dir))
     saved = f"last checkpoint {checkpoints[-1]}" if checkpoints else "no checkpoint kept"
+    results = f", eval results in {out_dir / 'results'}" if result.eval_metrics else ""
     return (
         f"finished at step {result.step:,}: {result.step * global_batch:,} samples seen, "
         f"{result.seconds / 60:.1f} min in this run; {saved}; metrics in "
-        f"{out_dir / 'metrics.jsonl'}, plots in {out_dir / 'plots'}, eval results in "
-        f"{out_dir / 'results'}"
+        f"{out_dir / 'metrics.jsonl'}, plots in {out_dir / 'plots'}{results}"
     )
 
 

@@ -109,3 +109,19 @@ def test_plot_classification_picks_a_readable_figure(tmp_path, case) -> None:
 def test_plot_per_class_checks_its_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="2 values for 3 class names"):
         plot_per_class([0.5, 0.7], ["a", "b", "c"], tmp_path / "x.png", ylabel="recall")
+
+
+def test_plot_caption_grid_labels_generated_and_reference_captions(tmp_path) -> None:
+    from PIL import Image
+
+    examples = [(Image.new("RGB", (8, 8)), "a red circle", ["a small red circle"])] * 2
+    saved: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "_save", lambda figure, path: saved.append(figure) or Path(path))
+        plots.plot_caption_grid(examples, tmp_path / "labels.png")
+    figure = saved[0]
+    assert "generated caption" in figure.get_suptitle() and "reference" in figure.get_suptitle()
+    for axes in figure.axes:
+        assert axes.get_title() == "generated: a red circle"
+        assert axes.get_xlabel() == "reference: a small red circle"
+    assert_png(plots.plot_caption_grid(examples, tmp_path / "grid.png"))

@@ -1,5 +1,6 @@
-"""`kill -9` of a training run at a random (seeded) step, then `train.resume=latest` to the end:
-the final weights and optimizer state equal those of an uninterrupted run bit for bit (CPU)."""
+"""`kill -9` of a training run at a random (seeded) step, or Ctrl-C, then `train.resume=latest`
+to the end: the final weights and optimizer state equal those of an uninterrupted run bit for
+bit (CPU)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _command(shards: Path, out: Path, processes: int, **extra: object) -> list[s
     settings = {"train.steps": STEPS, "train.checkpoint_every": 1, "train.report_to": "[]"}
     args = [
         str(ROOT / "launch/pretrain.py"), "--config", str(DEMO),
-        *_overrides(shards, out, **settings, **extra),
+        *_overrides(shards, out, **(settings | extra)),
     ]  # fmt: skip
     if processes == 1:
         return [sys.executable, *args]
@@ -108,15 +109,17 @@ def _final(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards, tmp_path_factory) -> dict[int, dict[str, bytes]]:
-    """Final checkpoint files of uninterrupted runs, by number of processes (run on demand)."""
+def uninterrupted(shards, tmp_path_factory) -> dict[tuple[int, int], dict[str, bytes]]:
+    """Final checkpoint files of uninterrupted runs, by (processes, data workers per process),
+    each run on demand."""
 
-    class Runs(dict[int, dict[str, bytes]]):
-        def __missing__(self, processes: int) -> dict[str, bytes]:
+    class Runs(dict[tuple[int, int], dict[str, bytes]]):
+        def __missing__(self, key: tuple[int, int]) -> dict[str, bytes]:
+            processes, workers = key
             out = tmp_path_factory.mktemp(f"whole{processes}")
-            _run(_command(shards, out, processes))
-            self[processes] = _final(out)
-            return self[processes]
+            _run(_command(shards, out, processes, **{"data.workers": workers}))
+            self[key] = _final(out)
+            return self[key]
 
     return Runs()
 
@@ -135,6 +138,35 @@ def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(
     assert reached < STEPS, "the run finished before the kill"
     _run(_command(shards, out, processes, **{"train.resume": "latest"}))
     assert "resumed from" in (out / "train.log").read_text()
-    got, expected = _final(out), uninterrupted[processes]
+    got, expected = _final(out), uninterrupted[processes, 0]
     for name in expected:
         assert got[name] == expected[name], f"{name} differs after kill -9 at step {reached}"
+
+
+@pytest.mark.slowest(seconds=40)
+def test_ctrl_c_checkpoints_then_resume_latest_equals_an_uninterrupted_run(
+    shards, tmp_path, uninterrupted
+):
+    """Ctrl-C as a terminal sends it, to the whole process group (the data worker included):
+    the step finishes, the only checkpoint is written then (none is scheduled), the run exits
+    130 naming the resume; resuming from that checkpoint ends where an uninterrupted run does."""
+    out = tmp_path / "run"
+    command = _command(shards, out, 1, **{"train.checkpoint_every": 0, "data.workers": 1})
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while _logged_step(out) < 2:
+        assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
+        assert time.time() < deadline, "the run did not reach step 2"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "SIGINT: checkpoint written at step" in stderr and "train.resume=latest" in stderr
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert STEPS > int(checkpoint.name.removeprefix("step_")) >= 2
+    _run(command + ["train.resume=latest"])
+    got, expected = _final(out), uninterrupted[1, 1]
+    for name in expected:
+        assert got[name] == expected[name], f"{name} differs after Ctrl-C at {checkpoint.name}"

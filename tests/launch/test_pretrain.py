@@ -151,7 +151,7 @@ def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective
     _on_two_ranks(_overrides(shards, out, **extra, **{"objective.name": objective}))
     assert json.loads((out / "provenance.json").read_text())["global_batch"] == 2 * 2 * 8
     assert (
-        "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 ranks)"
+        "2 micro-batches x batch 8 = global batch 32 (contrastive groups of 1 rank)"
         in (out / "train.log").read_text()
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -262,14 +262,12 @@ def test_two_process_loss_equals_the_one_process_loss_on_the_joined_batch(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signum", "status"), [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)]
-)
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 75), (signal.SIGUSR1, 75)])
 def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum, status):
-    """A preemption notice (SIGTERM, or SIGUSR1 as SLURM's --signal sends it): a checkpoint
-    within a step, then exit status 75 (EX_TEMPFAIL) for the scheduler to requeue. Ctrl-C, as
-    a terminal sends it to the whole process group (data workers included): the same, then
-    130."""
+    """A preemption notice (SIGTERM, or SIGUSR1 as SLURM's --signal sends it), sent to the
+    whole process group (data workers included) as schedulers do: a checkpoint within a step,
+    then exit status 75 (EX_TEMPFAIL) for the scheduler to requeue. Ctrl-C (130), then a resume
+    that ends where an uninterrupted run does: ``tests/faults/test_kill_resume.py``."""
     out = tmp_path / "run"
     extra = {"train.steps": 100_000, "train.checkpoint_every": 0, "data.workers": 1}
     command = [
@@ -289,6 +287,19 @@ def test_sigterm_leaves_a_complete_checkpoint(shards, tmp_path, signum, status):
     assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step_")
     assert _state(checkpoints[0])["step"] >= 1 and (checkpoints[0] / "COMPLETE").is_file()
     assert signal.Signals(signum).name in (out / "train.log").read_text()
+
+
+def test_a_run_that_fails_at_start_up_leaves_its_folder_as_it_found_it(tmp_path, capsys):
+    """No empty train.log or lock file in the user's folder, and no folder it did not have."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", kept):
+        args = _overrides(tmp_path / "no_such_shards", out)
+        assert main(["train", "--config", str(DEMO), *args]) == 2
+        assert "training shards not found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

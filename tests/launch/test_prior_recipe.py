@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipelines.synthetic import CLASSNAMES
 from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _on_two_ranks, _overrides, shards  # noqa: F401
 
@@ -25,14 +26,21 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     from evals.export import export_run
     from evals.loading import load_model
     from launch.cli import main
+    from launch.demo import _captioning_metrics
 
     reference = tmp_path / "reference"
+    # eval.* given too: a text-only LM's run skips it (it would score untrained, frozen towers)
+    held_out = {"eval.zeroshot_shards": shards, "eval.classnames": json.dumps(CLASSNAMES)}
+    extra = {"train.steps": 2, "train.accum_steps": 2, **held_out}
     args = ["prior", "train-reference", "--shards", str(shards), "--out", str(reference),
             "--config", str(CONFIGS / "prior_reference_demo.yaml"),
-            *_overrides(shards, reference, **{"train.steps": 2, "train.accum_steps": 2})]  # fmt: skip
+            *_overrides(shards, reference, **extra)]  # fmt: skip
     assert main(args) == 0
     lm = load_file(str(reference / "checkpoints" / "step_00000002" / "heads.safetensors"))
     assert lm and all(key.startswith("lm.") for key in lm)
+    assert "eval.* is not run" in (reference / "train.log").read_text()
+    assert "eval/" not in (reference / "metrics.jsonl").read_text()
+    assert not list(reference.glob("results/*.json"))
 
     out = tmp_path / "run"
     extra = {"train.steps": 2, "train.accum_steps": 2, "data.batch_size": 4,
@@ -54,6 +62,11 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
     assert not (checkpoint / "heads.safetensors").exists() or not load_file(
         str(checkpoint / "heads.safetensors")
     )
+
+    # what `vlp demo` adds to PRIOR's table: its captions of the images, scored
+    scores = _captioning_metrics(out, shards, batch_size=64)
+    assert set(scores) == {"captioning_bleu4", "captioning_cider"}
+    assert all(0 <= value < 10 for value in scores.values())
 
     export = export_run(out, tmp_path / "export")
     coca, *_ = open_clip.create_model_and_transforms(f"local-dir:{export}")

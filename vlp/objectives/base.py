@@ -148,6 +148,12 @@ class Objective(nn.Module):
     model_kwargs: ClassVar[dict[str, Any]] = {}
     """open_clip model-constructor overrides the objective needs (SigLIP: a logit bias)."""
 
+    evaluations: ClassVar[tuple[str, ...]] = ("zeroshot", "retrieval")
+    """The tasks that judge what this objective trains: ``zeroshot`` and ``retrieval`` (the
+    image-text towers, run on ``eval.*`` during training), ``captioning`` (a captioning
+    decoder). Empty for an objective that trains neither (PRIOR's text-only reference LM):
+    its run skips ``eval.*``, which would score untrained, frozen towers."""
+
     group: ProcessGroup | None = None
     """Process group whose batch gives the negatives; set by the trainer (``train.group_size``)."""
 

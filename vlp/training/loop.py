@@ -47,6 +47,7 @@ from vlp.training.run_dir import RunDir
 from vlp.training.seeding import seed_rank
 from vlp.training.stop_signals import StopFlag
 from vlp.training.trainer_checkpoint import TrainerCheckpoints, TrainerState, write_skips
+from vlp.wording import count
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +168,12 @@ class Trainer:
             self.run_dir.claim(cfg.train.overwrite)
         self.run_dir.prepare(cfg, self.step, self.global_batch)
         logger.info(
-            "training %d step%s from step %d: %d processes x %d micro-batches x batch %d = "
-            "global batch %d (contrastive groups of %s ranks)", cfg.train.steps,
-            "" if cfg.train.steps == 1 else "s", self.step, acc.num_processes,
-            cfg.train.accum_steps, cfg.data.batch_size, self.global_batch,
-            cfg.train.group_size or acc.num_processes,
+            "training %s from step %d: %s x %s x batch %d = global batch %d (contrastive "
+            "groups of %s)", count(cfg.train.steps, "step"), self.step,
+            count(acc.num_processes, "process", "processes"),
+            count(cfg.train.accum_steps, "micro-batch", "micro-batches"),
+            cfg.data.batch_size, self.global_batch,
+            count(cfg.train.group_size or acc.num_processes, "rank"),
         )  # fmt: skip
         feed = DeviceBatches(
             self.batches, cfg.train.accum_steps, acc.device,

@@ -94,6 +94,7 @@ class PriorReferenceObjective(ConfiguredObjective):
     Config = PriorReferenceSettings
     settings: PriorReferenceSettings
     outputs: ClassVar[Mapping[str, Output]] = {"lm_logits": PerSample(), "tokens": PerSample()}
+    evaluations: ClassVar[tuple[str, ...]] = ()  # the towers stay untrained; the LM's loss tells
 
     def fields(self) -> Fields:
         """The caption (an image view is still decoded: the stream needs one; it is unused)."""
@@ -235,6 +236,7 @@ class PriorObjective(ConfiguredObjective):
     """CoCa's contrastive + captioning loss with PRIOR's token weights (module docstring)."""
 
     Config = PriorSettings
+    evaluations: ClassVar[tuple[str, ...]] = ("zeroshot", "retrieval", "captioning")
     sidecar_commands: ClassVar[Mapping[str, str]] = {
         SIDECAR_KEY: "vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {path}"
     }
