@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from data_pipelines import stream as stream_module
 from data_pipelines.remote import RemoteShardError
 from data_pipelines.stream import BatchTimeout
 from data_pipelines.synthetic import generate_samples
@@ -163,6 +164,24 @@ def test_a_dead_worker_is_an_error_within_seconds(tmp_path: Path, after_s: float
         ):  # fmt: skip
             pass
     assert time.monotonic() - started < 30
+
+
+def _slow_on_third(image: Image.Image) -> torch.Tensor:
+    _slow_on_third.calls = getattr(_slow_on_third, "calls", 0) + 1  # type: ignore[attr-defined]
+    if _slow_on_third.calls == 3:  # type: ignore[attr-defined]
+        time.sleep(1.5)  # a slow read: longer than one liveness poll, within the batch timeout
+    return transforms.functional.to_tensor(image)
+
+
+def test_a_batch_slower_than_a_liveness_poll_still_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream_module, "LIVENESS_POLL_S", 0.5)
+    write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
+    slow = _stream(str(tmp_path), preprocess=_slow_on_third, workers=1, timeout=60.0)
+    plain = _stream(str(tmp_path), workers=1)
+    keys = [b["__key__"] for b in slow]
+    assert len(keys) == 20 and keys == [b["__key__"] for b in plain]
 
 
 def _hang_on_third(image: Image.Image, *, pid_file: Path) -> torch.Tensor:
