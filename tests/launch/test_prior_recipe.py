@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipelines.synthetic import CLASSNAMES
+from data_pipelines.synthetic import CLASSNAMES, generate_samples
+from data_pipelines.write import write_shards
 from tests.launch.one_process_reference import assert_first_loss_is_the_one_process_loss
 from tests.launch.test_pretrain import ROOT, _on_two_ranks, _overrides, shards  # noqa: F401
 
@@ -63,8 +64,10 @@ def test_reference_then_two_process_prior_demo(shards, tmp_path):  # noqa: F811
         str(checkpoint / "heads.safetensors")
     )
 
-    # what `vlp demo` adds to PRIOR's table: its captions of the images, scored
-    scores = _captioning_metrics(out, shards, batch_size=64)
+    # what `vlp demo` adds to PRIOR's table: its captions of held-out images, scored
+    held_out_images = tmp_path / "held_out"
+    write_shards(generate_samples(16, seed=1), held_out_images, samples_per_shard=16)
+    scores = _captioning_metrics(out, held_out_images, batch_size=16)
     assert set(scores) == {"captioning_bleu4", "captioning_cider"}
     assert all(0 <= value < 10 for value in scores.values())
 
