@@ -132,16 +132,13 @@ def uninterrupted(shards, tmp_path_factory) -> dict[tuple[int, int], dict[str, b
 def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(
     shards, tmp_path, uninterrupted, processes, seed
 ):
-    # One data worker per process in one process (its uninterrupted run is the Ctrl-C test's),
-    # none under accelerate.
-    workers = {"data.workers": 1 if processes == 1 else 0}
     step = random.Random(seed).randint(1, STEPS - 2)
     out = tmp_path / "run"
-    reached = _kill_at(_command(shards, out, processes, **workers), out, step)
+    reached = _kill_at(_command(shards, out, processes), out, step)
     assert reached < STEPS, "the run finished before the kill"
-    _run(_command(shards, out, processes, **workers, **{"train.resume": "latest"}))
+    _run(_command(shards, out, processes, **{"train.resume": "latest"}))
     assert "resumed from" in (out / "train.log").read_text()
-    got, expected = _final(out), uninterrupted[processes, workers["data.workers"]]
+    got, expected = _final(out), uninterrupted[processes, 0]
     for name in expected:
         assert got[name] == expected[name], f"{name} differs after kill -9 at step {reached}"
 
