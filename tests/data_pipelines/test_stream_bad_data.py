@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -143,12 +144,22 @@ def test_a_key_that_matches_nothing_stops_within_seconds(tmp_path: Path) -> None
     assert time.monotonic() - started < 30
 
 
-def _die_on_fifth(image: Image.Image, *, after_s: float = 0.0) -> torch.Tensor:
-    _die_on_fifth.calls = getattr(_die_on_fifth, "calls", 0) + 1  # type: ignore[attr-defined]
-    if _die_on_fifth.calls == 5:  # type: ignore[attr-defined]
-        time.sleep(after_s)
-        os._exit(3)  # a worker killed mid-epoch (OOM killer, segfault in a codec)
+def _on_call(image: Image.Image, *, call: int, act: Callable[[], object]) -> torch.Tensor:
+    """A transform that runs ``act`` on its ``call``-th image (counted in the worker process)."""
+    _on_call.calls = getattr(_on_call, "calls", 0) + 1  # type: ignore[attr-defined]
+    if _on_call.calls == call:  # type: ignore[attr-defined]
+        act()
     return transforms.functional.to_tensor(image)
+
+
+def _die(after_s: float) -> None:
+    time.sleep(after_s)
+    os._exit(3)  # a worker killed mid-epoch (OOM killer, segfault in a codec)
+
+
+def _hang(pid_file: Path) -> None:
+    pid_file.write_text(str(os.getpid()))
+    time.sleep(600)  # a transform or a read that never returns
 
 
 @pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-once", "after-its-batches-are-received"])
@@ -159,18 +170,11 @@ def test_a_dead_worker_is_an_error_within_seconds(tmp_path: Path, after_s: float
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="data worker 0 of rank 0 .* exited unexpectedly"):
         for _ in _stream(
-            str(tmp_path), preprocess=partial(_die_on_fifth, after_s=after_s), workers=1,
+            str(tmp_path), preprocess=partial(_on_call, call=5, act=partial(_die, after_s)), workers=1,
             resampled=True, timeout=120.0,
         ):  # fmt: skip
             pass
     assert time.monotonic() - started < 30
-
-
-def _slow_on_third(image: Image.Image) -> torch.Tensor:
-    _slow_on_third.calls = getattr(_slow_on_third, "calls", 0) + 1  # type: ignore[attr-defined]
-    if _slow_on_third.calls == 3:  # type: ignore[attr-defined]
-        time.sleep(1.5)  # a slow read: longer than one liveness poll, within the batch timeout
-    return transforms.functional.to_tensor(image)
 
 
 def test_a_batch_slower_than_a_liveness_poll_still_arrives(
@@ -178,18 +182,12 @@ def test_a_batch_slower_than_a_liveness_poll_still_arrives(
 ) -> None:
     monkeypatch.setattr(stream_module, "LIVENESS_POLL_S", 0.5)
     write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
-    slow = _stream(str(tmp_path), preprocess=_slow_on_third, workers=1, timeout=60.0)
+    # the third image takes 1.5 s: longer than one liveness poll, within the batch timeout
+    slow_read = partial(_on_call, call=3, act=partial(time.sleep, 1.5))
+    slow = _stream(str(tmp_path), preprocess=slow_read, workers=1, timeout=60.0)
     plain = _stream(str(tmp_path), workers=1)
     keys = [b["__key__"] for b in slow]
     assert len(keys) == 20 and keys == [b["__key__"] for b in plain]
-
-
-def _hang_on_third(image: Image.Image, *, pid_file: Path) -> torch.Tensor:
-    _hang_on_third.calls = getattr(_hang_on_third, "calls", 0) + 1  # type: ignore[attr-defined]
-    if _hang_on_third.calls == 3:  # type: ignore[attr-defined]
-        pid_file.write_text(str(os.getpid()))
-        time.sleep(600)  # a transform or a read that never returns
-    return transforms.functional.to_tensor(image)
 
 
 def test_a_hung_worker_is_a_batch_timeout_and_is_ended(tmp_path: Path) -> None:
@@ -202,7 +200,7 @@ def test_a_hung_worker_is_a_batch_timeout_and_is_ended(tmp_path: Path) -> None:
         r"\(data.batch_timeout=2\) while reading shard .*0000[01].tar",
     ):
         for _ in _stream(
-            str(tmp_path), preprocess=partial(_hang_on_third, pid_file=pid_file), workers=1,
+            str(tmp_path), preprocess=partial(_on_call, call=3, act=partial(_hang, pid_file)), workers=1,
             resampled=True, timeout=2.0,
         ):  # fmt: skip
             pass
