@@ -1,4 +1,4 @@
-"""One logical worker's raw samples: several shards open at once, a sample from each in turn.
+"""One canonical stream's raw samples: several shards open at once, a sample from each in turn.
 
 Reading one shard at a time puts a shard's samples side by side in the shuffle buffer; shards
 written in class order (one class per shard) then give batches of one or two classes. Keeping
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import webdataset as wds
 
 from data_pipelines.decode import DATA_ERRORS, SampleError
-from data_pipelines.stream_plan import StreamSpec, WorkerShards
+from data_pipelines.stream_plan import StreamId, StreamSpec, WorkerShards
 from data_pipelines.tario import RawSample, iter_samples
 
 Ref = tuple[int, int, int]  # (epoch, shard index in the worker's sequence, sample index in shard)
@@ -43,16 +43,16 @@ def _samples(url: str, first: int) -> Iterator[RawSample]:
 
 
 class ShardReader:
-    """Round-robin over up to ``spec.shards_in_flight`` open shards of one worker's sequence."""
+    """Round-robin over up to ``spec.shards_in_flight`` open shards of one stream's sequence."""
 
     def __init__(
-        self, spec: StreamSpec, worker: int, epoch: int, state: dict[str, Any], counts: Counts
+        self, spec: StreamSpec, stream: StreamId, epoch: int, state: dict[str, Any], counts: Counts
     ) -> None:
-        self.spec, self.worker, self.epoch, self.counts = spec, worker, epoch, counts
+        self.spec, self.stream, self.epoch, self.counts = spec, stream, epoch, counts
         self.open: list[list[int]] = [[int(i), int(j)] for i, j in state["open"]]
         """[shard index, next sample index] per open shard, the next to read from first."""
         self.next_shard = int(state["next_shard"])
-        self.shards = WorkerShards(spec, worker, epoch)
+        self.shards = WorkerShards(spec, stream, epoch)
         self.per_pass = self.shards.per_pass
         self._iters: dict[int, Iterator[RawSample]] = {}
         self._urls: dict[int, str] = {}
@@ -63,7 +63,7 @@ class ShardReader:
         return {"open": [list(o) for o in self.open], "next_shard": self.next_shard}
 
     def url(self, shard: int) -> str:
-        """URL of shard ``shard`` of this worker's sequence in this epoch."""
+        """URL of shard ``shard`` of this stream's sequence in this epoch."""
         url = self._urls.get(shard)
         if url is None:
             url = self._urls[shard] = self.shards.url(shard)

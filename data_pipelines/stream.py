@@ -1,18 +1,24 @@
 """The training stream: shards -> batches, deterministic, resumable exactly, never hanging.
 
-Each DataLoader worker plays one *logical worker* w of this rank and produces an infinite
-sequence of batches that is a pure function of (seed, config, rank, world size, workers, w):
-which shards it reads is :mod:`data_pipelines.stream_plan`, how it turns them into batches is
-:mod:`data_pipelines.worker_stream`. This module runs the workers and keeps the positions.
+The global batch sequence is made of *canonical streams* (:mod:`data_pipelines.stream_plan`):
+each an infinite sequence of batches that is a pure function of (seed, config, the global
+micro-batch count M, the period P, its own number), never of how many processes, micro-steps
+or data workers share them. Which shards a stream reads is :mod:`data_pipelines.stream_plan`,
+how it turns them into batches :mod:`data_pipelines.worker_stream`. This module runs this
+rank's streams on its data workers (worker w serves cycle positions w, w + W, ...) and keeps
+the positions.
 
-Every batch carries its worker's position after it: the epoch and the batches yielded in it,
+Every batch carries its stream's position after it: the epoch and the batches yielded in it,
 the shards in flight with their next sample and the next shard to open, the emission count, and
-the references (epoch, shard, sample) of the samples in the shuffle buffer. The main process keeps the position of the last CONSUMED batch of every worker
-(prefetched batches are not consumed) and which worker comes next; that is the stream's
-``state_dict``. A resumed stream re-reads only the shards that hold the buffered samples or are in
-flight, skipping tar members without decoding images, and rotates the workers so that the
-next batch comes from the right one. DataLoader hands out batches round-robin over workers, and
-every worker is infinite, so the order is fixed.
+the references (epoch, shard, sample) of the samples in the shuffle buffer. The main process
+keeps the position of the last CONSUMED batch of every stream (prefetched batches are not
+consumed) and how many micro-batches it handed out; that is the stream's ``state_dict``. A
+resumed stream re-reads only the shards that hold the buffered samples or are in flight,
+skipping tar members without decoding images, and starts each worker at the cycle position its
+next batch comes from. DataLoader hands out batches round-robin over workers, and every stream is
+infinite, so the order is fixed. The positions of all ranks (:func:`merge_states`) resume on
+another number of processes, micro-steps or workers, as long as M = processes × micro-steps
+stays: the global batch and the micro-batch size.
 
 Never hang: epoch mode with fewer shards than ranks × workers fails at construction; a worker
 whose samples all fail stops after ``max_consecutive_errors``; a dead worker is reported by the
@@ -22,6 +28,7 @@ DataLoader within seconds; a remote shard that stalls raises ``RemoteShardError`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import signal
@@ -67,12 +74,13 @@ __all__ = [
     "derive_seed",
     "expand_urls",
     "make_train_stream",
+    "merge_states",
     "shard_sizes",
 ]
 
 logger = logging.getLogger("data_pipelines.stream")
 
-_STATE_VERSION = 2  # 2: epoch-mode quotas (epoch, batches in epoch) and shards in flight
+_STATE_VERSION = 3  # 3: positions per canonical stream; 2: per (rank, worker), k = 1 only
 
 LIVENESS_POLL_S = 5.0
 """How often a wait for a batch checks that the workers are alive. The DataLoader checks only
@@ -91,27 +99,45 @@ class DataWorkerDied(RuntimeError):
 
 
 class _WorkerDataset(IterableDataset):
-    """What each DataLoader worker iterates: its logical worker's batches."""
+    """What each DataLoader worker iterates: the batches of the cycle positions it serves."""
 
     def __init__(
         self,
         spec: StreamSpec,
         starts: dict[int, dict[str, Any]],
-        first_worker: int,
+        first: int,
         fields: BatchFields,
     ) -> None:
-        self.spec, self.starts, self.first_worker = spec, starts, first_worker
+        self.spec, self.starts, self.first = spec, starts, first
         self.fields = fields
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         if info is not None:
             _leave_stop_signals_to_the_trainer()
-        physical = 0 if info is None else info.id
-        worker = (physical + self.first_worker) % self.spec.workers
+        physical, workers = (0, 1) if info is None else (info.id, info.num_workers)
         # Workers started with "spawn" import webdataset afresh: route remote schemes again.
         register_remote_openers(self.spec.remote_timeout, self.spec.remote_retries)
-        return worker_batches(self.spec, worker, self.starts.get(worker), self.fields)
+        return _serve(self.spec, self.starts, self.first + physical, workers, self.fields)
+
+
+def _serve(
+    spec: StreamSpec,
+    starts: dict[int, dict[str, Any]],
+    first: int,
+    every: int,
+    fields: BatchFields,
+) -> Iterator[dict[str, Any]]:
+    """The batches of cycle positions ``first``, ``first + every``, ... (modulo the cycle),
+    each the next of its own stream: one DataLoader worker's share of the rank's sequence."""
+    cycle = spec.cycle
+    served = [spec.stream_at((first + n * every) % cycle) for n in range(cycle // every)]
+    sequences = [
+        worker_batches(spec, stream, starts.get(spec.number(stream)), fields) for stream in served
+    ]
+    while True:
+        for sequence in sequences:
+            yield next(sequence)
 
 
 def _leave_stop_signals_to_the_trainer() -> None:
@@ -180,22 +206,25 @@ class TrainStream:
         """Samples left over (not in any batch) by the epochs started so far (epoch mode)."""
         self.skips = SkipCounts()
         self._positions: dict[int, dict[str, Any]] = {}
-        self._next_worker = 0
+        """The position after the last consumed batch, per stream number."""
         self._consumed = 0
+        """Micro-batches handed out in this epoch (all of them, resampled)."""
+        self._first_of_pass = 0
 
     @property
     def dataset(self) -> _WorkerDataset:
         """The IterableDataset the DataLoader runs (picklable, for the spawn start method)."""
-        return _WorkerDataset(self.spec, dict(self._positions), self._next_worker, self.fields)
+        first = self._consumed % self.spec.cycle
+        return _WorkerDataset(self.spec, dict(self._positions), first, self.fields)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank; a ``TypeError`` for the infinite resampled stream."""
         if self.spec.resampled:
             raise TypeError("a resampled stream is infinite and has no len()")
-        return self.spec.workers * epoch_quota(self.spec, self.epoch)
+        return self.spec.cycle * epoch_quota(self.spec, self.epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        workers = self.settings.workers
+        workers = self.spec.workers if self.settings.workers else 0
         loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -210,6 +239,7 @@ class TrainStream:
         )
         if not self.spec.resampled and self._consumed >= len(self):  # the last epoch is over
             self._consumed, self.epoch = 0, self.epoch + 1
+        self._first_of_pass = self._consumed
         remaining = None if self.spec.resampled else len(self) - self._consumed
         if remaining is not None and self._consumed == 0:
             dropped = epoch_dropped(self.spec, self.epoch, self.spec.rank)
@@ -229,8 +259,7 @@ class TrainStream:
                 except StopIteration:
                     return
                 meta = batch.pop("__stream__")
-                self._positions[meta["worker"]] = meta["position"]
-                self._next_worker = (meta["worker"] + 1) % self.spec.workers
+                self._positions[meta["stream"]] = meta["position"]
                 self.skips.add(meta["counts"])
                 self._check_skips()
                 self._consumed += 1
@@ -248,8 +277,8 @@ class TrainStream:
             # A worker that dies while its batch is being received shows up as a broken pipe
             # before the DataLoader's own "exited unexpectedly" check runs.
             raise DataWorkerDied(
-                f"data worker {self._next_worker} of rank {self.spec.rank} (a DataLoader worker "
-                f"process) exited unexpectedly while reading {self._whereabouts(self._next_worker)} ({error}); its own log "
+                f"data worker {self._next_worker()} of rank {self.spec.rank} (a DataLoader worker "
+                f"process) exited unexpectedly while reading {self._whereabouts()} ({error}); its own log "
                 "lines above say why (a crash in an image codec or the transform, or the OOM "
                 "killer: then lower data.workers or data.prefetch_factor)"
             ) from error
@@ -270,23 +299,28 @@ class TrainStream:
                 waited = time.monotonic() - started
                 if waited >= self.settings.timeout:
                     raise BatchTimeout(
-                        f"no batch from data worker {self._next_worker} of rank "
+                        f"no batch from data worker {self._next_worker()} of rank "
                         f"{self.spec.rank} within {waited:.0f} s (data.batch_timeout="
                         f"{self.settings.timeout:g}) while reading "
-                        f"{self._whereabouts(self._next_worker)}: a stalled file system or a "
+                        f"{self._whereabouts()}: a stalled file system or a "
                         "transform that hangs"
                     ) from error
 
-    def _whereabouts(self, worker: int) -> str:
-        """The shards ``worker`` had open after its last batch consumed here (it may be a few
-        prefetched batches further, in those shards or the next of its sequence)."""
-        position = self._positions.get(worker)
+    def _next_worker(self) -> int:
+        """The DataLoader worker the next batch comes from."""
+        return (self._consumed - self._first_of_pass) % self.spec.workers
+
+    def _whereabouts(self) -> str:
+        """The shards the next batch's stream had open after its last batch consumed here (it
+        may be a few prefetched batches further, in those shards or the next of its sequence)."""
+        stream = self.spec.stream_at(self._consumed % self.spec.cycle)
+        position = self._positions.get(self.spec.number(stream))
         try:
             if position is None:
-                return f"shard {shard_url(self.spec, worker, self.spec.first_epoch, 0)} or later"
+                return f"shard {shard_url(self.spec, stream, self.spec.first_epoch, 0)} or later"
             epoch = int(position["epoch"])
             shards = [int(i) for i, _ in position["open"]] or [int(position["next_shard"])]
-            urls = ", ".join(dict.fromkeys(shard_url(self.spec, worker, epoch, i) for i in shards))
+            urls = ", ".join(dict.fromkeys(shard_url(self.spec, stream, epoch, i) for i in shards))
         except (KeyError, TypeError, ValueError, IndexError):
             return "an unknown shard"
         return f"shard {urls} or later"
@@ -304,61 +338,152 @@ class TrainStream:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch handed out (JSON-ready)."""
+        """The position after the last batch handed out (JSON-ready): this rank's streams."""
         return {
             "version": _STATE_VERSION,
             "fingerprint": self.spec.fingerprint(),
             "world_size": self.spec.world_size,
+            "accum_steps": self.spec.accum_steps,
             "workers": self.spec.workers,
             "rank": self.spec.rank,
-            "next_worker": self._next_worker,
+            "slots": self.spec.slots,
+            "period": self.spec.period,
             "epoch": self.epoch,
             "consumed_in_epoch": self._consumed,
             "dropped": self.dropped,
-            "positions": {str(w): p for w, p in self._positions.items()},
+            "positions": {str(n): p for n, p in self._positions.items()},
             "skips": self.skips.to_json(),
             **({"fields": [list(p) for p in self.spec.fields]} if self.spec.fields else {}),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()`` of a stream with the same configuration.
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue from ``state_dict()`` of this rank, or of every rank (a list, or
+        :func:`merge_states` of it), of a stream with the same data configuration and M =
+        processes × micro-steps (processes, micro-steps and workers may differ; the period P
+        is the saved one).
 
         Raises:
-            ValueError: the state comes from another world size, worker count, rank or
-                stream configuration (shards, batch size, seed, shuffle, keys, ...).
+            ValueError: the state comes from another stream configuration (shards, batch size,
+                seed, shuffle, keys, fields, global batch) or lacks this rank's streams.
         """
-        for key, mine in (
-            ("world_size", self.spec.world_size),
-            ("workers", self.spec.workers),
-            ("rank", self.spec.rank),
-        ):
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"the saved data position was written with {key}={state.get(key)}, this run "
-                    f"has {key}={mine}: resume with the same processes and data.workers"
-                )
+        if isinstance(state, list):
+            state = merge_states(state)
+        elif "ranks" not in state:
+            state = merge_states([state])
         saved_fields, my_fields = state.get("fields", []), [list(p) for p in self.spec.fields]
-        if state.get("fingerprint") != self.spec.fingerprint() and saved_fields != my_fields:
+        if state["slots"] != self.spec.slots and state.get("version") == 2:
+            raise ValueError(
+                f"the saved data position was written before canonical streams (version 2) by "
+                f"{state['slots']} processes; it resumes only as {state['slots']} micro-batches "
+                f"per step (processes x train.accum_steps), this run has {self.spec.slots}: "
+                "resume with the vlp that wrote it, or start a new train.out_dir"
+            )
+        if state["slots"] != self.spec.slots:
+            raise ValueError(
+                f"the saved data position has {state['slots']} micro-batches per step "
+                f"(processes x train.accum_steps), this run {self.spec.slots} "
+                f"({self.spec.world_size} x {self.spec.accum_steps}): resume with a global batch "
+                f"of {state['slots']} micro-batches of data.batch_size"
+            )
+        saved_streams = state["slots"] * state["period"]
+        if self.settings.streams not in (0, saved_streams):
+            raise ValueError(
+                f"the saved data position has {saved_streams} canonical streams, this run asks "
+                f"for data.streams={self.settings.streams}: resume with data.streams="
+                f"{saved_streams} (or 0: the checkpoint's)"
+            )
+        spec = self._with_period(int(state["period"]))
+        if state.get("fingerprint") != spec.fingerprint() and saved_fields != my_fields:
             raise ValueError(
                 f"the saved data position was written by a stream with batch fields "
                 f"[{_describe(saved_fields)}], this run reads [{_describe(my_fields)}] (image "
                 "views, text fields, json fields, presets, tokenizers or sentence choice "
                 "changed); resume with the same objective and fields"
             )
-        if state.get("version") != _STATE_VERSION or state.get("fingerprint") != (
-            self.spec.fingerprint()
-        ):
+        if state.get("fingerprint") != spec.fingerprint():
             raise ValueError(
                 "the saved data position belongs to another stream configuration (shards, "
                 "batch size, seed, shuffle buffer or keys changed); resume with the same data "
                 "config"
             )
-        self._positions = {int(w): p for w, p in state["positions"].items()}
-        self._next_worker = int(state["next_worker"])
-        self._consumed = int(state["consumed_in_epoch"])
-        self.epoch, self.dropped = int(state["epoch"]), int(state["dropped"])
+        positions = {int(n): p for n, p in state["positions"].items()}
+        consumed = state["steps_in_epoch"] * spec.accum_steps
+        mine = [spec.number(s) for s in spec.rank_streams()]
+        if consumed and (missing := [n for n in mine if n not in positions]):
+            raise ValueError(
+                f"the saved data position has no position for stream {missing[0]} of rank "
+                f"{spec.rank}: pass the positions of every rank (merge_states)"
+            )
+        self.spec = spec
+        self._positions = {n: positions[n] for n in mine if n in positions}
+        self._consumed = consumed
+        self.epoch = int(state["epoch"])
+        ranks = state["ranks"]
+        # Counts of ranks this run no longer has go to rank 0.
+        own = [
+            r
+            for r in ranks
+            if r["rank"] == spec.rank or (spec.rank == 0 and r["rank"] >= spec.world_size)
+        ]
+        self.dropped = sum(int(r["dropped"]) for r in own)
         self.skips = SkipCounts()
-        self.skips.add({k: state["skips"][k] for k in ("ok", "by_shard", "reasons")})
+        for r in own:
+            self.skips.add({k: r["skips"][k] for k in ("ok", "by_shard", "reasons")})
+
+    def _with_period(self, period: int) -> StreamSpec:
+        """The spec with the period ``period`` and as many workers as divide the new cycle."""
+        cycle = period * self.spec.accum_steps
+        workers = serving_workers(self.settings.workers, cycle)
+        return dataclasses.replace(self.spec, phases=period, workers=workers)
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One position from the ``state_dict()`` of every rank (or of one): every stream's
+    position, the step in the epoch, and each rank's counts, for a resume on any number of
+    processes, micro-steps and workers (:meth:`TrainStream.load_state_dict`). Positions saved
+    before canonical streams (version 2, one micro-batch per step) are converted: rank r's
+    worker w was stream (slot r, phase w).
+
+    Raises:
+        ValueError: an unknown version, or version 2 of a run with other parts."""
+    merged: dict[str, Any] = {"positions": {}, "ranks": []}
+    for state in states:
+        version = state.get("version")
+        if version == 2:
+            state = _from_version_2(state)
+        elif version != _STATE_VERSION:
+            raise ValueError(
+                f"the saved data position has version {version}; this vlp reads "
+                f"{_STATE_VERSION} and 2: resume with the vlp that wrote it, or start a new "
+                "train.out_dir"
+            )
+        steps, left = divmod(int(state["consumed_in_epoch"]), int(state["accum_steps"]))
+        if left:
+            raise ValueError("the saved data position is not at the end of a step")
+        merged.setdefault("version", version)
+        for key in ("fingerprint", "slots", "period", "epoch", "fields"):
+            merged.setdefault(key, state.get(key))
+        merged.setdefault("steps_in_epoch", steps)
+        merged["positions"].update(state["positions"])
+        merged["ranks"].append(
+            {"rank": int(state["rank"]), "dropped": state["dropped"], "skips": state["skips"]}
+        )
+    if merged.get("fields") is None:
+        merged.pop("fields", None)
+    return merged
+
+
+def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 position (rank r's logical workers w) as version 3 (streams (r, w))."""
+    slots, period, rank = int(state["world_size"]), int(state["workers"]), int(state["rank"])
+    positions = {str(int(w) * slots + rank): p for w, p in state["positions"].items()}
+    return {**state, "accum_steps": 1, "slots": slots, "period": period, "positions": positions}
+
+
+def serving_workers(requested: int, cycle: int) -> int:
+    """The logical workers of a rank: the most that divide ``cycle`` (each serves every
+    W-th micro-batch of the rank's cycle), at most ``requested`` (at least 1)."""
+    return max(w for w in range(1, max(requested, 1) + 1) if cycle % w == 0)
 
 
 def _describe(parts: Sequence[Sequence[Any]]) -> str:
@@ -392,8 +517,9 @@ def make_train_stream(
 
     Raises:
         ValueError: a rank outside the world, ``settings.extra_keys`` that clash with the
-            batch keys, source weights in epoch mode, or an epoch plan with fewer shards than
-            ranks × workers or a (rank, worker) without one batch.
+            batch keys, source weights in epoch mode, ``settings.streams`` that is not a
+            multiple of world_size × accum_steps, or an epoch plan with fewer shards than
+            streams or a stream without one batch.
     """
     if world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
@@ -405,6 +531,13 @@ def make_train_stream(
     if not settings.resampled and len(set(shard_weights)) > 1:
         raise ValueError("data.train_weights need resampled=True (epoch mode reads every shard)")
     text_key, caption_field, parts = _fingerprint_fields(fields)
+    slots = world_size * settings.accum_steps
+    if settings.streams % slots:
+        raise ValueError(
+            f"data.streams={settings.streams} is not a multiple of processes x "
+            f"train.accum_steps = {world_size} x {settings.accum_steps} = {slots}"
+        )
+    period = settings.streams // slots or max(settings.workers, 1)
     spec = StreamSpec(
         urls=tuple(shard_urls),
         weights=tuple(shard_weights),
@@ -412,7 +545,7 @@ def make_train_stream(
         seed=settings.seed,
         rank=rank,
         world_size=world_size,
-        workers=max(settings.workers, 1),
+        workers=serving_workers(settings.workers, period * settings.accum_steps),
         resampled=settings.resampled,
         shuffle_buffer=settings.shuffle_buffer,
         first_epoch=settings.epoch,
@@ -428,6 +561,8 @@ def make_train_stream(
         sizes=() if settings.resampled else tuple(sizes_of(shard_urls)),
         shards_in_flight=settings.shards_in_flight,
         fields=parts,
+        accum_steps=settings.accum_steps,
+        phases=period,
     )
     if not settings.resampled:
         check_epoch_mode(spec)

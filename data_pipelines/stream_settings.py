@@ -24,18 +24,26 @@ class StreamSettings:
     batch_size: int
     """Samples per batch on each rank (``data.batch_size``)."""
     workers: int = 0
-    """DataLoader worker processes per rank (``data.workers``); 0 reads in the main process."""
+    """DataLoader worker processes per rank (``data.workers``); 0 reads in the main process.
+    Each serves whole canonical streams, so a rank uses the most workers, up to this many,
+    that divide its streams (``stream.serving_workers``)."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step on each rank (``train.accum_steps``)."""
+    streams: int = 0
+    """Canonical streams C (``data.streams``): the global batch sequence depends on them, not
+    on processes, micro-steps or workers. A multiple of processes × accum_steps; 0: processes
+    × accum_steps × max(workers, 1) (a resume keeps the checkpoint's)."""
     seed: int = 0
     """Seeds the shard draws, the shuffle buffer and every sample's augmentation
     (``train.seed``)."""
     resampled: bool = True
     """Draw shards with replacement, forever (``data.resampled``); False: epochs over disjoint
-    shards, the same number of batches on every (rank, worker), the rest dropped and counted
+    shards, the same number of batches from every canonical stream, the rest dropped and counted
     (``stream_plan``)."""
     shuffle_buffer: int = 1000
-    """Samples in each worker's seeded shuffle buffer (``data.shuffle_buffer``; 0 or 1: none)."""
+    """Samples in each stream's seeded shuffle buffer (``data.shuffle_buffer``; 0 or 1: none)."""
     shards_in_flight: int = 8
-    """Shards each worker reads at once, a sample from each in turn, so that shards written in
+    """Shards each stream reads at once, a sample from each in turn, so that shards written in
     class order still mix (``data.shards_in_flight``; costs one open stream each)."""
     epoch: int = 0
     """The epoch the stream starts at (epoch mode)."""
@@ -67,9 +75,16 @@ class StreamSettings:
     """Re-opens of a stalled remote shard before the stream raises (``data.remote_retries``)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0 or self.shards_in_flight < 1:
+        if (
+            self.batch_size < 1
+            or self.workers < 0
+            or self.shards_in_flight < 1
+            or self.accum_steps < 1
+            or self.streams < 0
+        ):
             raise ValueError(
-                "stream settings need batch_size >= 1, workers >= 0 and shards_in_flight >= 1; "
-                f"got batch_size={self.batch_size}, workers={self.workers}, "
-                f"shards_in_flight={self.shards_in_flight}"
+                "stream settings need batch_size >= 1, workers >= 0, shards_in_flight >= 1, "
+                f"accum_steps >= 1 and streams >= 0; got batch_size={self.batch_size}, "
+                f"workers={self.workers}, shards_in_flight={self.shards_in_flight}, "
+                f"accum_steps={self.accum_steps}, streams={self.streams}"
             )

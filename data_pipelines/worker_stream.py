@@ -1,13 +1,13 @@
-"""One logical worker's infinite batch sequence: read, shuffle, decode, batch, with positions.
+"""One canonical stream's infinite batch sequence: read, shuffle, decode, batch, with positions.
 
 shard sequence (``stream_plan``) -> tar samples, a few shards at once in turn (``shard_reader``;
 open and read errors are counted, the shard is left) -> seeded shuffle buffer on raw bytes (slot k of emission n is a
-hash of (seed, rank, w, n)) -> decode (``decode``: data errors skipped and counted) ->
+hash of (seed, stream, n)) -> decode (``decode``: data errors skipped and counted) ->
 each image view transformed with torch's CPU generator seeded per sample and view (in the
 trainer's own process, ``data.workers=0``, its state is put back after the sample), one
 sentence drawn per sample where a text field asks (``batch_fields``) -> batch, tokenised once
 per batch, JSON fields padded with masks.
-Every batch carries the worker's position after it, from which :func:`worker_batches` resumes.
+Every batch carries the stream's position after it, from which :func:`worker_batches` resumes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from data_pipelines.batch_fields import (
 )
 from data_pipelines.decode import SampleError, decode_caption, decode_image, describe_data_error
 from data_pipelines.shard_reader import Ref, ShardReader
-from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_quota
+from data_pipelines.stream_plan import StreamId, StreamSpec, derive_seed, epoch_quota, stream_seed
 from data_pipelines.tario import RawSample
 from data_pipelines.text_sources import MissingText
 from vlp.config import redact_url
@@ -263,15 +263,16 @@ def _start(spec: StreamSpec) -> dict[str, Any]:
 
 def worker_batches(
     spec: StreamSpec,
-    worker: int,
+    stream: StreamId,
     start: dict[str, Any] | None,
     fields: BatchFields,
 ) -> Iterator[dict[str, Any]]:
-    """Logical worker ``worker``'s infinite batch sequence, from a saved position or the start.
+    """Canonical stream ``stream``'s infinite batch sequence, from a saved position or the
+    start.
 
-    Each batch has ``__stream__ = {"worker", "position", "counts"}``: the position after it and
-    the skips since the previous batch. In epoch mode the worker yields exactly
-    ``epoch_quota`` batches per epoch from its own shards of that epoch: the shuffle buffer is
+    Each batch has ``__stream__ = {"stream", "position", "counts"}``: the stream's number, the
+    position after the batch and the skips since the previous one. In epoch mode the stream
+    yields exactly ``epoch_quota`` batches per epoch from its own shards of that epoch: the shuffle buffer is
     drained at the end of its shards, and what is left when the quota is reached (buffered,
     unread, half a batch) is dropped; then the next epoch starts with an empty buffer.
     """
@@ -279,7 +280,7 @@ def worker_batches(
     position = start or _start(spec)
     epoch, batches = int(position["epoch"]), int(position["batches"])
     quota = None if spec.resampled else epoch_quota(spec, epoch)
-    reader = ShardReader(spec, worker, epoch, position, counts)
+    reader = ShardReader(spec, stream, epoch, position, counts)
     refs: list[Ref] = [(int(e), int(i), int(j)) for e, i, j in position["buffer"]]
     buffer = reader.restore(refs)
     emitted = int(position["emitted"])
@@ -290,24 +291,24 @@ def worker_batches(
         if item is not None and not rereading and item[0][1] >= (reader.per_pass or item[0][1] + 1):
             rereading = True
             logger.warning(
-                "rank %d worker %d: skipped samples left it short of %s batches in epoch %d; it "
+                "rank %d stream %d: skipped samples left it short of %s batches in epoch %d; it "
                 "re-reads its own shards of the epoch (some samples repeat)",
-                spec.rank, worker, quota, epoch,
+                spec.rank, spec.number(stream), quota, epoch,
             )  # fmt: skip
         if item is None:  # this pass over the epoch's shards is read: drain the buffer
-            slot = derive_seed(spec.seed, spec.rank, worker, emitted, 13) % len(buffer)
+            slot = stream_seed(spec, stream, emitted, 13) % len(buffer)
             _, out = buffer.pop(slot)
         elif spec.shuffle_buffer > 1:
             if len(buffer) < spec.shuffle_buffer:
                 buffer.append(item)
                 continue
-            slot = derive_seed(spec.seed, spec.rank, worker, emitted, 13) % spec.shuffle_buffer
+            slot = stream_seed(spec, stream, emitted, 13) % spec.shuffle_buffer
             (_, out), buffer[slot] = buffer[slot], item
         else:
             out = item[1]
         emitted += 1
         try:
-            sample_seed = derive_seed(spec.seed, spec.rank, worker, emitted, 17)
+            sample_seed = stream_seed(spec, stream, emitted, 17)
             pending.append(_decode(spec, out, fields, sample_seed))
             counts.ok()
         except SampleError as error:
@@ -321,9 +322,9 @@ def worker_batches(
             reader.close()
             epoch, batches, buffer, rereading = epoch + 1, 0, [], False
             quota = epoch_quota(spec, epoch)
-            reader = ShardReader(spec, worker, epoch, _start(spec), counts)
+            reader = ShardReader(spec, stream, epoch, _start(spec), counts)
         batch["__stream__"] = {
-            "worker": worker,
+            "stream": spec.number(stream),
             "position": {
                 "epoch": epoch,
                 "batches": batches,

@@ -302,6 +302,8 @@ def stream_settings(config: Config, draft_size: int | None = None) -> StreamSett
     return StreamSettings(
         batch_size=data.batch_size,
         workers=data.workers,
+        accum_steps=config.train.accum_steps,
+        streams=data.streams,
         seed=config.train.seed,
         resampled=data.resampled,
         shuffle_buffer=data.shuffle_buffer,

@@ -31,6 +31,7 @@ from launch.build import (
     build_stream,
     check_data,
 )
+from launch.elastic import resume_layout
 from vlp.config import Config, redact_url
 from vlp.distributed import contrastive_group
 from vlp.objectives import Objective
@@ -180,6 +181,8 @@ def _run_logged(
     check: bool,
 ) -> tuple[TrainResult, RunPlan]:
     out_dir = Path(run_config.train.out_dir)
+    if scratch is None:  # a real run (a check never resumes)
+        config = run_config = resume_layout(config, accelerator.num_processes)
     try:
         check_sharding(accelerator)
         contrastive_group(config.train.group_size)  # made once here, reused by the trainer

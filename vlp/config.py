@@ -57,7 +57,12 @@ class DataConfig:
     resampled: bool = True
     """Sample shards with replacement (an infinite stream); False = epochs over disjoint shards."""
     shuffle_buffer: int = 1000
-    """Seeded sample shuffle buffer size."""
+    """Seeded sample shuffle buffer size (per canonical stream)."""
+    streams: int = 0
+    """Canonical streams: the sample sequence is a function of the data, seed, global batch,
+    batch_size and this, not of processes, accumulation or workers, so a resume may change
+    those (README, "Resume on another number of GPUs"). A multiple of processes x
+    train.accum_steps; 0: processes x accum_steps x workers of the run's first start."""
     shards_in_flight: int = 8
     """Shards each worker keeps open and takes samples from in turn, so that a batch mixes
     shards even when each shard holds one class; costs one read buffer per open shard."""
@@ -393,6 +398,7 @@ def validate_config(config: Config) -> None:
     checks = [
         (config.data.batch_size > 0, "data.batch_size must be > 0"),
         (config.data.workers >= 0, "data.workers must be >= 0"),
+        (config.data.streams >= 0, "data.streams must be >= 0"),
         (config.data.prefetch_factor >= 1, "data.prefetch_factor must be >= 1"),
         (config.data.shards_in_flight >= 1, "data.shards_in_flight must be >= 1"),
         (0 <= config.data.max_skip_fraction <= 1, "data.max_skip_fraction must be in [0, 1]"),

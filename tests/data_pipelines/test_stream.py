@@ -167,7 +167,7 @@ def test_epoch_mode_with_two_workers(shard_dir: str) -> None:
 
 
 def test_too_few_shards_for_ranks_and_workers(shard_dir: str) -> None:
-    with pytest.raises(ValueError, match=r"4 \* 2 = 8 shards.*has 6.*resampled=True"):
+    with pytest.raises(ValueError, match=r"4 x 1 x 2 = 8\), but the stream has 6.*resampled=True"):
         _stream(shard_dir, resampled=False, world_size=4, workers=2)
     _stream(shard_dir, resampled=True, world_size=4, workers=2)  # fine when resampling
 

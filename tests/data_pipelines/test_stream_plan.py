@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import shard_reader, stream_plan
-from data_pipelines.stream_plan import StreamSpec, derive_seed, epoch_plan
+from data_pipelines.stream_plan import StreamId, StreamSpec, derive_seed, epoch_plan
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.tario import RawSample
 from data_pipelines.write import write_shards
@@ -59,7 +59,7 @@ def test_the_deal_is_the_least_loaded_rule_for_every_seed(seed: int) -> None:
         spec = _spec(sizes, world, workers, seed)
         for epoch in (0, 1, 5):
             plan = epoch_plan(spec, epoch)
-            flat = [shards for rank in plan for shards in rank]
+            flat = [plan[stream] for stream in sorted(plan, key=spec.deal_slot)]
             assert flat == _least_loaded_deal(spec, epoch)
 
 
@@ -120,7 +120,7 @@ def test_a_resampled_shard_is_the_weighted_draw_it_was(tmp_path: Path) -> None:
     from the draw's own seed (positions saved before keep resuming)."""
     weights = tuple(random.Random(0).uniform(0.1, 3.0) for _ in range(1000))
     spec = replace(_spec([1] * 1000, 2, 2, seed=3), resampled=True, weights=weights, rank=1)
-    shards = stream_plan.WorkerShards(spec, worker=1, epoch=0)
+    shards = stream_plan.WorkerShards(spec, StreamId(slot=spec.rank, phase=1), epoch=0)
     for index in range(300):
         draw = random.Random(derive_seed(spec.seed, spec.rank, 1, index, 11))
         assert shards.url(index) == draw.choices(spec.urls, weights=weights)[0]

@@ -34,6 +34,7 @@ TO_SETTINGS = {
     "batch_timeout": "timeout",
     "remote_timeout": "remote_timeout",
     "remote_retries": "remote_retries",
+    "streams": "streams",
 }
 ELSEWHERE = {"train_shards", "text_key", "caption_field"}
 """The shard URLs are make_train_stream's first argument; the caption's source goes into the
@@ -50,7 +51,7 @@ def test_stream_settings_take_each_value_of_the_data_section_and_the_seed() -> N
         "batch_size": 7, "workers": 3, "prefetch_factor": 5, "resampled": False,
         "shuffle_buffer": 11, "shards_in_flight": 2, "train_weights": [1.0, 2.5],
         "image_keys": ["png"], "max_skip_fraction": 0.25, "batch_timeout": 9.0,
-        "remote_timeout": 4.0, "remote_retries": 6,
+        "remote_timeout": 4.0, "remote_retries": 6, "streams": 8,
     }  # fmt: skip
     defaults = DataConfig()
     assert all(getattr(defaults, k) != v for k, v in changed.items())

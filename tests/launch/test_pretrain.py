@@ -165,11 +165,12 @@ def test_two_processes_accumulating_in_groups_of_one(shards, tmp_path, objective
 
 @pytest.fixture(scope="module")
 def flat_shards(tmp_path_factory) -> Path:
-    """Two shards of 8 samples whose images are flat colours, one colour per sample.
+    """Four shards of 4 samples whose images are flat colours, one colour per sample.
 
-    The training crop is seeded per (rank, worker, sample count), so rank 1's crops differ
-    from those of the same samples in a 1-process run; every crop of a flat image is the same
-    image, which makes the batches of the two runs identical pixel for pixel.
+    The training crop is seeded per (canonical stream, sample count), so the streams of a
+    2-process run crop the same samples differently from a 1-process run's one stream; every
+    crop of a flat image is the same image, which makes the batches of the runs identical pixel
+    for pixel.
     """
     out = tmp_path_factory.mktemp("flat_shards")
 
@@ -178,15 +179,15 @@ def flat_shards(tmp_path_factory) -> Path:
         return {**sample, "image": Image.new("RGB", sample["image"].size, tuple(map(int, colour)))}
 
     write_shards(
-        map(flat, generate_samples(16, seed=1)), out, samples_per_shard=8, image_format="png"
+        map(flat, generate_samples(16, seed=1)), out, samples_per_shard=4, image_format="png"
     )
     return out
 
 
 def _exact_overrides(shards: Path, out: Path, **extra: object) -> list[str]:
-    """Epoch mode without shuffling or interleaving: epoch 0's shard order is dealt to the ranks
-    (rank r gets shard r of the seeded order), so with one shard per rank, rank 0's and rank 1's
-    first samples are, in order, the first 16 samples a 1-process run reads shard by shard."""
+    """Epoch mode without shuffling or interleaving: epoch 0's shard order is dealt to the
+    canonical streams, so the first step of 2 processes (x 1 or 2 micro-batches) holds the 16
+    samples a 1-process run reads first, shard by shard (in another order)."""
     return _overrides(
         shards, out, **{"data.resampled": False, "data.shuffle_buffer": 1,
                         "data.shards_in_flight": 1, "train.steps": 1},
@@ -209,7 +210,8 @@ def one_process_first_loss(flat_shards, tmp_path_factory) -> float:
 
 @pytest.mark.slow
 def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
-    """The premise of the loss comparison below: the same samples, pixels and tokens."""
+    """The premise of the loss comparison below: the same samples, pixels and tokens (in
+    another order: the loss over a batch does not depend on it)."""
     from data_pipelines.batch_fields import BatchFields
     from data_pipelines.stream import make_train_stream
     from data_pipelines.stream_settings import StreamSettings
@@ -224,7 +226,7 @@ def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
     def first_batches(batch_size: int, rank: int, world_size: int, count: int) -> list[dict]:
         settings = StreamSettings(
             batch_size=batch_size, draft_size=draft_size, resampled=False, shuffle_buffer=1,
-            shards_in_flight=1, seed=config.train.seed,
+            shards_in_flight=1, seed=config.train.seed, accum_steps=count,
         )  # fmt: skip
         stream = make_train_stream(
             str(flat_shards), settings, fields=fields, rank=rank, world_size=world_size
@@ -232,12 +234,19 @@ def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
         batches = iter(stream)
         return [next(batches) for _ in range(count)]
 
+    def by_key(batches: list[dict]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        keys = [k for b in batches for k in b["__key__"]]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        image, text = (torch.cat([b[name] for b in batches])[order] for name in ("image", "text"))
+        return sorted(keys), image, text
+
     (whole,) = first_batches(16, 0, 1, 1)
+    keys, image, text = by_key([whole])
     for batch_size, accum in ((8, 1), (4, 2)):
         parts = [b for rank in (0, 1) for b in first_batches(batch_size, rank, 2, accum)]
-        assert whole["__key__"] == [k for b in parts for k in b["__key__"]]
-        assert torch.equal(whole["image"], torch.cat([b["image"] for b in parts]))
-        assert torch.equal(whole["text"], torch.cat([b["text"] for b in parts]))
+        part_keys, part_image, part_text = by_key(parts)
+        assert part_keys == keys
+        assert torch.equal(part_image, image) and torch.equal(part_text, text)
     assert len(set(whole["__key__"])) == 16
     assert len({tuple(image[:, 0, 0].tolist()) for image in whole["image"]}) == 16
 

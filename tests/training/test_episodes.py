@@ -16,7 +16,7 @@ import torch
 from tests.ddp_helpers import run_on_ranks
 from vlp.objectives.episodic import EPISODE_INDEX
 from vlp.training.device_batches import DeviceBatches
-from vlp.training.episodes import EpisodeDriver, episode_plan
+from vlp.training.episodes import EpisodeDriver, EpisodePlan, episode_plan
 
 WORLD = 2
 # (batch size b, micro-batches per step, steps per episode): m runs over accum x steps values
@@ -133,3 +133,31 @@ def test_each_ranks_micro_batch_m_sample_i_is_row_m_r_b_i_of_the_gathered_episod
                     assert own == sample_id(r, episode * steps * accum + m, i)
                     rows.append(row)
             assert sorted(rows) == list(range(episode_samples)), (shape, episode)
+
+
+def test_another_layout_takes_over_only_at_an_episode_boundary() -> None:
+    """Episodes of 4 steps, saved by a layout with 2 micro-batches per step per process and
+    continued with 1: inside an episode it is refused, naming the boundary; at one (drawn
+    all 4 steps, or none) the count is in this run's micro-batches."""
+    plan = EpisodePlan(steps_per_episode=4, episodes=3)
+
+    def driver(drawn: int) -> EpisodeDriver:
+        made = EpisodeDriver(
+            _Recorder(),  # type: ignore[arg-type]
+            plan, rank=0, world_size=2, batch_size=4, accum_steps=1,
+        )  # fmt: skip
+        made.index, made.drawn = 1, drawn
+        return made
+
+    for drawn in (2, 4, 6):  # 1, 2, 3 steps of 2 micro-batches
+        with pytest.raises(
+            ValueError, match=r"steps into episode 1 \(of 4 steps\).*divisible by 4"
+        ):
+            driver(drawn).continue_with(2)
+    for drawn, steps in ((0, 0), (8, 4)):
+        continued = driver(drawn)
+        continued.continue_with(2)
+        assert continued.drawn == steps and continued.due() == (steps == 4)
+    same = driver(3)
+    same.continue_with(1)  # the layout it was saved with: nothing to convert
+    assert same.drawn == 3

@@ -191,6 +191,26 @@ class EpisodeDriver:
         }
         return {**self.objective.episode_state(), **position} if self.index >= 0 else position
 
+    def continue_with(self, saved_accum: int) -> None:
+        """After :meth:`load` of a run with ``saved_accum`` micro-batches per step per process:
+        count what was drawn in this run's micro-batches. Rows are labelled by process and
+        micro-batch, so another layout can take over only at an episode boundary.
+
+        Raises:
+            ValueError: the checkpoint is inside an episode and the layout changed."""
+        if saved_accum == self.accum_steps:
+            return
+        steps = self.drawn // saved_accum
+        if 0 < steps < self.plan.steps_per_episode:
+            raise ValueError(
+                f"it is {steps} steps into episode {self.index} (of "
+                f"{self.plan.steps_per_episode} steps); the episode's labels follow its "
+                "processes and micro-batches, so resume on another number of processes from a "
+                "checkpoint at an episode boundary (a step divisible by "
+                f"{self.plan.steps_per_episode}), or on the processes that wrote it"
+            )
+        self.drawn = steps * self.accum_steps
+
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from :meth:`state` (a resume)."""
         self.index, self.drawn = int(state["episode.index"]), int(state["episode.drawn"])

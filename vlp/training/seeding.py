@@ -36,3 +36,10 @@ def seed_rank(seed: int, rank: int) -> int:
     value = rank_seed(seed, rank)
     set_seed(value)
     return value
+
+
+def derive_step_seed(seed: int, step: int) -> int:
+    """The seed a resume on another number of processes draws from at ``step``: every rank's
+    generators start anew there (the saved ones belong to other processes), reproducibly."""
+    digest = hashlib.sha256(f"vlp-step-seed:{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

@@ -37,6 +37,7 @@ from vlp.training.model_state import (
     load_full_optimizer_state,
 )
 from vlp.training.optim import group_settings, keep_config_settings
+from vlp.training.seeding import derive_step_seed, seed_rank
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class TrainerCheckpoints:
         global_batch: samples per optimizer step over all ranks; a resume must match it.
         keep: ``train.keep_checkpoints``, the newest of this run to keep.
         episodes: an episodic objective's driver, whose state is saved and restored.
+        seed, batch_size: ``train.seed`` and ``data.batch_size``, for a resume on another
+            number of processes (``launch.elastic``).
     """
 
     def __init__(
@@ -125,6 +128,8 @@ class TrainerCheckpoints:
         global_batch: int,
         keep: int,
         episodes: EpisodeDriver | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -138,6 +143,7 @@ class TrainerCheckpoints:
         self.global_batch = global_batch
         self.keep = keep
         self.episodes = episodes
+        self.seed, self.batch_size = seed, batch_size
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint ``train.resume`` names (a path, or ``latest``); None when ``latest``
@@ -253,9 +259,11 @@ class TrainerCheckpoints:
         continue the checkpoint."""
         acc = self.accelerator
         state = json.loads((path / run_folder.TRAINER_STATE).read_text())
-        if state["world_size"] != acc.num_processes:
+        saved_processes = int(state["world_size"])
+        moved = saved_processes != acc.num_processes
+        if moved and "global_batch" not in state:
             raise ResumeError(
-                f"train.resume: checkpoint {path} was written by {state['world_size']} processes; "
+                f"train.resume: checkpoint {path} was written by {saved_processes} processes; "
                 f"this run has {acc.num_processes}. Resume with the same number of processes."
             )
         if state.get("global_batch", self.global_batch) != self.global_batch:
@@ -278,29 +286,45 @@ class TrainerCheckpoints:
         scheduler_state["lr_lambdas"] = [None] * len(scheduler_state.get("lr_lambdas", [None]))
         self.scheduler.load_state_dict(scheduler_state)
         keep_config_settings(self.optimizer, self.scheduler, settings)
-        ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
-        data_state = path / f"data_rank{acc.process_index}.json"
+        if moved:  # ranks are other processes now: each draws anew from (seed, step, rank)
+            seed_rank(derive_step_seed(self.seed, int(state["step"])), acc.process_index)
+        else:
+            ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
         if hasattr(self.batches, "load_state_dict"):
-            if not data_state.is_file():
-                raise ResumeError(f"checkpoint {path} has no data position ({data_state.name})")
+            ranks = range(saved_processes) if moved else [acc.process_index]
+            files = [path / f"data_rank{rank}.json" for rank in ranks]
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise ResumeError(f"checkpoint {path} has no data position ({missing[0]})")
+            states = [json.loads(f.read_text()) for f in files]
             try:
-                self.batches.load_state_dict(json.loads(data_state.read_text()))
+                self.batches.load_state_dict(states if moved else states[0])
             except ValueError as error:
                 raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
+        if moved:
+            logger.info(
+                "resumed on %d processes a checkpoint written by %d: same global batch, same "
+                "sample sequence; dropout and other random draws start anew from the seed",
+                acc.num_processes, saved_processes,
+            )  # fmt: skip
         if self.episodes is not None:
-            self._load_episode(path, int(state["step"]))
+            saved_accum = self.global_batch // (self.batch_size * saved_processes)
+            self._load_episode(path, int(state["step"]), saved_accum)
         return TrainerState(
             step=int(state["step"]),
             nonfinite_steps=int(state["nonfinite_steps"]),
             run_id=str(state.get("run_id", "")),  # "": a checkpoint from before run ids
         )
 
-    def _load_episode(self, path: Path, step: int) -> None:
+    def _load_episode(self, path: Path, step: int, saved_accum: int) -> None:
         assert self.episodes is not None
         file = path / EPISODE_FILE
         if file.is_file():
             device = self.accelerator.device
             self.episodes.load({k: v.to(device) for k, v in load_file(str(file)).items()})
+            try:
+                self.episodes.continue_with(saved_accum)
+            except ValueError as error:
+                raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
         elif step > 0:
             raise ResumeError(
                 f"train.resume: checkpoint {path} has no {EPISODE_FILE}: it was not written by "

@@ -1,0 +1,65 @@
+"""A resume on another number of processes: the global batch stays, ``train.accum_steps`` moves.
+
+The training stream's global batch sequence depends on the global batch and the micro-batch
+(``data.batch_size``), not on how processes and micro-steps share it
+(:mod:`data_pipelines.stream_plan`), and the exact loss over the global batch does not depend
+on that split either (GradCache). So a checkpoint written by N processes with k micro-batches
+each continues on M processes with N·k / M micro-batches, when that is a whole number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from launch.build import StartupError
+from vlp import run_folder
+from vlp.config import Config
+
+logger = logging.getLogger("vlp")
+
+
+def resume_layout(config: Config, processes: int) -> Config:
+    """``config`` with ``train.accum_steps`` set so that a resume on ``processes`` processes
+    keeps the checkpoint's global batch; unchanged when there is nothing to resume, the
+    checkpoint has this many processes, or ``train.accum_steps`` already fits.
+
+    Raises:
+        StartupError: no whole number of micro-batches of ``data.batch_size`` per process
+            makes the checkpoint's global batch (the message lists what would).
+    """
+    if not config.train.resume:
+        return config
+    directory = run_folder.checkpoints_dir(Path(config.train.out_dir))
+    try:
+        path = run_folder.resolve_resume(config.train.resume, directory)
+    except FileNotFoundError:
+        return config  # the Trainer says so, in its words
+    if path is None:
+        return config
+    state = json.loads((path / run_folder.TRAINER_STATE).read_text())
+    saved_processes, global_batch = int(state["world_size"]), state.get("global_batch")
+    if saved_processes == processes or global_batch is None:
+        return config
+    micro = config.data.batch_size
+    if global_batch % (micro * processes):
+        slots = global_batch // micro if global_batch % micro == 0 else 0
+        fits = [n for n in range(1, slots + 1) if slots % n == 0]
+        raise StartupError(
+            f"train.resume: checkpoint {path} has a global batch of {global_batch} (written by "
+            f"{saved_processes} processes); {processes} processes x data.batch_size={micro} "
+            f"cannot make it with a whole number of micro-batches: resume on "
+            f"{' or '.join(map(str, fits)) or 'the same number of'} processes, or with the "
+            "data.batch_size it was written with"
+        )
+    accum = global_batch // (micro * processes)
+    if accum != config.train.accum_steps:
+        logger.info(
+            "resuming on %d processes where checkpoint %s has %d: train.accum_steps=%d (was %d) "
+            "keeps the global batch of %d",
+            processes, path, saved_processes, accum, config.train.accum_steps, global_batch,
+        )  # fmt: skip
+        config = replace(config, train=replace(config.train, accum_steps=accum))
+    return config
