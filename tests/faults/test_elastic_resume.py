@@ -2,15 +2,16 @@
 processes x 1 micro-batch stopped at step 3 and resumed on 1 process (which takes 2
 micro-batches per step), and 1 process x 2 micro-batches resumed on 2 processes, both end
 where 1 process x 2 micro-batches ends uninterrupted (and so does 2 x 1 uninterrupted): the same
-losses per step, and the final model and optimizer within float32 round-off."""
+losses per step, and the final model and optimizer within float32 round-off. The data workers
+change too: 2 in the reference, none on 2 processes, 1 after the resume on 1 process."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -18,33 +19,28 @@ from safetensors.torch import load_file
 
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
-from tests.faults.test_kill_resume import ACCELERATE_2PROC, _run
-from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _overrides
+from launch.cli import main
+from tests.launch.test_pretrain import DEMO, _on_two_ranks, _overrides
 
 STEPS = 6
 STOP = 3
 
 
-def _command(shards: Path, out: Path, processes: int, **extra: object) -> list[str]:
+def _train(shards: Path, out: Path, processes: int, **extra: object) -> None:
     """The demo for ``STEPS`` steps at global batch 16 (micro-batches of 8), 4 canonical
-    streams, a checkpoint every step."""
+    streams, a checkpoint every step, no data worker unless asked: on 2 gloo ranks as under
+    ``accelerate launch`` (``_on_two_ranks``), or in this process."""
     settings = {
         "train.steps": STEPS, "train.checkpoint_every": 1, "train.keep_checkpoints": STEPS,
-        "train.report_to": "[]",
-        "train.accum_steps": 2 // processes, "data.streams": 4, "data.resampled": False,
+        "train.report_to": "[]", "train.accum_steps": 2 // processes, "data.streams": 4,
+        "data.resampled": False, "data.workers": 0,
     } | extra  # fmt: skip
-    args = [
-        str(ROOT / "launch/pretrain.py"),
-        "--config",
-        str(DEMO),
-        *_overrides(shards, out, **settings),
-    ]
-    if processes == 1:
-        return [sys.executable, *args]
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ACCELERATE_2PROC), "--main_process_port", str(_free_port()), *args,
-    ]  # fmt: skip
+    args = _overrides(shards, out, **settings)
+    if processes == 2:
+        _on_two_ranks(args)
+        return
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+        assert main(["train", "--config", str(DEMO), *args]) == 0
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -55,11 +51,7 @@ def _losses(out: Path) -> dict[int, float]:
 def _continue(out: Path, shards: Path, processes: int, **extra: object) -> None:
     """``out`` holds a run stopped at ``STOP``: resume it on ``processes`` processes (the
     config still says the accum_steps of the processes it was written by)."""
-    done = subprocess.run(
-        _command(shards, out, processes, **{"train.resume": "latest"} | extra),
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    _train(shards, out, processes, **{"train.resume": "latest"} | extra)
     log = (out / "train.log").read_text()
     assert "keeps the global batch of 16" in log and "same sample sequence" in log
 
@@ -93,8 +85,8 @@ def test_two_processes_resume_on_one_and_one_on_two(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     write_shards(generate_samples(96, seed=0), shards, samples_per_shard=8)
     one, two = tmp_path / "one", tmp_path / "two"
-    _run(_command(shards, one, 1))
-    _run(_command(shards, two, 2, **{"data.workers": 2}))
+    _train(shards, one, 1, **{"data.workers": 2})
+    _train(shards, two, 2)  # the kept gloo ranks are daemons: no data worker processes
     _assert_ends_alike(two, one)  # the same steps on either layout
 
     two_then_one = _stopped_at(two, tmp_path / "two_then_one")
