@@ -17,6 +17,7 @@ from vlp.objectives import Objective, create_objective, total_loss
 from vlp.objectives.base import Coupled, PerSample, Shared
 from vlp.objectives.convirt import ConvirtObjective
 from vlp.training.gradcache import cached_batch_loss, replay_backward
+from vlp.training.model_state import make_scalars_shardable
 
 CPU = torch.device("cpu")
 
@@ -323,3 +324,39 @@ def test_two_processes_accumulating_match_one_process_full_batch(name):
     params = {k: v.detach() for k, v in model.named_parameters()}
     for result in ranks:
         assert_same_tensors(result["params"], params)
+
+
+SHARDABLE = {
+    "siglip": lambda: create_objective("siglip"),
+    "convirt": OBJECTIVES["convirt"],
+    "protoclip": lambda: create_objective("protoclip"),  # step 1: CLIP phase, idle prototypes
+    "three-levels": ThreeLevels,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARDABLE))
+def test_scalars_made_shardable_train_as_before(name):
+    """FSDP2 shards along dim 0, so ``make_scalars_shardable`` gives every 0-dim parameter shape
+    [1] (logit scale and bias, ProtoCLIP's prototype scale). The loss stays a scalar and equals
+    the unsharded one, over the full batch and over GradCache's micro-batches, with the same
+    gradients (ProtoCLIP's idle term was [1] and every stack of the losses failed at step 1)."""
+    objective = SHARDABLE[name]()
+    batch = _batch(16)
+    plain = wrap(objective)
+    reference = full_batch_loss(plain, objective, batch)
+    reference.backward()
+    expected = _grads(plain)
+    for accumulated in (False, True):
+        sharded = wrap(objective)
+        scalars = make_scalars_shardable(sharded)
+        assert scalars, "the objective has no 0-dim parameter to reshape"
+        if accumulated:
+            loss = accumulate(sharded, objective, _split(batch, 4))
+        else:
+            loss = full_batch_loss(sharded, objective, batch)
+            loss.backward()
+        assert loss.shape == ()
+        if not accumulated or name in ("siglip", "convirt", "protoclip"):
+            torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=1e-12)
+        got = {k: g.reshape(expected[k].shape) for k, g in _grads(sharded).items()}
+        assert_same_tensors(got, expected)

@@ -252,8 +252,10 @@ def learned_scale(model: VlpModel) -> torch.Tensor:
 
 
 def total_loss(losses: Tensors) -> torch.Tensor:
-    """The sum of every ``*_loss`` entry: what the trainer back-propagates."""
+    """The sum of every ``*_loss`` entry: what the trainer back-propagates. A term of one
+    element counts as a scalar: under FSDP, 0-dim parameters have shape [1]
+    (``make_scalars_shardable``), and so has a term they enter."""
     terms = [value for key, value in losses.items() if key.endswith("_loss")]
     if not terms:
         raise ValueError(f"objective returned no '*_loss' key (keys: {sorted(losses)})")
-    return torch.stack(terms).sum()
+    return torch.stack([term.reshape(()) for term in terms]).sum()

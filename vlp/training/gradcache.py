@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.objectives import Objective
+from vlp.objectives import Objective, total_loss
 from vlp.objectives.base import Coupled, Output, PerSample, Shared
 
 Tensors = dict[str, torch.Tensor]
@@ -130,7 +130,7 @@ def cached_batch_loss(
         )
     with autocast():
         parts = objective.batch_loss(features)
-    loss = torch.stack([v for k, v in parts.items() if k.endswith("_loss")]).sum()
+    loss = total_loss(parts)
     leaves = [v for v in features.values() if v.requires_grad]
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     cached = {
@@ -185,7 +185,7 @@ def replay_backward(
             for key, value in parts.items():
                 sample_parts.setdefault(key, []).append(value.detach())
             terms.extend(v / k for key, v in parts.items() if key.endswith("_loss"))
-            surrogate = torch.stack([t.float() for t in terms]).sum()
+            surrogate = torch.stack([t.float().reshape(()) for t in terms]).sum()
         backward(surrogate)
         start += size
     if replay_rng:
