@@ -25,7 +25,7 @@ from vlp.objectives import create_objective
 from vlp.objectives.episodic import EPISODE_INDEX, PASS_ONE
 from vlp.objectives.protoclip import nearest_centroids
 from vlp.training.device_batches import DeviceBatches
-from vlp.training.episodes import EpisodeDriver, episode_plan
+from vlp.training.episodes import EpisodeDriver, EpisodePlan, episode_plan
 from vlp.training.optim import create_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,11 +233,15 @@ def test_episode_state_round_trips_without_reclustering():
         assert torch.equal(value, state[key]), key
 
 
-def test_episode_plan_needs_whole_steps():
-    assert episode_plan(64, 16, 10).steps_per_episode == 4
-    assert episode_plan(64, 16, 10).episodes == 3
-    with pytest.raises(ValueError, match="use 48 or 64"):
-        episode_plan(50, 16, 10)
+def test_episode_plan_drops_the_incomplete_last_batch():
+    """As the official loop: the recipe's 200,000-sample episode at 8 processes x 64 is 390
+    steps (it was refused, asking for 199,680 or 200,192); below one step is an error."""
+    assert episode_plan(64, 16, 10) == EpisodePlan(steps_per_episode=4, episodes=3)
+    assert episode_plan(50, 16, 10) == EpisodePlan(steps_per_episode=3, episodes=4)
+    assert episode_plan(200_000, 8 * 64, 156_250).steps_per_episode == 390
+    assert episode_plan(200_000, 64, 312_500) == EpisodePlan(3125, 100)
+    with pytest.raises(ValueError, match="less than one step of the global batch 16.*at least 16"):
+        episode_plan(15, 16, 10)
 
 
 class _Stream:

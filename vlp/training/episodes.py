@@ -57,13 +57,14 @@ class EpisodePlan:
 
 
 def episode_plan(samples: int, global_batch: int, steps: int) -> EpisodePlan:
-    """S = M / global batch; M must be a multiple of the global batch (a clear error if not)."""
-    if samples < global_batch or samples % global_batch:
-        lower = max(global_batch, samples // global_batch * global_batch)
+    """S = M // global batch steps per episode: as the official ProtoCLIP loop, which drops an
+    episode's incomplete last batch (200,000 samples at a global batch of 512: 390 steps of
+    199,680), so a recipe starts at any global batch. Fewer samples than one step is an error."""
+    if samples < global_batch:
         raise ValueError(
-            f"an episode of {samples} samples is not a whole number of steps of the global batch "
-            f"{global_batch} (data.batch_size x train.accum_steps x processes); use {lower} or "
-            f"{lower + global_batch}"
+            f"an episode of {samples} samples is less than one step of the global batch "
+            f"{global_batch} (data.batch_size x train.accum_steps x processes); use at least "
+            f"{global_batch}"
         )
     per_episode = samples // global_batch
     return EpisodePlan(per_episode, math.ceil(steps / per_episode))

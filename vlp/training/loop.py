@@ -126,7 +126,14 @@ class Trainer:
         self.objective.tile_size = config.train.tile_size
         self.episodes = None
         if isinstance(objective, EpisodicObjective):
-            plan = episode_plan(objective.episode_samples(), self.global_batch, config.train.steps)
+            samples = objective.episode_samples()
+            plan = episode_plan(samples, self.global_batch, config.train.steps)
+            if (used := plan.steps_per_episode * self.global_batch) < samples:
+                logger.info(
+                    "episodes of %d samples are %d steps of the global batch %d: %d samples each "
+                    "(the incomplete last batch is dropped, as in the official ProtoCLIP loop)",
+                    samples, plan.steps_per_episode, self.global_batch, used,
+                )  # fmt: skip
             self.episodes = EpisodeDriver(
                 objective, plan, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, batch_size=config.data.batch_size,
