@@ -11,8 +11,8 @@ objective), so it gets Accelerate, checkpoints and exact resume; the LM is the r
 L = w_c·L_contrastive + w_cap·L_PRIOR, CoCa's weights (1, 2) by default. L_contrastive goes
 through the shared tiled core (batch-coupled); L_PRIOR = −Σ_i ŵ_i log p(t_i | v, t_<i) averaged
 over the batch's caption tokens as CoCa's caption loss is, per micro-batch (its logits are
-``PerSample``: GradCache never caches them). Token weights (the paper's released formula; the
-exponent α is ours, default 1): w_i = (1 − P_r(t_i | t_<i))^α, ŵ = k·w/Σw over a caption's k
+``PerSample``: GradCache never caches them). Token weights (the paper's formula, its exponent α
+"empirically set to 1", the default): w_i = (1 − P_r(t_i | t_<i))^α, ŵ = k·w/Σw over a caption's k
 tokens (:func:`~vlp.objectives.prior.weights.token_weights`). P_r is frozen
 (:meth:`VlpModel.attach_frozen`: not optimised, wrapped, checkpointed or exported). α = 0, or
 no ``reference``, is plain CoCa captioning.
@@ -215,7 +215,7 @@ class PriorSettings:
     keyed by sample key), used instead of running P_r online; ``reference`` is then unused.
     Part of the stream's resume fingerprint."""
     alpha: float = 1.0
-    """Exponent of 1 − P_r (0: plain CoCa; the paper's formula has none, i.e. 1)."""
+    """Exponent of 1 − P_r (the paper's α, which it sets to 1; 0: plain CoCa)."""
     contrastive_weight: float = 1.0
     """Weight of the contrastive (CLIP) loss."""
     caption_weight: float = 2.0

@@ -3,13 +3,14 @@
 PRIOR replaces next-token prediction's plain sum L_NTP = −Σ_i log p(t_i | v, t_<i) with
 
     L_PRIOR = −Σ_i ŵ_i · log p(t_i | v, t_<i),   ŵ_i = k · w_i / Σ_j w_j,
-    w_i = 1 − P_r(t_i | t_<i)
+    w_i = (1 − P_r(t_i | t_<i))^α
 
-over the k tokens of a caption (the official repo's README), where P_r is a text-only reference
-LM with the captioning model's tokenizer: tokens the text alone predicts well (function words,
-the rest of a common phrase) get little weight, tokens that need the image get more. ŵ has mean 1
-per caption, so the loss keeps NTP's scale. vlp adds an exponent α (w_i → w_i^α, default 1 = the
-paper; α = 0 = plain NTP), which the paper does not have.
+over the k tokens of a caption (the paper; the official repo's README figure shows α = 1), where
+P_r is a text-only reference LM with the captioning model's tokenizer: tokens the text alone
+predicts well (function words, the rest of a common phrase) get little weight, tokens that need
+the image get more. ŵ has mean 1
+per caption, so the loss keeps NTP's scale. The paper sets its exponent α "empirically" to 1,
+vlp's default; α = 0 is plain NTP.
 
 Alignment follows open_clip's CoCa: ``CoCa.forward`` predicts ``labels = text[:, 1:]`` from
 ``text[:, :-1]`` and ``CoCaLoss`` averages ``CrossEntropyLoss(ignore_index=pad_id)`` over the
