@@ -210,6 +210,7 @@ class TrainStream:
         self._consumed = 0
         """Micro-batches handed out in this epoch (all of them, resampled)."""
         self._first_of_pass = 0
+        self._redrawn_at: int | None = None
 
     @property
     def dataset(self) -> _WorkerDataset:
@@ -354,7 +355,26 @@ class TrainStream:
             "positions": {str(n): p for n, p in self._positions.items()},
             "skips": self.skips.to_json(),
             **({"fields": [list(p) for p in self.spec.fields]} if self.spec.fields else {}),
+            **({"redrawn_at": self._redrawn_at} if self._redrawn_at is not None else {}),
         }
+
+    def redraw(self, step: int) -> None:
+        """Start a sequence of its own, seeded by (seed, ``step``): after a resume that changed
+        the global batch (``train.elastic=rescale_lr``), where the saved sequence has no
+        continuation. Later positions record it, so they resume into it.
+
+        Raises:
+            ValueError: epoch mode (an epoch begun again would repeat some of its samples).
+        """
+        if not self.spec.resampled:
+            raise ValueError(
+                "train.elastic=rescale_lr needs data.resampled=true: at another global batch the "
+                "epoch would begin again and see some of its samples twice"
+            )
+        self._redrawn_at = step
+        seed = derive_seed(self.settings.seed, step, 31)
+        self.spec = dataclasses.replace(self.spec, seed=seed)
+        self._positions, self._consumed = {}, 0
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Continue from ``state_dict()`` of this rank, or of every rank (a list, or
@@ -370,6 +390,8 @@ class TrainStream:
             state = merge_states(state)
         elif "ranks" not in state:
             state = merge_states([state])
+        if state.get("redrawn_at") is not None:
+            self.redraw(int(state["redrawn_at"]))
         saved_fields, my_fields = state.get("fields", []), [list(p) for p in self.spec.fields]
         if state["slots"] != self.spec.slots and state.get("version") == 2:
             raise ValueError(
@@ -461,15 +483,16 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if left:
             raise ValueError("the saved data position is not at the end of a step")
         merged.setdefault("version", version)
-        for key in ("fingerprint", "slots", "period", "epoch", "fields"):
+        for key in ("fingerprint", "slots", "period", "epoch", "fields", "redrawn_at"):
             merged.setdefault(key, state.get(key))
         merged.setdefault("steps_in_epoch", steps)
         merged["positions"].update(state["positions"])
         merged["ranks"].append(
             {"rank": int(state["rank"]), "dropped": state["dropped"], "skips": state["skips"]}
         )
-    if merged.get("fields") is None:
-        merged.pop("fields", None)
+    for key in ("fields", "redrawn_at"):
+        if merged.get(key) is None:
+            merged.pop(key, None)
     return merged
 
 

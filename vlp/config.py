@@ -167,6 +167,11 @@ class TrainConfig:
     resume: str | None = None
     """``latest`` or a checkpoint directory. Without it, a folder that already holds checkpoints
     is refused (see ``overwrite``)."""
+    elastic: str = "keep"
+    """A resume whose global batch (data.batch_size x accum_steps x processes) differs from the
+    checkpoint's: ``keep`` refuses it (another number of processes keeps the global batch by
+    setting accum_steps); ``rescale_lr`` continues with optim.lr x new / old global batch (the
+    linear scaling rule) and a resampled stream drawn afresh from (seed, step)."""
     overwrite: bool = False
     """Start afresh in a ``out_dir`` that holds a run: its checkpoints, metrics, results and plots
     are removed first. Off by default, so a new run never clobbers a finished one."""
@@ -407,6 +412,10 @@ def validate_config(config: Config) -> None:
         (config.data.remote_retries >= 0, "data.remote_retries must be >= 0"),
         (config.train.steps > 0, "train.steps must be > 0"),
         (config.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
+        (
+            config.train.elastic in ("keep", "rescale_lr"),
+            f"train.elastic must be keep or rescale_lr, got {config.train.elastic!r}",
+        ),
         (config.train.threads >= 0, "train.threads must be >= 0 (0 = automatic)"),
         (
             config.train.group_size is None or config.train.group_size >= 1,

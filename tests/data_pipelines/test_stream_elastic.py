@@ -223,3 +223,23 @@ def test_positions_saved_before_canonical_streams_resume_on_any_layout(
     assert [[keys for keys, _ in step] for step in steps] == [
         [saved["next_keys"][0][i], saved["next_keys"][1][i]] for i in range(4)
     ]
+
+
+def test_a_redrawn_stream_is_a_sequence_of_its_own_that_resumes(shards: str) -> None:
+    """``train.elastic=rescale_lr``: at another global batch the stream is drawn afresh from
+    (seed, step); its positions say so, and resume into the same new sequence. Epoch mode
+    refuses (the epoch would begin again)."""
+    (plain,) = _ranks(shards, 1, 4, seed=2, resampled=True)
+    (redrawn,) = _ranks(shards, 1, 4, seed=2, resampled=True)
+    redrawn.redraw(7)
+    head = _steps([redrawn], 3)
+    assert [k for k, _ in head[0]] != [k for k, _ in _steps([plain], 1)[0]]
+    state = json.loads(json.dumps(redrawn.state_dict()))
+    assert state["redrawn_at"] == 7
+    tail = _steps([redrawn], 2)
+    (resumed,) = _ranks(shards, 1, 4, seed=2, resampled=True)
+    resumed.load_state_dict(state)
+    _same(_steps([resumed], 2), tail)
+    (epoch,) = _ranks(shards, 1, 4, seed=2, resampled=False)
+    with pytest.raises(ValueError, match="rescale_lr needs data.resampled=true"):
+        epoch.redraw(7)

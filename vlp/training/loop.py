@@ -145,6 +145,7 @@ class Trainer:
             directory=self.run_dir.checkpoints, out_dir=self.run_dir.path,
             global_batch=self.global_batch, keep=config.train.keep_checkpoints,
             episodes=self.episodes, seed=config.train.seed, batch_size=config.data.batch_size,
+            elastic=config.train.elastic,
         )  # fmt: skip
         self.nonfinite = NonFiniteSkips(
             config.train.max_nonfinite_steps, self.run_dir.checkpoints, accelerator.process_index

@@ -109,8 +109,8 @@ class TrainerCheckpoints:
         global_batch: samples per optimizer step over all ranks; a resume must match it.
         keep: ``train.keep_checkpoints``, the newest of this run to keep.
         episodes: an episodic objective's driver, whose state is saved and restored.
-        seed, batch_size: ``train.seed`` and ``data.batch_size``, for a resume on another
-            number of processes (``launch.elastic``).
+        seed, batch_size, elastic: ``train.seed``, ``data.batch_size`` and ``train.elastic``,
+            for a resume on another number of processes or global batch (``launch.elastic``).
     """
 
     def __init__(
@@ -130,6 +130,7 @@ class TrainerCheckpoints:
         episodes: EpisodeDriver | None = None,
         seed: int = 0,
         batch_size: int = 1,
+        elastic: str = "keep",
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -143,7 +144,7 @@ class TrainerCheckpoints:
         self.global_batch = global_batch
         self.keep = keep
         self.episodes = episodes
-        self.seed, self.batch_size = seed, batch_size
+        self.seed, self.batch_size, self.elastic = seed, batch_size, elastic
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint ``train.resume`` names (a path, or ``latest``); None when ``latest``
@@ -266,12 +267,18 @@ class TrainerCheckpoints:
                 f"train.resume: checkpoint {path} was written by {saved_processes} processes; "
                 f"this run has {acc.num_processes}. Resume with the same number of processes."
             )
-        if state.get("global_batch", self.global_batch) != self.global_batch:
+        rescaled = state.get("global_batch", self.global_batch) != self.global_batch
+        if rescaled and (self.elastic != "rescale_lr" or self.episodes is not None):
+            refusal = (
+                "episodes (ProtoCLIP) cannot change it"
+                if self.episodes is not None
+                else "or change it with train.elastic=rescale_lr (lr scaled by new / old)"
+            )
             raise ResumeError(
                 f"train.resume: checkpoint {path} was written with global batch "
                 f"{state['global_batch']}; this run has {self.global_batch} (data.batch_size x "
                 "train.accum_steps x processes). Resume with the same data.batch_size and "
-                "train.accum_steps, or start a new train.out_dir."
+                f"train.accum_steps, start a new train.out_dir, {refusal}."
             )
         heads_file = path / HEADS_FILE
         heads_state = load_file(str(heads_file)) if heads_file.is_file() else {}
@@ -290,7 +297,12 @@ class TrainerCheckpoints:
             seed_rank(derive_step_seed(self.seed, int(state["step"])), acc.process_index)
         else:
             ckpt.set_rng_state(ckpt.load_state_parts(path, f"rng_rank{acc.process_index}"))
-        if hasattr(self.batches, "load_state_dict"):
+        if rescaled and hasattr(self.batches, "redraw"):
+            try:  # no continuation at another global batch: the stream is drawn afresh
+                self.batches.redraw(int(state["step"]))
+            except ValueError as error:
+                raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
+        elif hasattr(self.batches, "load_state_dict"):
             ranks = range(saved_processes) if moved else [acc.process_index]
             files = [path / f"data_rank{rank}.json" for rank in ranks]
             if missing := [f.name for f in files if not f.is_file()]:
@@ -300,7 +312,7 @@ class TrainerCheckpoints:
                 self.batches.load_state_dict(states if moved else states[0])
             except ValueError as error:
                 raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
-        if moved:
+        if moved and not rescaled:
             logger.info(
                 "resumed on %d processes a checkpoint written by %d: same global batch, same "
                 "sample sequence; dropout and other random draws start anew from the seed",
