@@ -42,6 +42,7 @@ from evals.eval_set import EvalDataError
 from evals.heldout import HeldoutEvaluator
 from vlp.config import Config
 from vlp.models import PretrainedError, create_model, model_config, preprocess_config
+from vlp.models.image_weights import REQUIRED, load_image_weights
 from vlp.objectives import Objective, create_objective, objective_class
 from vlp.objectives.base import Fields, TextSpec
 
@@ -91,6 +92,20 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         raise StartupError(f"model.pretrained='{config.model.pretrained}': {error}") from None
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise StartupError(f"model.name='{config.model.name}': {error}") from None
+    image_weights = config.model.image_pretrained
+    if image_weights == REQUIRED:
+        raise StartupError(
+            f"model.image_pretrained: this recipe starts {config.model.name}'s image tower from "
+            "pretrained weights (its paper does): set it to a local weights file, e.g. timm's "
+            "ImageNet resnet50 saved once with safetensors.torch.save_file(timm.create_model("
+            "'resnet50', pretrained=True).state_dict(), PATH), or to null to train from random "
+            "weights"
+        )
+    if image_weights:
+        try:
+            logger.info(load_image_weights(model, image_weights))
+        except PretrainedError as error:
+            raise StartupError(str(error)) from None
     info = {
         "model_name": config.model.name,
         "model_cfg": model_config(config.model.name) | objective.model_kwargs,

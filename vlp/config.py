@@ -31,6 +31,10 @@ class ModelConfig:
     """open_clip model name, path to a model-config JSON, ``local-dir:``/``hf-hub:`` name."""
     pretrained: str | None = None
     """open_clip pretrained tag or a local weights path (works offline with a path)."""
+    image_pretrained: str | None = None
+    """A local file of the image tower's own weights (e.g. timm's ImageNet ``resnet50`` state
+    dict, safetensors or a weights-only torch file), loaded after the model is built.
+    ``required``: a recipe that must not start from random weights says so at start-up."""
     lock_image: bool = False
     """Freeze the image tower (LiT)."""
     lock_text: bool = False
