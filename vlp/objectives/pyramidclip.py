@@ -15,7 +15,10 @@ marked, from secondary reading notes (shared/REFERENCES.md); §3 of the paper wa
   ``regions=pooled`` (the default, no detector needed): f1's
   patch-token grid of the ``whole`` view (the image resized without cropping, so a box's
   normalised coordinates hold) pooled inside each box with ``torchvision.ops.roi_align``,
-  without gradient, as a frozen detector's features would be.
+  without gradient through the pooling. These are not the paper's features: f1 is the tower's
+  own first blocks, which train, so the regions move with the model; the paper feeds a frozen
+  detector's 2048-d region features (with their boxes). For paper runs use ``regions=json``
+  or ``npy`` with detector features (``vlp shards attach``).
 - **Text pyramid** (Fig. 2): the summary T_s (``json:summary``; absent, the caption's first
   clause, flagged per sample and logged as ``summary_fallback``), the caption T and the
   object-attribute text T_OA, the objects' "attribute ... category" phrases joined with commas.
@@ -100,8 +103,9 @@ class PyramidClipSettings:
     max_regions: int = 10
     """Regions per sample on the ROI branch (the first ones; more are dropped)."""
     regions: str = "pooled"
-    """``pooled`` (from f1's token grid inside each box), ``json`` (each object's ``feature``)
-    or ``npy`` (the sample's ``region_member``, ``[n, region_dim]``)."""
+    """``pooled`` (from f1's token grid inside each box: the training tower's own features, no
+    detector), ``json`` (each object's ``feature``) or ``npy`` (the sample's ``region_member``,
+    ``[n, region_dim]``); the paper uses a frozen detector's features: json or npy."""
     region_dim: int = 0
     """Width of the stored region features (``regions=json`` or ``npy``)."""
     region_member: str = "regions.npy"
@@ -277,7 +281,7 @@ class PyramidClipObjective(ConfiguredObjective):
             stored = stored.reshape(stored.shape[0], 0, width)
         stored = stored[:, : s.max_regions]
         if s.regions == "pooled":
-            with torch.no_grad():  # a frozen detector's features, from the trained f1
+            with torch.no_grad():  # no gradient through the pooling (f1 itself trains)
                 grid = vit_split.token_grid(vit_split.f1(visual, inputs["roi"], s.last_blocks))
             regions = pooled_regions(grid, stored)
         else:
