@@ -467,7 +467,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     worker w was stream (slot r, phase w).
 
     Raises:
-        ValueError: an unknown version, or version 2 of a run with other parts."""
+        ValueError: an unknown version, or a position saved inside a step."""
     merged: dict[str, Any] = {"positions": {}, "ranks": []}
     for state in states:
         version = state.get("version")

@@ -270,15 +270,15 @@ class TrainerCheckpoints:
         rescaled = state.get("global_batch", self.global_batch) != self.global_batch
         if rescaled and (self.elastic != "rescale_lr" or self.episodes is not None):
             refusal = (
-                "episodes (ProtoCLIP) cannot change it"
+                "; an episodic objective (ProtoCLIP) cannot change it"
                 if self.episodes is not None
-                else "or change it with train.elastic=rescale_lr (lr scaled by new / old)"
+                else "; or change it with train.elastic=rescale_lr (lr scaled by new / old)"
             )
             raise ResumeError(
                 f"train.resume: checkpoint {path} was written with global batch "
                 f"{state['global_batch']}; this run has {self.global_batch} (data.batch_size x "
                 "train.accum_steps x processes). Resume with the same data.batch_size and "
-                f"train.accum_steps, start a new train.out_dir, {refusal}."
+                f"train.accum_steps, or start a new train.out_dir{refusal}."
             )
         heads_file = path / HEADS_FILE
         heads_state = load_file(str(heads_file)) if heads_file.is_file() else {}
