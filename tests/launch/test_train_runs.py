@@ -89,14 +89,16 @@ def test_eval_datasets_run_inside_training(tmp_path: Path) -> None:
     assert (out / "plots" / "loss_curve.png").is_file()
 
 
-@pytest.mark.slowest(seconds=70)
+@pytest.mark.slowest(seconds=60)
 def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> None:
     """The demo's model, data generator and batch for 60 steps on 2000 samples at four times
     the demo's lr, fixed seed: zero-shot on 1800 held-out images (9 classes, chance 1/9 = 0.111)
     with the eval templates, which the training captions never use. Measured here: acc1 0.180,
     mean per-class recall 0.181 (120 steps at twice the demo's lr gave 0.201 in 1.65x the time;
     200 steps on 270 images 0.274 in 2.8x); the bar is chance + 0.037, 5 standard errors above
-    chance at n = 1800 (evaluating many images is cheap, training steps are not)."""
+    chance at n = 1800 (evaluating many images is cheap, training steps are not). The stream
+    reads in the test's process: the same batches as with a data worker (the same canonical
+    stream, and the same acc1), in ~3/4 of the time on 2 busy cores."""
     from data_pipelines.synthetic import CLASSNAMES, EVAL_TEMPLATES
 
     write_shards(generate_samples(2000, seed=0), tmp_path / "train", samples_per_shard=500)
@@ -106,7 +108,7 @@ def test_a_demo_sized_run_beats_chance_on_held_out_shapes(tmp_path: Path) -> Non
         tmp_path / "run",
         **{
             "data.batch_size": 64,
-            "data.workers": 1,
+            "data.workers": 0,
             "data.shuffle_buffer": 1000,
             "train.steps": 60,
             "train.log_every": 20,
