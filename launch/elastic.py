@@ -28,7 +28,9 @@ logger = logging.getLogger("vlp")
 def resume_layout(config: Config, processes: int) -> Config:
     """``config`` with ``train.accum_steps`` set so that a resume on ``processes`` processes
     keeps the checkpoint's global batch; unchanged when there is nothing to resume, the
-    checkpoint has this many processes, or ``train.accum_steps`` already fits.
+    checkpoint has this many processes, or ``train.accum_steps`` already fits. With
+    ``train.elastic=rescale_lr`` and another global batch in the config: ``optim.lr`` scaled by
+    new / old instead (the Trainer then draws the stream afresh).
 
     Raises:
         StartupError: no whole number of micro-batches of ``data.batch_size`` per process
