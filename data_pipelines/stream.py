@@ -58,6 +58,7 @@ from data_pipelines.stream_plan import (
     epoch_quota,
     shard_url,
 )
+from data_pipelines.stream_positions import STATE_VERSION, merge_states
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.text_sources import JSON_PREFIX
 from data_pipelines.worker_stream import SkipCounts, TooManyBadSamples, worker_batches
@@ -80,7 +81,6 @@ __all__ = [
 
 logger = logging.getLogger("data_pipelines.stream")
 
-_STATE_VERSION = 3  # 3: positions per canonical stream; 2: per (rank, worker), k = 1 only
 
 LIVENESS_POLL_S = 5.0
 """How often a wait for a batch checks that the workers are alive. The DataLoader checks only
@@ -341,7 +341,7 @@ class TrainStream:
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (JSON-ready): this rank's streams."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "fingerprint": self.spec.fingerprint(),
             "world_size": self.spec.world_size,
             "accum_steps": self.spec.accum_steps,
@@ -457,50 +457,6 @@ class TrainStream:
         cycle = period * self.spec.accum_steps
         workers = serving_workers(self.settings.workers, cycle)
         return dataclasses.replace(self.spec, phases=period, workers=workers)
-
-
-def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One position from the ``state_dict()`` of every rank (or of one): every stream's
-    position, the step in the epoch, and each rank's counts, for a resume on any number of
-    processes, micro-steps and workers (:meth:`TrainStream.load_state_dict`). Positions saved
-    before canonical streams (version 2, one micro-batch per step) are converted: rank r's
-    worker w was stream (slot r, phase w).
-
-    Raises:
-        ValueError: an unknown version, or a position saved inside a step."""
-    merged: dict[str, Any] = {"positions": {}, "ranks": []}
-    for state in states:
-        version = state.get("version")
-        if version == 2:
-            state = _from_version_2(state)
-        elif version != _STATE_VERSION:
-            raise ValueError(
-                f"the saved data position has version {version}; this vlp reads "
-                f"{_STATE_VERSION} and 2: resume with the vlp that wrote it, or start a new "
-                "train.out_dir"
-            )
-        steps, left = divmod(int(state["consumed_in_epoch"]), int(state["accum_steps"]))
-        if left:
-            raise ValueError("the saved data position is not at the end of a step")
-        merged.setdefault("version", version)
-        for key in ("fingerprint", "slots", "period", "epoch", "fields", "redrawn_at"):
-            merged.setdefault(key, state.get(key))
-        merged.setdefault("steps_in_epoch", steps)
-        merged["positions"].update(state["positions"])
-        merged["ranks"].append(
-            {"rank": int(state["rank"]), "dropped": state["dropped"], "skips": state["skips"]}
-        )
-    for key in ("fields", "redrawn_at"):
-        if merged.get(key) is None:
-            merged.pop(key, None)
-    return merged
-
-
-def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
-    """A version-2 position (rank r's logical workers w) as version 3 (streams (r, w))."""
-    slots, period, rank = int(state["world_size"]), int(state["workers"]), int(state["rank"])
-    positions = {str(int(w) * slots + rank): p for w, p in state["positions"].items()}
-    return {**state, "accum_steps": 1, "slots": slots, "period": period, "positions": positions}
 
 
 def serving_workers(requested: int, cycle: int) -> int:
