@@ -42,10 +42,13 @@ typecheck: $(STAMP)
 
 # Two workers (pytest-xdist) on the 2-core machine CI runs on: slow tests go first
 # (tests/conftest.py), workers steal what is left; PYTEST_WORKERS=0 runs in one process.
+# One torch thread per process (PYTEST_THREADS): the workers already fill the cores, and torch's
+# default (a thread per core in each worker and in each rank it starts) oversubscribes them.
 PYTEST_WORKERS ?= 2
+PYTEST_THREADS ?= 1
 
 pytest: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=40
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(PYTEST_THREADS) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=40
 
 $(PEER_STAMP):
 	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
