@@ -126,10 +126,22 @@ def _objective_config_class(name: str, key: str) -> type:
         raise ConfigError(f"config key '{key}': {error}") from None
 
 
+OPTIMIZERS = ("adamw", "stable_adamw", "adamw8bit", "stable_adamw8bit")
+"""The values of ``optim.name`` (built by :func:`vlp.training.optim.create_optimizer`)."""
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay."""
+    """The optimizer (AdamW or a variant, :mod:`vlp.training.optim`) with linear warmup and
+    cosine decay."""
 
+    name: str = "adamw"
+    """``adamw`` (torch's AdamW, fp32 moments); ``stable_adamw`` (AdamW with update clipping,
+    Wortsman et al. 2023: each tensor's lr is divided by max(1, RMS(g²/v̂)), against loss spikes;
+    the paper drops gradient clipping with it: ``grad_clip: null``); ``adamw8bit`` (bitsandbytes'
+    AdamW with block-wise quantised 8-bit moments, Dettmers et al. 2022: 2 bytes of state per
+    parameter instead of 8); ``stable_adamw8bit`` (both). With 8 bits, the undecayed parameters
+    (scalars, biases, norms, logit scale/bias) and tensors under 4,096 elements keep fp32 moments."""
     lr: float = 5e-4
     """Peak learning rate, reached after ``warmup_steps`` and decayed to 0 by ``train.steps``."""
     weight_decay: float = 0.2
@@ -432,6 +444,10 @@ def validate_config(config: Config) -> None:
         (config.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
         (config.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
+        (
+            config.optim.name in OPTIMIZERS,
+            f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {config.optim.name!r}",
+        ),
         (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
     ]
     for ok, message in checks:

@@ -1,4 +1,4 @@
-"""The Accelerate training loop: objective losses, AdamW + schedule, checkpoints, resume, logs.
+"""The Accelerate training loop: objective losses, optimizer + schedule, checkpoints, resume, logs.
 
 The loop takes any iterable of batch dicts (``image``, ``text`` and whatever fields the objective
 declared) and a list of evaluators; it knows nothing about tar files or eval datasets. When the
@@ -41,7 +41,7 @@ from vlp.training.evaluation import Evaluator, run_evaluators
 from vlp.training.gradcache import cached_batch_loss, replay_backward
 from vlp.training.model_state import make_scalars_shardable, register_forward_methods
 from vlp.training.nonfinite import NonFiniteSkips
-from vlp.training.optim import create_optimizer, create_scheduler
+from vlp.training.optim import EIGHT_BIT, create_optimizer, create_scheduler
 from vlp.training.progress import Progress, duration
 from vlp.training.run_dir import RunDir
 from vlp.training.seeding import seed_rank
@@ -111,6 +111,12 @@ class Trainer:
         self.image_transform = image_transform
         self.run_dir = RunDir(Path(config.train.out_dir), accelerator)
         self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and config.optim.name in EIGHT_BIT:
+            # a shard's quantisation blocks and absmax are not DTensors: no whole-state gather
+            raise ValueError(
+                f"optim.name={config.optim.name} does not run under FSDP (its 8-bit state is "
+                "not sharded like the parameters): use DDP, or optim.name=adamw/stable_adamw"
+            )
         scalars = make_scalars_shardable(model) if self.sharded else []
         optimizer = create_optimizer(model, config.optim, objective.no_decay(model))
         scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
@@ -145,7 +151,7 @@ class Trainer:
             directory=self.run_dir.checkpoints, out_dir=self.run_dir.path,
             global_batch=self.global_batch, keep=config.train.keep_checkpoints,
             episodes=self.episodes, seed=config.train.seed, batch_size=config.data.batch_size,
-            elastic=config.train.elastic,
+            elastic=config.train.elastic, optimizer_name=config.optim.name,
         )  # fmt: skip
         self.nonfinite = NonFiniteSkips(
             config.train.max_nonfinite_steps, self.run_dir.checkpoints, accelerator.process_index

@@ -1,7 +1,12 @@
-"""AdamW with decay only on weight matrices, and a linear-warmup + cosine schedule.
+"""The optimizer (``optim.name``) with decay only on weight matrices, and a linear-warmup + cosine
+schedule.
 
 Biases, norm gains and the logit scale/bias get no weight decay, the same rule as open_clip's
 trainer (every parameter with fewer than 2 dimensions, or named ``bn``/``ln``/``bias``/``logit_``).
+``optim.name`` picks the update on these two groups: ``adamw`` (torch), ``stable_adamw``
+(:mod:`vlp.training.stable_adamw`), ``adamw8bit`` and ``stable_adamw8bit``
+(:mod:`vlp.training.adamw8bit`: 8-bit moments, except for the undecayed group and tensors under
+4,096 elements, which keep fp32 ones).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 
 from vlp.config import OptimConfig
+from vlp.training.stable_adamw import StableAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +47,66 @@ def parameter_groups(
     ]
 
 
+EIGHT_BIT = ("adamw8bit", "stable_adamw8bit")
+"""The ``optim.name`` values whose big tensors keep 8-bit moments (bitsandbytes' layout)."""
+
+
 def create_optimizer(
     model: nn.Module, config: OptimConfig, exclude: set[str] | frozenset[str] = frozenset()
-) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters with CLIP's decay exclusions (and
-    ``exclude``'s)."""
-    return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay, exclude),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-    )
+) -> torch.optim.Optimizer:
+    """``config.name``'s optimizer over the model's trainable parameters with CLIP's decay
+    exclusions (and ``exclude``'s); with 8 bits, the undecayed group keeps fp32 moments."""
+    groups = parameter_groups(model, config.weight_decay, exclude)
+    settings: dict[str, Any] = {
+        "lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps,
+    }  # fmt: skip
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, **settings)
+    if config.name == "stable_adamw":
+        return StableAdamW(groups, **settings)
+    from vlp.training import adamw8bit  # bitsandbytes (~3 s to import): only when asked for
+
+    groups[1]["optim_bits"] = 32
+    kind = adamw8bit.AdamW8bit if config.name == "adamw8bit" else adamw8bit.StableAdamW8bit
+    return kind(groups, **settings, min_8bit_size=adamw8bit.MIN_8BIT_SIZE)
+
+
+def convert_optimizer_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, saved: str, wanted: str
+) -> dict[str, Any]:
+    """A checkpoint's optimizer ``state`` (written with ``optim.name`` ``saved``) in the layout
+    of ``optimizer`` (``optim.name`` ``wanted``): fp32 moments quantised to 8 bits or 8-bit ones
+    dequantised, logged (INFO). AdamW and StableAdamW share a layout, as do their 8-bit forms.
+
+    A converted state takes ``optimizer``'s group settings (the config's, as after any resume:
+    :func:`keep_config_settings`), since the other optimizer's have other keys.
+    """
+    if (saved in EIGHT_BIT) == (wanted in EIGHT_BIT):
+        if saved != wanted:
+            logger.info("resume: optim.name %s → %s, the checkpoint's moments kept", saved, wanted)
+        return state
+    from vlp.training import adamw8bit
+
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": saved_group["params"]}
+        for saved_group, group in zip(state["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    if saved in EIGHT_BIT:
+        converted = adamw8bit.dequantise_moments(state["state"])
+        change = "moments dequantised to fp32"
+    else:
+        full_precision = {
+            name for group in groups if group.get("optim_bits") == 32 for name in group["params"]
+        }
+
+        def eight_bit(name: str) -> bool:
+            big = state["state"][name]["exp_avg"].numel() >= adamw8bit.MIN_8BIT_SIZE
+            return big and name not in full_precision
+
+        converted = adamw8bit.quantise_moments(state["state"], eight_bit)
+        change = "fp32 moments quantised to 8 bits"
+    logger.info("resume: the checkpoint's %s %s for optim.name=%s", saved, change, wanted)
+    return {"state": converted, "param_groups": groups}
 
 
 class WarmupCosine:

@@ -3,9 +3,10 @@
 The directory format (temporary name, ``COMPLETE`` marker, fsync, rename, pruning) lives in
 :mod:`vlp.training.checkpoint`, its read side (names, listing, ``latest``) in
 :mod:`vlp.run_folder`; this module fills it: the model (open_clip's weights in
-``model.safetensors``, the objective's heads beside them), the optimizer moments, the schedule,
-every rank's RNG states and data position, the run's counters, and an episodic objective's
-episode state (``episode.safetensors``, :mod:`vlp.training.episodes`). A resume refuses a
+``model.safetensors``, the objective's heads beside them), the optimizer moments (those of
+another ``optim.name`` are converted on resume), the schedule, every rank's RNG states and data
+position, the run's counters, and an episodic objective's episode state (``episode.safetensors``,
+:mod:`vlp.training.episodes`). A resume refuses a
 checkpoint written with another world size or global batch, since the data order would differ
 from an uninterrupted run's. The skip report of the data stream is refreshed with every checkpoint.
 """
@@ -36,7 +37,7 @@ from vlp.training.model_state import (
     load_full_model_state,
     load_full_optimizer_state,
 )
-from vlp.training.optim import group_settings, keep_config_settings
+from vlp.training.optim import convert_optimizer_state, group_settings, keep_config_settings
 from vlp.training.seeding import derive_step_seed, seed_rank
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class TrainerCheckpoints:
         episodes: an episodic objective's driver, whose state is saved and restored.
         seed, batch_size, elastic: ``train.seed``, ``data.batch_size`` and ``train.elastic``,
             for a resume on another number of processes or global batch (``launch.elastic``).
+        optimizer_name: ``optim.name``, recorded; a checkpoint of another one is converted.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class TrainerCheckpoints:
         seed: int = 0,
         batch_size: int = 1,
         elastic: str = "keep",
+        optimizer_name: str = "adamw",
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -145,6 +148,7 @@ class TrainerCheckpoints:
         self.keep = keep
         self.episodes = episodes
         self.seed, self.batch_size, self.elastic = seed, batch_size, elastic
+        self.optimizer_name = optimizer_name
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint ``train.resume`` names (a path, or ``latest``); None when ``latest``
@@ -236,6 +240,7 @@ class TrainerCheckpoints:
                 "samples_seen": state.step * self.global_batch,
                 "nonfinite_steps": state.nonfinite_steps,
                 "run_id": state.run_id,
+                "optimizer": self.optimizer_name,
             },
         )
 
@@ -285,7 +290,10 @@ class TrainerCheckpoints:
         model_state = join_clip_and_heads(load_file(str(path / "model.safetensors")), heads_state)
         load_full_model_state(self.model, model_state, self.scalars)
         settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
-        optimizer_state = ckpt.load_state_parts(path, "optimizer")
+        optimizer_state = convert_optimizer_state(
+            ckpt.load_state_parts(path, "optimizer"), self.optimizer,
+            saved=str(state.get("optimizer", "adamw")), wanted=self.optimizer_name,
+        )  # fmt: skip
         load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self.scalars)
         # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
         # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
