@@ -29,11 +29,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from safetensors.torch import save_file
 
-from evals.loading import CONFIG_NAME, load_model
+from evals.loading import CONFIG_NAME, LoadedModel, load_model
 from evals.model_card import CARD_NAME, model_card
 from vlp.atomic_files import atomic_path
 from vlp.models.vlp_model import HEADS_FILE, VlpModel
@@ -69,52 +69,79 @@ def _run_objective(checkpoint: str) -> dict[str, Any]:
     return dict(meta["objective"])
 
 
+ExportFormat = Literal["open_clip", "transformers"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+
+
+def _write_open_clip(loaded: LoadedModel, staging: Path, target: Path) -> None:
+    """open_clip's hub layout (the module docstring) into the empty folder ``staging``."""
+    model, _, tokenizer, info = loaded
+    clip = model.clip if isinstance(model, VlpModel) else model
+    save_file(_cpu_state(clip), str(staging / WEIGHTS_NAME))
+    tokenizer_block = _save_tokenizer(tokenizer, info.tokenizer_file, staging)
+    vlp_block: dict[str, Any] = {
+        "model_name": info.name,
+        "exported_from": info.pretrained,
+        **tokenizer_block,
+    }
+    if isinstance(model, VlpModel) and len(model.heads):  # open_clip ignores this file
+        save_file(_cpu_state(model.heads), str(staging / HEADS_FILE))
+        vlp_block["objective"] = _run_objective(info.pretrained)
+    config = {
+        "model_cfg": info.model_cfg,
+        "preprocess_cfg": info.preprocess_cfg,
+        "vlp": vlp_block,
+    }
+    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    card = model_card(info, str(target), tokenizer_block, heads="objective" in vlp_block)
+    (staging / CARD_NAME).write_text(card)
+
+
 def export_run(
-    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    format: ExportFormat = "open_clip",
 ) -> Path:
     """Export the newest complete checkpoint of ``run_dir`` (or any model reference that
     :func:`evals.loading.load_model` accepts) to ``out``; return ``out``.
 
-    Beside the weights it writes a model card, ``README.md``. The export is assembled in a
-    temporary sibling folder and renamed into place (:func:`vlp.atomic_files.atomic_path`), so
-    ``out`` is never half written; its files get the modes a plain ``cp`` would give (0644 files,
-    0755 folders, less the umask: safetensors writes 0600), since an export is meant to be
-    shared (another user, a web server, the hub uploader). ``out`` must not exist, or be empty,
-    unless ``overwrite``.
+    ``format="open_clip"`` writes open_clip's hub layout with a model card, ``README.md``
+    (the module docstring); ``format="transformers"`` writes a transformers ``CLIPModel``
+    folder (:mod:`evals.export_transformers`). The export is assembled in a temporary sibling
+    folder and renamed into place (:func:`vlp.atomic_files.atomic_path`), so ``out`` is never
+    half written; its files get the modes a plain ``cp`` would give (0644 files, 0755 folders,
+    less the umask: safetensors writes 0600), since an export is meant to be shared (another
+    user, a web server, the hub uploader). ``out`` must not exist, or be empty, unless
+    ``overwrite``.
 
     Raises:
         evals.loading.ModelLoadError: ``run_dir`` is not a model.
         FileExistsError: ``out`` exists, is not empty and ``overwrite`` is False.
+        evals.export_transformers.UnmappableModelError: ``format="transformers"`` and the model
+            does not map to ``CLIPModel``.
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; expected one of {EXPORT_FORMATS}")
     target = Path(out)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(
             f"export folder '{target}' exists and is not empty; pass --overwrite "
             "(overwrite=True in Python) to replace it"
         )
-    model, _, tokenizer, info = load_model(run_dir)
+    loaded = load_model(run_dir)
+    if format == "transformers":
+        from evals.export_transformers import check_mappable, write_transformers
+
+        check_mappable(loaded)  # before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as staging:
         staging.mkdir()
-        clip = model.clip if isinstance(model, VlpModel) else model
-        save_file(_cpu_state(clip), str(staging / WEIGHTS_NAME))
-        tokenizer_block = _save_tokenizer(tokenizer, info.tokenizer_file, staging)
-        vlp_block: dict[str, Any] = {
-            "model_name": info.name,
-            "exported_from": info.pretrained,
-            **tokenizer_block,
-        }
-        if isinstance(model, VlpModel) and len(model.heads):  # open_clip ignores this file
-            save_file(_cpu_state(model.heads), str(staging / HEADS_FILE))
-            vlp_block["objective"] = _run_objective(info.pretrained)
-        config = {
-            "model_cfg": info.model_cfg,
-            "preprocess_cfg": info.preprocess_cfg,
-            "vlp": vlp_block,
-        }
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        card = model_card(info, str(target), tokenizer_block, heads="objective" in vlp_block)
-        (staging / CARD_NAME).write_text(card)
+        if format == "transformers":
+            write_transformers(loaded, staging)
+        else:
+            _write_open_clip(loaded, staging, target)
         if target.exists():  # last, so a failed export leaves the old one
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     return target

@@ -39,12 +39,19 @@ def _as_startup_errors(command: Callable[[argparse.Namespace], int]) -> Callable
     def run(args: argparse.Namespace) -> int:
         from data_pipelines.sources import SourceError
         from evals.eval_set import EvalDataError
+        from evals.export_transformers import UnmappableModelError
         from evals.loading import ModelLoadError
         from launch.run import StartupError
 
         try:
             return command(args)
-        except (ModelLoadError, EvalDataError, SourceError, FileExistsError) as error:
+        except (
+            ModelLoadError,
+            EvalDataError,
+            SourceError,
+            FileExistsError,
+            UnmappableModelError,
+        ) as error:
             raise StartupError(str(error)) from None
 
     return run
@@ -282,12 +289,17 @@ def captioning_command(args: argparse.Namespace) -> int:
 
 @_as_startup_errors
 def export_command(args: argparse.Namespace) -> int:
-    """`vlp export RUN_DIR OUT`: open_clip hub layout, loadable as ``local-dir:OUT``."""
+    """`vlp export RUN_DIR OUT [--format open_clip|transformers]`: open_clip's hub layout,
+    loadable as ``local-dir:OUT``, or a transformers ``CLIPModel`` folder."""
     from evals.export import export_run
 
-    out = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    out = export_run(args.run_dir, args.out, overwrite=args.overwrite, format=args.format)
     print(f"exported {args.run_dir} to {out}")
-    print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{out}')")
+    if args.format == "transformers":
+        print(f"  transformers: CLIPModel.from_pretrained('{out}'), ", end="")
+        print(f"CLIPProcessor.from_pretrained('{out}', backend='pil')")
+    else:
+        print(f"  open_clip: open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0
 
 
@@ -421,9 +433,17 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
 def add_export_command(subparsers: argparse._SubParsersAction) -> None:
     """Register `vlp export RUN_DIR OUT` on `vlp`'s subcommand parsers."""
     export = subparsers.add_parser(
-        "export", help="write a run's newest checkpoint in open_clip's hub layout"
+        "export",
+        help="write a run's newest checkpoint in open_clip's hub layout or as a transformers CLIP",
     )
     export.add_argument("run_dir", help="run directory (or checkpoint / export / model name)")
     export.add_argument("out", help="output folder (must be empty)")
+    export.add_argument(
+        "--format",
+        choices=("open_clip", "transformers"),  # evals.export.EXPORT_FORMATS
+        default="open_clip",
+        help="open_clip: open_clip's hub layout, loadable as local-dir:OUT (default); "
+        "transformers: a CLIPModel folder (plain open_clip ViT CLIPs only)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     export.set_defaults(func=export_command, user_errors=_user_errors)
