@@ -28,10 +28,10 @@ STOP = 3
 
 def _train(shards: Path, out: Path, processes: int, **extra: object) -> None:
     """The demo for ``STEPS`` steps at global batch 16 (micro-batches of 8), 4 canonical
-    streams, a checkpoint every step, no data worker unless asked: on 2 gloo ranks as under
-    ``accelerate launch`` (``_on_two_ranks``), or in this process."""
+    streams, checkpoints at ``STOP`` and at the end only, no data worker unless asked: on 2
+    gloo ranks as under ``accelerate launch`` (``_on_two_ranks``), or in this process."""
     settings = {
-        "train.steps": STEPS, "train.checkpoint_every": 1, "train.keep_checkpoints": STEPS,
+        "train.steps": STEPS, "train.checkpoint_every": STOP, "train.keep_checkpoints": STEPS,
         "train.report_to": "[]", "train.accum_steps": 2 // processes, "data.streams": 4,
         "data.resampled": False, "data.workers": 0,
     } | extra  # fmt: skip

@@ -21,6 +21,8 @@ from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _overrides
 from tests.seeds import extra_seeds
 
 STEPS = 6
+FINAL_ONLY = {"train.checkpoint_every": 0}
+"""For the runs that are not killed: the final checkpoint alone (each one is ~96 MB to write)."""
 ACCELERATE_2PROC = ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"
 
 
@@ -117,7 +119,7 @@ def uninterrupted(shards, tmp_path_factory) -> dict[tuple[int, int], dict[str, b
         def __missing__(self, key: tuple[int, int]) -> dict[str, bytes]:
             processes, workers = key
             out = tmp_path_factory.mktemp(f"whole{processes}")
-            _run(_command(shards, out, processes, **{"data.workers": workers}))
+            _run(_command(shards, out, processes, **{"data.workers": workers, **FINAL_ONLY}))
             self[key] = _final(out)
             return self[key]
 
@@ -136,7 +138,7 @@ def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(
     out = tmp_path / "run"
     reached = _kill_at(_command(shards, out, processes), out, step)
     assert reached < STEPS, "the run finished before the kill"
-    _run(_command(shards, out, processes, **{"train.resume": "latest"}))
+    _run(_command(shards, out, processes, **{"train.resume": "latest", **FINAL_ONLY}))
     assert "resumed from" in (out / "train.log").read_text()
     got, expected = _final(out), uninterrupted[processes, 0]
     for name in expected:
