@@ -62,14 +62,14 @@ def test_stable_adamw_equals_the_papers_algorithm_with_and_without_clipping():
 def test_stable_adamw_is_torch_adamw_bit_for_bit_when_nothing_clips():
     generator = torch.Generator().manual_seed(1)
     start = torch.randn(32, 16, generator=generator)
-    grad = torch.randn(32, 16, generator=generator)  # the same gradient every step: RMS = 1
+    base = torch.randn(32, 16, generator=generator)
     ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
     stable = StableAdamW([ours], lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY)
     adamw = torch.optim.AdamW(
         [theirs], lr=LR, betas=BETAS, eps=EPS, weight_decay=DECAY, foreach=False
     )
-    for _ in range(4):
-        ours.grad, theirs.grad = grad.clone(), grad.clone()
+    for t in range(4):
+        ours.grad, theirs.grad = base * 0.9**t, base * 0.9**t  # shrinking: RMS <= 1
         stable.step()
         adamw.step()
         assert torch.equal(ours, theirs)
