@@ -87,6 +87,7 @@ def build_model(config: Config) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
             lock_text=config.model.lock_text,
             tokenizer=config.model.tokenizer,
             model_kwargs=objective.model_kwargs,
+            patch_dropout=config.model.patch_dropout,
         )
     except PretrainedError as error:
         raise StartupError(f"model.pretrained='{config.model.pretrained}': {error}") from None

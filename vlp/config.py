@@ -39,6 +39,12 @@ class ModelConfig:
     """Freeze the image tower (LiT)."""
     lock_text: bool = False
     """Freeze the text tower."""
+    patch_dropout: float = 0.0
+    """FLIP's patch dropout (Li et al. 2023), open_clip's ``vision_cfg.patch_dropout``: this
+    fraction of a ViT's patch tokens is dropped at random after the patch embedding, in training
+    only (evaluation sees every token), so a step costs about (1 - p) of the image tower's
+    compute. Refused where the tower is not a ViT, and by PyramidCLIP (it pools regions from
+    the whole token grid). 0 = off."""
     tokenizer: str | None = None
     """A local SentencePiece ``.model`` file instead of the model's own tokenizer, or a packaged
     one (``vlp:procedural-bpe``: the procedural captions, for a small captioning head)."""
@@ -128,6 +134,8 @@ def _objective_config_class(name: str, key: str) -> type:
 
 OPTIMIZERS = ("adamw", "stable_adamw", "adamw8bit", "stable_adamw8bit")
 """The values of ``optim.name`` (built by :func:`vlp.training.optim.create_optimizer`)."""
+FUSED = ("auto", "true", "false")
+"""The values of ``optim.fused``."""
 
 
 @dataclass
@@ -156,6 +164,10 @@ class OptimConfig:
     """Steps of linear warmup from 0 to ``lr``."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping."""
+    fused: str = "auto"
+    """torch's fused AdamW kernel (one launch for every tensor's update instead of one per
+    tensor group): ``auto`` uses it on CUDA with ``optim.name=adamw``; ``true`` everywhere torch
+    has it (CUDA, and the CPU); ``false`` never. Same update within float rounding."""
 
 
 @dataclass
@@ -198,6 +210,13 @@ class TrainConfig:
     ``wandb`` package and its login, or ``WANDB_MODE=offline``."""
     max_nonfinite_steps: int = 5
     """Consecutive NaN/inf losses tolerated (each skipped) before the run stops."""
+    compile: bool = False
+    """``torch.compile`` the open_clip towers in place (``nn.Module.compile``: parameter and
+    checkpoint names unchanged), so that their kernels are fused; the first steps and every new
+    batch shape pay the compilation (a minute for a ViT-B on a GPU)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend for ``train.compile``; ``eager`` or ``aot_eager`` compile fast
+    (graph capture only), for checks."""
     threads: int = 0
     """torch intra-op threads per process; 0 = OMP_NUM_THREADS if set, else the cores this
     process may use, shared by the processes of the node after one per data worker."""
@@ -449,6 +468,19 @@ def validate_config(config: Config) -> None:
             f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {config.optim.name!r}",
         ),
         (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (
+            str(config.optim.fused).lower() in FUSED,
+            f"optim.fused must be one of {', '.join(FUSED)}, got {config.optim.fused!r}",
+        ),
+        (
+            str(config.optim.fused).lower() != "true" or config.optim.name == "adamw",
+            f"optim.fused=true needs optim.name=adamw (torch's AdamW); {config.optim.name} has "
+            "no fused kernel: set optim.fused=auto or false",
+        ),
+        (
+            0 <= config.model.patch_dropout < 1,
+            f"model.patch_dropout must be in [0, 1), got {config.model.patch_dropout}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,6 +27,7 @@ import huggingface_hub
 import open_clip
 import torch
 from open_clip import pretrained as open_clip_pretrained
+from open_clip.transformer import PatchDropout
 from torch import nn
 
 from vlp.models.hf_towers import (
@@ -125,6 +126,7 @@ def create_model(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     model_kwargs: dict[str, Any] | None = None,
+    patch_dropout: float = 0.0,
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], Callable[..., torch.Tensor], Any]:
     """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` from an open_clip name.
 
@@ -136,6 +138,9 @@ def create_model(
     ``model_kwargs`` override the model config (an objective's needs, e.g. SigLIP's
     ``init_logit_bias``); record them with the config (``model_config(...) | model_kwargs``).
     A ``text_cfg`` there replaces the config's whole ``text_cfg`` (open_clip's rule).
+    ``patch_dropout`` > 0 sets a ViT image tower's ``vision_cfg.patch_dropout`` (FLIP, applied in
+    training only); a ValueError for any other tower. It is a training setting: record the model
+    config without it.
 
     A Hugging Face text tower (``text_cfg.hf_model_name``: a folder, a hub name or a ``vlp:``
     alias) is built from its resolved folder, checked first (:class:`HFTowerError`, one line,
@@ -163,7 +168,7 @@ def create_model(
         with _quiet_random_init(not pretrained), quiet_hf_loading():
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained or None, device=device, output_dict=True,
-                **model_kwargs,
+                force_patch_dropout=patch_dropout or None, **model_kwargs,
             )  # fmt: skip
     except pickle.UnpicklingError as error:  # open_clip loads with torch.load(weights_only=True)
         raise PretrainedError(refused_pickle(pretrained or name, error)) from None
@@ -174,6 +179,8 @@ def create_model(
         raise HFTowerError(
             f"text_cfg.hf_model_name '{text_cfg['hf_model_name']}' does not load: {why}"
         ) from None
+    if patch_dropout:
+        check_patch_dropout(model, patch_dropout)
     if not (pretrained or schema):
         init_caption_projection(model)
     if lock_image:
@@ -186,6 +193,17 @@ def create_model(
         return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
     sentencepiece = sentencepiece_tokenizer(tokenizer, model_config(name) | model_kwargs)
     return model, preprocess_train, preprocess_val, sentencepiece
+
+
+def check_patch_dropout(model: nn.Module, patch_dropout: float) -> None:
+    """Raise ValueError unless ``model``'s image tower drops patches (open_clip's ViT): other
+    towers (ResNets, timm) ignore ``vision_cfg.patch_dropout`` and would train at full cost."""
+    visual = getattr(model, "visual", None)
+    if not isinstance(getattr(visual, "patch_dropout", None), PatchDropout):
+        raise ValueError(
+            f"model.patch_dropout={patch_dropout} drops the patch tokens of open_clip's ViT image "
+            f"tower; this model's image tower is {type(visual).__name__}: set model.patch_dropout=0"
+        )
 
 
 def check_pretrained(name: str, pretrained: str) -> None:

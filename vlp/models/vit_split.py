@@ -47,7 +47,10 @@ def check_splittable(visual: Any, last_blocks: int) -> None:
             f"{visual.attn_pool is not None}"
         )
     if not isinstance(visual.patch_dropout, nn.Identity):
-        raise SplitError("PyramidCLIP needs vision_cfg.patch_dropout = 0 (regions are pooled)")
+        raise SplitError(
+            "PyramidCLIP pools regions from f1's whole token grid, which patch dropout leaves "
+            "with holes: set model.patch_dropout=0 (and vision_cfg.patch_dropout=0)"
+        )
     if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
         raise SplitError("PyramidCLIP needs open_clip's ResidualAttentionBlock in the tower")
 

@@ -35,6 +35,7 @@ from vlp.distributed import NonFiniteFeaturesError, all_reduce_mean, contrastive
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives import Objective, total_loss
 from vlp.objectives.episodic import EpisodicObjective
+from vlp.training.compile import compile_towers
 from vlp.training.device_batches import DeviceBatches
 from vlp.training.episodes import EpisodeDriver, episode_plan
 from vlp.training.evaluation import Evaluator, run_evaluators
@@ -118,7 +119,11 @@ class Trainer:
                 "not sharded like the parameters): use DDP, or optim.name=adamw/stable_adamw"
             )
         scalars = make_scalars_shardable(model) if self.sharded else []
-        optimizer = create_optimizer(model, config.optim, objective.no_decay(model))
+        if config.train.compile:
+            compile_towers(model, config.train.compile_backend)
+        optimizer = create_optimizer(
+            model, config.optim, objective.no_decay(model), accelerator.device
+        )
         scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             model, optimizer, scheduler

@@ -6,7 +6,8 @@ trainer (every parameter with fewer than 2 dimensions, or named ``bn``/``ln``/``
 ``optim.name`` picks the update on these two groups: ``adamw`` (torch), ``stable_adamw``
 (:mod:`vlp.training.stable_adamw`), ``adamw8bit`` and ``stable_adamw8bit``
 (:mod:`vlp.training.adamw8bit`: 8-bit moments, except for the undecayed group and tensors under
-4,096 elements, which keep fp32 ones).
+4,096 elements, which keep fp32 ones). ``optim.fused`` puts torch's AdamW update into one fused
+kernel (:func:`fused_choice`).
 """
 
 from __future__ import annotations
@@ -51,17 +52,41 @@ EIGHT_BIT = ("adamw8bit", "stable_adamw8bit")
 """The ``optim.name`` values whose big tensors keep 8-bit moments (bitsandbytes' layout)."""
 
 
+def fused_choice(config: OptimConfig, device: torch.device | str) -> tuple[bool, str]:
+    """Whether torch's fused AdamW kernel runs the update on ``device``, and why.
+
+    Without it torch updates each (device, dtype) group of tensors with several ``foreach``
+    kernels per step; fused, one kernel reads gradient and moments once. ``auto`` takes it on
+    CUDA only: torch's fused CPU kernel exists too, but the CPU runs are not where a kernel
+    launch costs. Only ``optim.name=adamw`` has one (the config refuses ``true`` otherwise)."""
+    choice = str(config.fused).lower()
+    if config.name != "adamw":
+        return False, f"optim.name={config.name} has no fused kernel"
+    if choice == "false":
+        return False, "optim.fused=false"
+    if choice == "true":
+        return True, "optim.fused=true"
+    on_cuda = torch.device(device).type == "cuda"
+    return on_cuda, f"optim.fused=auto on {torch.device(device).type}"
+
+
 def create_optimizer(
-    model: nn.Module, config: OptimConfig, exclude: set[str] | frozenset[str] = frozenset()
+    model: nn.Module,
+    config: OptimConfig,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    device: torch.device | str = "cpu",
 ) -> torch.optim.Optimizer:
     """``config.name``'s optimizer over the model's trainable parameters with CLIP's decay
-    exclusions (and ``exclude``'s); with 8 bits, the undecayed group keeps fp32 moments."""
+    exclusions (and ``exclude``'s); with 8 bits, the undecayed group keeps fp32 moments.
+    ``device`` is where the parameters will train (:func:`fused_choice`); the choice is logged."""
     groups = parameter_groups(model, config.weight_decay, exclude)
     settings: dict[str, Any] = {
         "lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps,
     }  # fmt: skip
+    fused, why = fused_choice(config, device)
+    logger.info("optimizer %s, %s kernel (%s)", config.name, "fused" if fused else "unfused", why)
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, **settings)
+        return torch.optim.AdamW(groups, **settings, fused=fused or None)
     if config.name == "stable_adamw":
         return StableAdamW(groups, **settings)
     from vlp.training import adamw8bit  # bitsandbytes (~3 s to import): only when asked for
@@ -178,6 +203,7 @@ def keep_config_settings(
     for group, base, factor in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
         group["lr"] = base * factor(inner.last_epoch)
     inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    _place_fused_steps(optimizer)
     if changes:
         logger.info(
             "resume: the config's optimizer settings replace the checkpoint's (moments and step "
@@ -185,3 +211,16 @@ def keep_config_settings(
             "; ".join(changes),
         )
     return changes
+
+
+def _place_fused_steps(optimizer: torch.optim.Optimizer) -> None:
+    """A fused group's step counts as the fused kernel reads them: float32 on the parameter's
+    device. ``load_state_dict`` places them by the CHECKPOINT's ``fused`` flag, so an unfused
+    run's counts (CPU tensors) would stay on the CPU once the config turns the kernel on."""
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(param.device, torch.float32)
