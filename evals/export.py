@@ -10,6 +10,9 @@ and ``hf-hub:`` loaders read:
 - ``heads.safetensors``, for objectives with heads (ConVIRT's projections): the heads' state
   dict, with the objective and its settings in the config's ``vlp`` block; open_clip ignores
   it, ``vlp eval`` applies the heads;
+- for a model whose text embeddings are pooled otherwise than open_clip does (PyramidCLIP's
+  ``text_pool=max``), the objective and its settings in the ``vlp`` block too: ``vlp eval``
+  pools as in training, open_clip loading the folder alone pools the end-of-text token;
 - ``README.md``: a model card (:mod:`evals.model_card`): the run's config highlights, steps and
   samples seen, the eval results in the run's ``results/``, and how to load the folder;
 - tokenizer files when the tokenizer is not open_clip's bundled BPE: a Hugging Face tokenizer
@@ -86,14 +89,17 @@ def _write_open_clip(loaded: LoadedModel, staging: Path, target: Path) -> None:
     }
     if isinstance(model, VlpModel) and len(model.heads):  # open_clip ignores this file
         save_file(_cpu_state(model.heads), str(staging / HEADS_FILE))
-        vlp_block["objective"] = _run_objective(info.pretrained)
+    if isinstance(model, VlpModel) and (len(model.heads) or model.text_pool != "eot"):
+        vlp_block["objective"] = _run_objective(info.pretrained)  # rebuilds heads, text pooling
     config = {
         "model_cfg": info.model_cfg,
         "preprocess_cfg": info.preprocess_cfg,
         "vlp": vlp_block,
     }
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    card = model_card(info, str(target), tokenizer_block, heads="objective" in vlp_block)
+    heads = isinstance(model, VlpModel) and len(model.heads) > 0
+    text_pool = model.text_pool if isinstance(model, VlpModel) else "eot"
+    card = model_card(info, str(target), tokenizer_block, heads=heads, text_pool=text_pool)
     (staging / CARD_NAME).write_text(card)
 
 

@@ -121,6 +121,11 @@ def check_mappable(loaded: LoadedModel) -> None:
 
     if isinstance(model, VlpModel) and len(model.heads):
         raise refuse("its objective's heads (heads.safetensors) have no place in CLIPModel")
+    if isinstance(model, VlpModel) and model.text_pool != "eot":
+        raise refuse(
+            f"its text embeddings are pooled with text_pool={model.text_pool} (PyramidCLIP), "
+            "CLIPModel's at the end-of-text token"
+        )
     if "multimodal_cfg" in cfg:
         raise refuse("it is a CoCa model (a captioning decoder)")
     if cfg.get("init_logit_bias") is not None or getattr(model, "logit_bias", None) is not None:

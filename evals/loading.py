@@ -181,22 +181,33 @@ def _load_checkpoint(checkpoint: Path, kind: ModelKind) -> LoadedModel:
 
 
 def with_heads(model: Any, directory: Path, objective: dict[str, Any] | None) -> Any:
-    """``model`` wrapped with the objective's heads when ``directory`` holds ``heads.safetensors``
-    (ConVIRT's projections...): embeddings for evaluation are the ones the objective trained."""
+    """``model`` as its objective trained it: wrapped with the objective's heads when
+    ``directory`` holds ``heads.safetensors`` (ConVIRT's projections...) and with the objective's
+    text pooling when its recorded settings say ``text_pool`` other than ``eot`` (PyramidCLIP's
+    max over positions; a run recorded before the setting existed pooled the end-of-text
+    token), so that embeddings for evaluation are the ones the objective trained."""
     from safetensors.torch import load_file
 
     from vlp.models.vlp_model import HEADS_FILE, VlpModel
     from vlp.objectives import objective_class
 
     heads_file = directory / HEADS_FILE
-    if not heads_file.is_file():
+    settings = dict((objective or {}).get("settings", {}))
+    text_pool = str(settings.get("text_pool", "eot"))
+    if not heads_file.is_file() and text_pool == "eot":
         return model
     if not objective:
         raise ModelLoadError(f"'{heads_file}' has no objective recorded beside it to build them")
-    cls = objective_class(objective["name"])
-    built = cls.from_config(cls.Config(**objective.get("settings", {})))
-    wrapped = VlpModel(model, built.heads(model))
-    wrapped.heads.load_state_dict(load_file(str(heads_file)))
+    heads = {}
+    if heads_file.is_file():
+        cls = objective_class(objective["name"])
+        heads = cls.from_config(cls.Config(**settings)).heads(model)
+    try:
+        wrapped = VlpModel(model, heads, text_pool=text_pool)
+        if heads_file.is_file():
+            wrapped.heads.load_state_dict(load_file(str(heads_file)))
+    except ValueError as error:  # a pooling this tower cannot do, heads of an older layout
+        raise ModelLoadError(f"'{directory}': {error}") from None
     return wrapped
 
 

@@ -155,12 +155,20 @@ def _usage_section(out: str, tokenizer: dict[str, str]) -> list[str]:
     return lines
 
 
-def model_card(info: ModelInfo, out: str, tokenizer: dict[str, str], *, heads: bool = False) -> str:
+def model_card(
+    info: ModelInfo,
+    out: str,
+    tokenizer: dict[str, str],
+    *,
+    heads: bool = False,
+    text_pool: str = "eot",
+) -> str:
     """The Markdown card for an export of ``info`` into ``out`` (the name used to load it).
 
     ``tokenizer`` is the export config's tokenizer description (``{"tokenizer": ...}``);
     ``heads``: the export holds the objective's heads (``heads.safetensors``), which open_clip
-    does not load.
+    does not load; ``text_pool``: how the model's text embeddings are pooled (``max``:
+    PyramidCLIP's, which open_clip does not know).
     Whatever the run folder lacks (config, trainer state, results) is left out, not guessed.
     """
     run_dir = run_dir_of(info)
@@ -206,5 +214,13 @@ def model_card(info: ModelInfo, out: str, tokenizer: dict[str, str], *, heads: b
             "This model's objective trains heads on top of the towers (`heads.safetensors`): "
             "open_clip loads the bare towers, whose features are not the ones the objective "
             "trained; `vlp eval` and `evals.loading.load_model` apply the heads.",
+        ]
+    if text_pool == "max":
+        lines += [
+            "",
+            "This model's text embeddings are the maximum over all token positions after the "
+            "text tower's final LayerNorm, then projected (PyramidCLIP's `text_pool=max`): "
+            "`vlp eval` and `evals.loading.load_model` pool so; open_clip loading this folder "
+            "alone uses the end-of-text token, which the model was not trained with.",
         ]
     return "\n".join(lines) + "\n"

@@ -222,7 +222,9 @@ def test_configs_that_do_not_map_are_refused(tiny_loaded, change, reason) -> Non
     assert reason in str(refused.value)
 
 
-def test_own_tokenizers_and_objective_heads_are_refused(tiny_loaded, tmp_path) -> None:
+def test_own_tokenizers_objective_heads_and_max_pooled_text_are_refused(
+    tiny_loaded, tmp_path
+) -> None:
     from vlp.models.vlp_model import VlpModel
 
     with pytest.raises(UnmappableModelError, match="its own tokenizer"):
@@ -230,6 +232,9 @@ def test_own_tokenizers_and_objective_heads_are_refused(tiny_loaded, tmp_path) -
     with_heads = VlpModel(tiny_loaded.model, {"image": torch.nn.Linear(128, 8)})
     with pytest.raises(UnmappableModelError, match=r"heads \(heads.safetensors\)"):
         check_mappable(tiny_loaded._replace(model=with_heads))
+    max_pooled = VlpModel(tiny_loaded.model, text_pool="max")
+    with pytest.raises(UnmappableModelError, match="pooled with text_pool=max"):
+        check_mappable(tiny_loaded._replace(model=max_pooled))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,10 @@ embeddings, and start-up checks naming the missing field."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from tests.launch.test_pretrain import DEMO, _overrides, shards  # noqa: F401
 from tests.training.test_gradcache import _grads, accumulate, assert_same_tensors
 from vlp.models import create_model, vit_split
+from vlp.models.vlp_model import VlpModel
 from vlp.objectives import create_objective, total_loss
 from vlp.objectives.pyramidclip import TERMS, PyramidClipObjective, pooled_regions
 
@@ -149,8 +153,10 @@ def test_roi_branch_masks_padding_and_a_sample_without_regions_is_finite():
     objective, model, tokenizer = _pyramid_model()
     inputs = _inputs(tokenizer, 3, 2)
     roi = model(inputs)["roi_features"]
-    padded = dict(inputs)  # a third, padded region full of garbage changes nothing
-    padded["boxes"] = torch.cat([inputs["boxes"], torch.rand(3, 1, 4, dtype=torch.float64)], 1)
+    padded = dict(inputs)  # a third, padded region (any valid box: the data checks x0 < x1 and
+    # y0 < y1, and roi_align fails on a box inverted in one axis only) changes nothing
+    corner = torch.rand(3, 1, 2, dtype=torch.float64) * 0.5
+    padded["boxes"] = torch.cat([inputs["boxes"], torch.cat([corner, corner + 0.3], -1)], 1)
     padded["boxes_mask"] = torch.cat([inputs["boxes_mask"], torch.zeros(3, 1, dtype=torch.bool)], 1)
     torch.testing.assert_close(model(padded)["roi_features"], roi, rtol=1e-10, atol=1e-12)
     padded["boxes_mask"][1] = False  # sample 1: no region at all
@@ -247,3 +253,117 @@ def test_a_missing_summary_falls_back_to_the_first_clause_and_is_counted(shards,
     assert main(args) == 0
     log = (out / "metrics.jsonl").read_text()
     assert '"train/summary_fallback": 1.0' in log and '"train/L_rt"' in log
+
+
+def _max_pooled_reference(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The official ``encode_text``, read off open_clip's own forward: the ``ln_final`` output
+    at every position (a hook), its maximum over positions, then ``@ text_projection``."""
+    seen = []
+    handle = clip.ln_final.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        clip.encode_text(tokens)
+    finally:
+        handle.remove()
+    return seen[0].max(dim=1).values @ clip.text_projection
+
+
+def test_text_features_are_max_pooled_over_positions_then_projected_everywhere():
+    """``text_pool=max`` (the default): summaries, captions, attribute texts and the model's
+    ``encode_text`` (what zero-shot and retrieval call) equal the plain float64 reference and
+    differ from the end-of-text token; ``eot`` is open_clip's own ``encode_text``."""
+    objective, model, tokenizer = _pyramid_model()
+    inputs = _inputs(tokenizer, 3, 1)
+    inputs["caption"] = tokenizer(["a big red star", "small blue circle at left", "a square"])
+    outputs = model(inputs)
+    for text in ("summary", "caption", "attributes"):
+        reference = F.normalize(_max_pooled_reference(model.clip, inputs[text]), dim=-1)
+        torch.testing.assert_close(outputs[f"{text}_features"], reference, rtol=1e-12, atol=1e-12)
+    tokens = inputs["caption"]
+    reference = _max_pooled_reference(model.clip, tokens)
+    torch.testing.assert_close(model.encode_text(tokens), reference, rtol=1e-12, atol=1e-12)
+    eot = model.clip.encode_text(tokens)
+    assert (model.encode_text(tokens) - eot).abs().max() > 1e-3
+    _, eot_model, _ = _pyramid_model(text_pool="eot")
+    torch.testing.assert_close(eot_model.encode_text(tokens), eot, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_pool must be one of"):
+        PyramidClipObjective(text_pool="mean")
+
+
+def _roi_reference(visual, weight: torch.Tensor, regions: torch.Tensor, valid, last_blocks: int):
+    """The official ROI branch, one sample at a time over its valid regions only:
+    ln_pre([class_embedding, regions @ φ]) (no position embedding), the last blocks, ln_post of
+    the first token, @ proj."""
+    blocks = visual.transformer.resblocks[-last_blocks:]
+    out = []
+    for sample, keep in zip(regions, valid, strict=True):
+        x = torch.cat([visual.class_embedding[None], sample[keep] @ weight.T])
+        x = visual.ln_pre(x)[None]
+        x = x if visual.transformer.batch_first else x.transpose(0, 1)
+        for block in blocks:
+            x = block(x)
+        x = x if visual.transformer.batch_first else x.transpose(0, 1)
+        out.append(visual.ln_post(x[0, 0]) @ visual.proj)
+    return torch.stack(out)
+
+
+def test_roi_branch_is_the_official_one_class_embedding_bias_free_phi_and_ln_pre():
+    objective, model, tokenizer = _pyramid_model(regions="npy", region_dim=7)
+    assert sorted(model.heads.state_dict()) == ["roi.embed.weight"]  # no new CLS, no bias
+    inputs = _inputs(tokenizer, 3, 3)
+    inputs["regions"] = torch.randn(3, 3, 7, dtype=torch.float64)
+    inputs["regions_mask"] = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():  # a non-trivial ln_pre, so that leaving it out would show
+        model.clip.visual.ln_pre.weight.uniform_(0.5, 1.5)
+        model.clip.visual.ln_pre.bias.normal_()
+    roi = model(objective.model_inputs(inputs))["roi_features"]
+    visual, weight = model.clip.visual, model.heads["roi"].embed.weight
+    reference = _roi_reference(visual, weight, inputs["regions"], inputs["regions_mask"], 2)
+    torch.testing.assert_close(roi, F.normalize(reference, dim=-1), rtol=1e-10, atol=1e-12)
+
+
+def _pyramid_checkpoint(run: Path, settings: dict, heads: dict[str, torch.Tensor] | None) -> None:
+    """A vlp-tiny-vit PyramidCLIP run checkpoint recording ``settings`` (and ``heads``)."""
+    from safetensors.torch import save_file
+
+    from tests.evals.conftest import save_run_checkpoint
+
+    checkpoint = save_run_checkpoint(run, 1, _tiny_clip(), "vlp-tiny-vit")
+    meta = json.loads((checkpoint / "model_config.json").read_text())
+    meta["objective"] = {"name": "pyramidclip", "settings": settings}
+    (checkpoint / "model_config.json").write_text(json.dumps(meta))
+    if heads is not None:
+        save_file(heads, str(checkpoint / "heads.safetensors"))
+
+
+@functools.cache
+def _tiny_clip() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("vlp-tiny-vit")[0].eval()
+
+
+def test_zero_shot_and_exports_pool_text_as_training_did_and_old_roi_heads_are_refused(tmp_path):
+    """A run with the ROI branch, and an export of one without (no heads, yet it must record its
+    pooling): zero-shot class embeddings are the max-pooled reference. A run recorded before
+    ``text_pool`` existed is evaluated with the end-of-text token it trained with; one with the
+    old ROI branch's parameters is refused in one line."""
+    from evals.export import export_run
+    from evals.loading import ModelLoadError, load_model
+    from evals.zeroshot import build_class_embeddings
+
+    settings = {"last_blocks": 2, "text_pool": "max"}
+    _pyramid_checkpoint(tmp_path / "run", settings, {"roi.embed.weight": torch.randn(128, 128)})
+    _pyramid_checkpoint(tmp_path / "no_roi", {**settings, "w_rs": 0.0, "w_rt": 0.0}, None)
+    export = export_run(tmp_path / "no_roi", tmp_path / "export")
+    assert "`text_pool=max`" in (export / "README.md").read_text()
+    for reference in (tmp_path / "run", export):
+        model, _, tokenizer, _ = load_model(reference)
+        weights = build_class_embeddings(model, tokenizer, ["red star", "blue circle"], ("a {c}",))
+        tokens = tokenizer(["a red star", "a blue circle"])
+        expected = F.normalize(_max_pooled_reference(model.clip, tokens), dim=-1)
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    _pyramid_checkpoint(tmp_path / "old", {"last_blocks": 2}, None)
+    assert not isinstance(load_model(tmp_path / "old").model, VlpModel)  # open_clip's pooling
+    old_heads = {"roi.cls": torch.randn(128), "roi.embed.weight": torch.randn(128, 128)}
+    _pyramid_checkpoint(tmp_path / "old_roi", {"last_blocks": 2}, old_heads)
+    with pytest.raises(ModelLoadError, match=r"roi\.cls: a PyramidCLIP ROI branch saved by an "):
+        load_model(tmp_path / "old_roi")

@@ -7,6 +7,9 @@ checkpoints and ``vlp export`` see all of it without knowing the objective:
 - ``heads``: the objective's modules (projection MLPs, prototype heads, an ROI branch, a
   decoder). Heads named ``image`` / ``text`` map the towers' embeddings, and are applied by
   :meth:`VlpModel.encode_image` / :meth:`VlpModel.encode_text`, which evaluators call;
+- ``text_pool``: how :meth:`VlpModel.encode_text` reads the text tower's tokens (``eot``,
+  open_clip's; ``max`` for PyramidCLIP, :mod:`vlp.models.text_pool`), so that evaluators embed
+  text as the objective trained it;
 - frozen helpers (a teacher, a reference LM) are held OUTSIDE the module tree
   (:meth:`VlpModel.attach_frozen`): no parameters, no state-dict entries, no DDP buckets.
 
@@ -17,11 +20,14 @@ whatever the objective computes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlp.models.text_pool import check_text_pool, max_pooled_text
 
 Encode = Callable[["VlpModel", Mapping[str, Any]], dict[str, torch.Tensor]]
 
@@ -38,6 +44,7 @@ class VlpModel(nn.Module):
         clip: an open_clip model (``encode_image``, ``encode_text``, ``logit_scale``).
         heads: trainable modules of the objective, by name.
         encode: ``encode(model, inputs) -> outputs``, usually ``objective.encode``.
+        text_pool: ``eot`` (open_clip's ``encode_text``) or ``max`` (:mod:`vlp.models.text_pool`).
     """
 
     clip: Any  # an open_clip model (CLIP, CustomTextCLIP, CoCa): typed loosely on purpose
@@ -47,9 +54,12 @@ class VlpModel(nn.Module):
         clip: nn.Module,
         heads: Mapping[str, nn.Module] | None = None,
         encode: Encode | None = None,
+        text_pool: str = "eot",
     ):
         super().__init__()
+        check_text_pool(clip, text_pool)
         self.clip = clip
+        self.text_pool = text_pool
         self.heads = nn.ModuleDict(dict(heads or {}))
         self._encode = encode
         self._frozen: dict[str, nn.Module] = {}
@@ -68,7 +78,10 @@ class VlpModel(nn.Module):
         return self._embed("image", self.clip.encode_image, image, normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Text embeddings, through the ``text`` head when there is one."""
+        """Text embeddings pooled as ``text_pool`` says, through the ``text`` head when there is
+        one."""
+        if self.text_pool == "max":
+            return self._embed("text", partial(max_pooled_text, self.clip), text, normalize)
         return self._embed("text", self.clip.encode_text, text, normalize)
 
     def _embed(

@@ -178,7 +178,14 @@ class Objective(nn.Module):
         """The model this objective trains: ``clip`` (which it may partly freeze) plus its heads."""
         from vlp.models.vlp_model import VlpModel
 
-        return VlpModel(clip, self.heads(clip), self.encode)
+        return VlpModel(clip, self.heads(clip), self.encode, text_pool=self.text_pool())
+
+    def text_pool(self) -> str:
+        """How the model's ``encode_text`` pools the text tower's tokens, in training and in
+        every evaluation (:mod:`vlp.models.text_pool`): ``eot``, open_clip's own, by default.
+        An objective that pools otherwise keeps it in a ``text_pool`` setting: checkpoints and
+        exports record the settings, and :func:`evals.loading.with_heads` reads it back."""
+        return "eot"
 
     def heads(self, clip: nn.Module) -> dict[str, nn.Module]:
         """Trainable modules this objective adds to the model (``image``/``text`` heads map the

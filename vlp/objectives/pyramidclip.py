@@ -1,15 +1,23 @@
 """PyramidCLIP (Gao et al., "PyramidCLIP: Hierarchical Feature Alignment for Vision-language
 Model Pretraining", NeurIPS 2022, arXiv 2204.14095), through vlp's exact distributed core.
 
-Followed from the paper's Figure 2 (the official repository holds inference code only) and, where
-marked, from secondary reading notes (shared/REFERENCES.md); §3 of the paper was not reachable:
+Followed from the paper's Figure 2, the official model code (Yuting-Gao/PyramidCLIP
+``models/models.py``: the model, not the loss or the training) and, where marked, from
+secondary reading notes (shared/REFERENCES.md); §3 of the paper was not reachable:
 
 - **Input pyramid** (§3.1, Fig. 2). The image tower splits as f = f2∘f1, f2 its last
   ``last_blocks`` blocks (:mod:`vlp.models.vit_split`; 3 for ViTs per the notes). The global view
   (RandomResizedCrop 0.9–1, the ``openclip`` preset) and the local view (0.5–1,
-  ``pyramid-local``) go through f1 then f2. ROI features go through a linear embedding φ, a
-  learned CLS token is prepended, and the sequence enters f2 directly, skipping f1; up to
-  ``max_regions`` regions, padded ones masked out of attention.
+  ``pyramid-local``) go through f1 then f2. ROI branch, as the official ``VisionTransformer``
+  (``isROI``): region features go through a bias-free linear embedding φ, the tower's OWN
+  ``class_embedding`` is prepended (no new token, no position embedding), the tower's
+  ``ln_pre`` is applied, and the sequence enters f2 directly, skipping f1 (f2 ends with the
+  tower's ``ln_post`` and projection); up to ``max_regions`` regions, padded ones masked out of
+  attention (the official mask opens 11 slots whatever the count).
+- **Towers** (official code): its ViT replaces the MLP of the first 9 of 12 blocks with a
+  convolutional feed-forward (LeFF, with BatchNorm) and freezes the patch embedding. vlp's towers
+  are open_clip's, unchanged (plain MLPs, the patch embedding trains): BatchNorm would break the
+  exact GradCache and the per-rank exactness, and the model would no longer load in open_clip.
 - **Region features.** ``regions=json``: each object's ``feature`` (detector features written
   by ``vlp shards attach``); ``regions=npy``: a ``[n, d]`` ``.npy`` member of the sample.
   ``regions=pooled`` (the default, no detector needed): f1's
@@ -19,6 +27,11 @@ marked, from secondary reading notes (shared/REFERENCES.md); §3 of the paper wa
   own first blocks, which train, so the regions move with the model; the paper feeds a frozen
   detector's 2048-d region features (with their boxes). For paper runs use ``regions=json``
   or ``npy`` with detector features (``vlp shards attach``).
+- **Text features** (official ``encode_text``): ``text_pool=max`` (the default) takes the
+  maximum over all token positions of the text tower's ``ln_final`` output, then projects
+  (:mod:`vlp.models.text_pool`), for every text here and in every evaluation of the model
+  (checkpoints and exports record it; open_clip loading an export alone pools the end-of-text
+  token); ``eot`` is open_clip's end-of-text token.
 - **Text pyramid** (Fig. 2): the summary T_s (``json:summary``; absent, the caption's first
   clause, flagged per sample and logged as ``summary_fallback``), the caption T and the
   object-attribute text T_OA, the objects' "attribute ... category" phrases joined with commas.
@@ -29,7 +42,7 @@ marked, from secondary reading notes (shared/REFERENCES.md); §3 of the paper wa
   μ(L_LA + L_RT)/2, λ = μ = 1/3. The temperature is the model's learned one (init 0.07),
   clamped as CLIP's.
 
-A sample without regions gets the CLS token alone on the ROI branch (finite, never NaN).
+A sample without regions gets the class token alone on the ROI branch (finite, never NaN).
 Terms with weight 0 are not computed, and what only they need (views, texts, the ROI branch) is
 neither read nor built; ``clip_only`` is the ablation to CLIP on (global, caption).
 """
@@ -47,6 +60,7 @@ from torchvision.ops import roi_align
 
 from vlp.distributed import contrastive_loss
 from vlp.models import vit_split
+from vlp.models.text_pool import TEXT_POOLS
 from vlp.models.vlp_model import VlpModel
 from vlp.objectives.base import (
     ConfiguredObjective,
@@ -118,6 +132,10 @@ class PyramidClipSettings:
     """Read when a sample has no summary ("": such samples are skipped and counted)."""
     local_augment: str = "pyramid-local"
     """Augmentation preset of the local view."""
+    text_pool: str = "max"
+    """Text features: ``max`` over all token positions after ``ln_final``, then projected (the
+    official ``encode_text``), or ``eot`` (open_clip's end-of-text token); used in training and
+    in every evaluation of the model."""
 
     def validate(self) -> None:
         """Reject settings that cannot train."""
@@ -133,6 +151,8 @@ class PyramidClipSettings:
             raise ValueError(f"regions must be one of {REGIONS}, got '{self.regions}'")
         if self.regions != "pooled" and self.region_dim < 1:
             raise ValueError(f"regions={self.regions} needs region_dim, the features' width")
+        if self.text_pool not in TEXT_POOLS:
+            raise ValueError(f"text_pool must be one of {TEXT_POOLS}, got '{self.text_pool}'")
         if self.last_blocks < 1 or self.max_regions < 1:
             raise ValueError("last_blocks and max_regions must be >= 1")
 
@@ -153,22 +173,44 @@ class PyramidClipSettings:
         return {side for term in self.active_terms() for side in TERMS[term]}
 
 
+LEGACY_ROI_KEYS = ("cls", "embed.bias")
+"""Parameters of the ROI branch before it followed the official code (a learned CLS token and a
+biased φ, no ``ln_pre``)."""
+
+
 class RoiBranch(nn.Module):
-    """φ (a linear embedding of region features to the tower's width) and the CLS token that
-    is prepended before f2."""
+    """φ, the official ``proj_pre``: a bias-free linear map of region features to the tower's
+    width (initialised N(0, width^-1) as there). The tokens entering f2 are the tower's own
+    ``class_embedding`` and the embedded regions, through the tower's ``ln_pre``."""
 
     def __init__(self, region_dim: int, width: int):
         super().__init__()
-        self.embed = nn.Linear(region_dim, width)
-        self.cls = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.embed = nn.Linear(region_dim, width, bias=False)
+        nn.init.normal_(self.embed.weight, std=width**-0.5)
 
-    def forward(self, regions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, visual: Any, regions: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[b, n, region_dim]`` regions, ``[b, n]`` valid -> tokens ``[b, 1 + n, width]`` and
-        their mask (the CLS token always valid)."""
+        their mask (the class token always valid), for the tower ``visual``."""
         tokens = self.embed(regions)
-        cls = self.cls.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        cls = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
         first = torch.ones(valid.shape[0], 1, dtype=torch.bool, device=valid.device)
-        return torch.cat([cls, tokens], dim=1), torch.cat([first, valid.bool()], dim=1)
+        tokens = visual.ln_pre(torch.cat([cls, tokens], dim=1))
+        return tokens, torch.cat([first, valid.bool()], dim=1)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Refuse, in one line, a state written before the branch followed the official code:
+        its CLS token and bias have no counterpart here (no conversion keeps its function)."""
+        legacy = [prefix + key for key in LEGACY_ROI_KEYS if prefix + key in state_dict]
+        if legacy:
+            raise ValueError(
+                f"{', '.join(legacy)}: a PyramidCLIP ROI branch saved by an older vlp (a learned "
+                "CLS token and a biased φ; now the tower's class_embedding, a bias-free φ and "
+                "ln_pre) cannot be loaded; train anew (its open_clip weights, model.safetensors, "
+                "still load in open_clip, with end-of-text text pooling as they were trained)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def pooled_regions(grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -233,12 +275,17 @@ class PyramidClipObjective(ConfiguredObjective):
         )
 
     def build_model(self, clip: nn.Module) -> VlpModel:
-        """Check that the image tower splits at ``last_blocks``, then add the ROI branch."""
+        """Check that the image tower splits at ``last_blocks``, then add the ROI branch (and the
+        model pools text as ``text_pool`` says)."""
         vit_split.check_splittable(getattr(clip, "visual", None), self.settings.last_blocks)
         return super().build_model(clip)
 
+    def text_pool(self) -> str:
+        """The ``text_pool`` setting (``max``: the official ``encode_text``)."""
+        return str(self.settings.text_pool)
+
     def heads(self, clip: nn.Module) -> dict[str, nn.Module]:
-        """The ROI branch (φ and its CLS token), when an ROI term is active."""
+        """The ROI branch (φ), when an ROI term is active."""
         if "roi" not in self.settings.sides():
             return {}
         visual: Any = clip.visual
@@ -272,7 +319,8 @@ class PyramidClipObjective(ConfiguredObjective):
         return {**outputs, "logit_scale": learned_scale(model)}
 
     def _roi(self, model: VlpModel, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """The ROI branch: regions -> φ -> [CLS, regions] -> f2 (skipping f1)."""
+        """The ROI branch: regions -> φ -> ln_pre([class_embedding, regions]) -> f2 (skipping
+        f1)."""
         s, visual = self.settings, model.clip.visual
         name = "boxes" if s.regions == "pooled" else "regions"
         width = 4 if s.regions == "pooled" else s.region_dim
@@ -287,7 +335,7 @@ class PyramidClipObjective(ConfiguredObjective):
         else:
             regions = stored
         branch: Any = model.heads["roi"]
-        tokens, mask = branch(regions.to(branch.cls.dtype), valid)
+        tokens, mask = branch(visual, regions.to(branch.embed.weight.dtype), valid)
         return vit_split.f2(visual, tokens, s.last_blocks, mask)
 
     def after_step(self, model: VlpModel) -> None:

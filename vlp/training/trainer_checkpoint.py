@@ -288,7 +288,10 @@ class TrainerCheckpoints:
         heads_file = path / HEADS_FILE
         heads_state = load_file(str(heads_file)) if heads_file.is_file() else {}
         model_state = join_clip_and_heads(load_file(str(path / "model.safetensors")), heads_state)
-        load_full_model_state(self.model, model_state, self.scalars)
+        try:
+            load_full_model_state(self.model, model_state, self.scalars)
+        except ValueError as error:  # a head saved in a layout it no longer has (its message)
+            raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
         settings = group_settings(self.optimizer)  # the config's; the checkpoint keeps moments
         optimizer_state = convert_optimizer_state(
             ckpt.load_state_parts(path, "optimizer"), self.optimizer,
