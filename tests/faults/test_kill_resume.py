@@ -17,7 +17,7 @@ import pytest
 
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
-from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _overrides
+from tests.launch.test_pretrain import DEMO, ROOT, _env, _free_port, _on_two_ranks, _overrides
 from tests.seeds import extra_seeds
 
 STEPS = 6
@@ -33,12 +33,18 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def _command(shards: Path, out: Path, processes: int, **extra: object) -> list[str]:
+def _settings(shards: Path, out: Path, **extra: object) -> list[str]:
     settings = {"train.steps": STEPS, "train.checkpoint_every": 1, "train.report_to": "[]"}
+    return _overrides(shards, out, **(settings | extra))
+
+
+def _command(shards: Path, out: Path, processes: int, **extra: object) -> list[str]:
     args = [
-        str(ROOT / "launch/pretrain.py"), "--config", str(DEMO),
-        *_overrides(shards, out, **(settings | extra)),
-    ]  # fmt: skip
+        str(ROOT / "launch/pretrain.py"),
+        "--config",
+        str(DEMO),
+        *_settings(shards, out, **extra),
+    ]
     if processes == 1:
         return [sys.executable, *args]
     return [
@@ -113,13 +119,18 @@ def _final(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> dict[tuple[int, int], dict[str, bytes]]:
     """Final checkpoint files of uninterrupted runs, by (processes, data workers per process),
-    each run on demand."""
+    each run on demand; 2 processes run on the kept gloo ranks (no data worker there), as
+    under ``accelerate launch`` without starting it: the killed runs are launched."""
 
     class Runs(dict[tuple[int, int], dict[str, bytes]]):
         def __missing__(self, key: tuple[int, int]) -> dict[str, bytes]:
             processes, workers = key
             out = tmp_path_factory.mktemp(f"whole{processes}")
-            _run(_command(shards, out, processes, **{"data.workers": workers, **FINAL_ONLY}))
+            settings = {"data.workers": workers, **FINAL_ONLY}
+            if processes == 2 and workers == 0:
+                _on_two_ranks(_settings(shards, out, **settings))
+            else:
+                _run(_command(shards, out, processes, **settings))
             self[key] = _final(out)
             return self[key]
 
