@@ -37,10 +37,10 @@ def stable_adamw_update(
     eps: float,
     weight_decay: float,
     clip: float = UPDATE_CLIP,
-) -> float:
+) -> torch.Tensor:
     """One StableAdamW step of one tensor, in place on ``param`` and its fp32 moments (not bias
-    corrected; ``step`` counts this step, from 1, as torch's AdamW does). Returns RMS_t; the lr was divided by
-    max(1, RMS_t / clip).
+    corrected; ``step`` counts this step, from 1, as torch's AdamW does). Returns RMS_t (a
+    0-dim tensor on the parameter's device); the lr was divided by max(1, RMS_t / clip).
 
     The operations are those of torch's single-tensor AdamW, in its order, so that an unclipped
     step equals it bit for bit.
@@ -52,10 +52,11 @@ def stable_adamw_update(
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     second_moment = (exp_avg_sq / bias_correction2).clamp_(min=eps**2)
-    rms = grad.square().div_(second_moment).mean().sqrt().item()
-    step_size = lr / max(1.0, rms / clip) / bias_correction1
+    rms = grad.square().div_(second_moment).mean().sqrt()
+    # 1 / max(1, RMS / d) stays a tensor: no wait on the device per tensor; × 1.0 is exact
+    shrink = (rms / clip).clamp_(min=1.0).reciprocal_()
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    param.addcdiv_(exp_avg * shrink, denom, value=-lr / bias_correction1)
     return rms
 
 
