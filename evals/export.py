@@ -113,9 +113,10 @@ def export_run(
     """Export the newest complete checkpoint of ``run_dir`` (or any model reference that
     :func:`evals.loading.load_model` accepts) to ``out``; return ``out``.
 
-    ``format="open_clip"`` writes open_clip's hub layout with a model card, ``README.md``
-    (the module docstring); ``format="transformers"`` writes a transformers ``CLIPModel``
-    folder (:mod:`evals.export_transformers`). The export is assembled in a temporary sibling
+    ``format="open_clip"`` writes open_clip's hub layout (the module docstring);
+    ``format="transformers"`` writes a transformers ``CLIPModel`` folder
+    (:mod:`evals.export_transformers`). Both get a model card, ``README.md``, that says how to
+    load the folder and how to export the other format. The export is assembled in a temporary sibling
     folder and renamed into place (:func:`vlp.atomic_files.atomic_path`), so ``out`` is never
     half written; its files get the modes a plain ``cp`` would give (0644 files, 0755 folders,
     less the umask: safetensors writes 0600), since an export is meant to be shared (another
@@ -146,6 +147,9 @@ def export_run(
         staging.mkdir()
         if format == "transformers":
             write_transformers(loaded, staging)
+            tokenizer = {"tokenizer": type(loaded[2]).__name__}
+            card = model_card(loaded[3], str(target), tokenizer, export_format="transformers")
+            (staging / CARD_NAME).write_text(card)
         else:
             _write_open_clip(loaded, staging, target)
         if target.exists():  # last, so a failed export leaves the old one

@@ -3,9 +3,9 @@
 It tells a reader who gets only the export folder what the weights are and how to use them: the
 run's config highlights (model, objective, data, batch, steps, lr), the data seen (from the
 checkpoint's ``trainer_state.json``), the eval results found in the run's ``results/*.json``
-(CLIP_benchmark-shaped), and how to load the folder with open_clip and with CLIP_benchmark. The
-front matter is the Hugging Face hub's (``library_name: open_clip``), so the folder can be
-uploaded as it is.
+(CLIP_benchmark-shaped), and how to load the folder (open_clip and CLIP_benchmark, or
+transformers) and to export the other format. The front matter is the Hugging Face hub's
+(``library_name: open_clip`` or ``transformers``), so the folder can be uploaded as it is.
 
 Example::
 
@@ -145,6 +145,10 @@ def _usage_section(out: str, tokenizer: dict[str, str]) -> list[str]:
         "",
         f"With vlp: `vlp eval zeroshot --model {out} --dataset DATASET --out OUT`, or "
         f'`evals.loading.load_model("{out}")` in Python.',
+        "",
+        "With Hugging Face transformers: export the run again with `vlp export RUN OUT "
+        "--format transformers` (a plain ViT CLIP with open_clip's text tower and tokenizer; "
+        "other models are refused, naming why), then `CLIPModel.from_pretrained(OUT)`.",
     ]
     if tokenizer.get("tokenizer") == "sentencepiece":
         lines += [
@@ -155,6 +159,26 @@ def _usage_section(out: str, tokenizer: dict[str, str]) -> list[str]:
     return lines
 
 
+def _transformers_usage_section(out: str) -> list[str]:
+    return [
+        "With Hugging Face transformers:",
+        "",
+        "```python",
+        "from transformers import CLIPModel, CLIPProcessor",
+        "",
+        f'model = CLIPModel.from_pretrained("{out}")',
+        f'processor = CLIPProcessor.from_pretrained("{out}", backend="pil")  # open_clip\'s resize',
+        "```",
+        "",
+        '`backend="pil"` resizes as open_clip does (transformers\' default torchvision backend '
+        "differs by ~1e-3 in the image embeddings); open_clip cleans text with ftfy and HTML "
+        "unescaping before tokenising, transformers does not: clean such text first for equal ids.",
+        "",
+        "With open_clip, CLIP_benchmark or vlp: export the run again with `vlp export RUN OUT` "
+        "(open_clip's hub layout, `local-dir:OUT`).",
+    ]
+
+
 def model_card(
     info: ModelInfo,
     out: str,
@@ -162,13 +186,16 @@ def model_card(
     *,
     heads: bool = False,
     text_pool: str = "eot",
+    export_format: str = "open_clip",
 ) -> str:
     """The Markdown card for an export of ``info`` into ``out`` (the name used to load it).
 
     ``tokenizer`` is the export config's tokenizer description (``{"tokenizer": ...}``);
     ``heads``: the export holds the objective's heads (``heads.safetensors``), which open_clip
     does not load; ``text_pool``: how the model's text embeddings are pooled (``max``:
-    PyramidCLIP's, which open_clip does not know).
+    PyramidCLIP's, which open_clip does not know); ``export_format``: ``open_clip`` (hub
+    layout) or ``transformers`` (a ``CLIPModel`` folder); the card says how to load it and how
+    to get the other one.
     Whatever the run folder lacks (config, trainer state, results) is left out, not guessed.
     """
     run_dir = run_dir_of(info)
@@ -178,17 +205,23 @@ def model_card(
         loaded = _read_json(Path(info.pretrained) / "trainer_state.json")
         state = loaded if isinstance(loaded, dict) else {}
     steps = state.get("step")
+    transformers = export_format == "transformers"
+    layout = (
+        "as a Hugging Face transformers `CLIPModel` folder (`config.json` + `model.safetensors` "
+        "+ processor and tokenizer files)"
+        if transformers
+        else "in open_clip's hub layout (`open_clip_config.json` + `open_clip_model.safetensors`)"
+    )
     lines = [
         "---",
-        "library_name: open_clip",
+        f"library_name: {'transformers' if transformers else 'open_clip'}",
         "pipeline_tag: zero-shot-image-classification",
         "tags: [clip, vlp]",
         "---",
         "",
         f"# {info.name}" + (f", step {steps}" if steps is not None else ""),
         "",
-        f"Exported by `vlp export` from `{info.pretrained}` in open_clip's hub layout "
-        "(`open_clip_config.json` + `open_clip_model.safetensors`).",
+        f"Exported by `vlp export` from `{info.pretrained}` {layout}.",
         "",
         "## Training",
         "",
@@ -207,7 +240,7 @@ def model_card(
     lines += ["", "## Eval results", ""]
     lines += _results_section(read_results(run_dir) if run_dir else [])
     lines += ["", "## How to load", ""]
-    lines += _usage_section(out, tokenizer)
+    lines += _transformers_usage_section(out) if transformers else _usage_section(out, tokenizer)
     if heads:
         lines += [
             "",

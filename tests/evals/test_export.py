@@ -107,6 +107,7 @@ def test_model_card_names_config_steps_results_and_loading(run_with_results, tmp
     assert f'open_clip.create_model_from_pretrained("local-dir:{out}")' in card
     assert "python -m evals.clip_benchmark_cli eval --model_type open_clip" in card
     assert f"--model local-dir:{out} --pretrained none" in card and "--no_amp" in card
+    assert "`vlp export RUN OUT --format transformers`" in card  # the other way to load it
     assert "```yaml\nmodel:\n  name: vlp-tiny-vit" in card  # the resolved config itself
     assert "heads.safetensors" not in card  # a CLIP run has no heads
 

@@ -62,7 +62,7 @@ def _images() -> list[Image.Image]:
 
 def test_layout(hf_export) -> None:
     assert sorted(p.name for p in hf_export.iterdir()) == [
-        "config.json", "merges.txt", "model.safetensors", "processor_config.json",
+        "README.md", "config.json", "merges.txt", "model.safetensors", "processor_config.json",
         "tokenizer.json", "tokenizer_config.json", "vocab.json",
     ]  # fmt: skip
     config = json.loads((hf_export / "config.json").read_text())
@@ -76,6 +76,18 @@ def test_layout(hf_export) -> None:
     assert stat.S_IMODE(hf_export.stat().st_mode) == 0o777 & ~umask()
     for path in hf_export.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask(), path.name
+
+
+def test_model_card_says_how_to_load_it_both_ways(hf_export) -> None:
+    """transformers for this folder; open_clip (and CLIP_benchmark) from the other export."""
+    card = (hf_export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "as a Hugging Face transformers `CLIPModel` folder" in card
+    assert "| steps trained |" in card
+    assert f'CLIPModel.from_pretrained("{hf_export}")' in card
+    assert f'CLIPProcessor.from_pretrained("{hf_export}", backend="pil")' in card
+    assert "export the run again with `vlp export RUN OUT` (open_clip's hub layout" in card
+    assert "local-dir:" not in card.split("## How to load")[1].split("With open_clip")[0]
 
 
 def test_transformers_gives_vlps_embeddings_and_zero_shot_predictions(hf_export, tiny_run) -> None:
