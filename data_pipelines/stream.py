@@ -472,6 +472,22 @@ def _describe(parts: Sequence[Sequence[Any]]) -> str:
     return "; ".join(" ".join(str(x) for x in part if x != "") for part in parts)
 
 
+def stream_period(streams: int, world_size: int, accum_steps: int, workers: int) -> int:
+    """P, the phases of each micro-batch slot: ``data.streams`` = processes x accum_steps x P,
+    or P = ``workers`` (at least 1) when ``streams`` is 0 (a first start).
+
+    Raises:
+        ValueError: ``streams`` is not a multiple of processes x accum_steps.
+    """
+    slots = world_size * accum_steps
+    if streams % slots:
+        raise ValueError(
+            f"data.streams={streams} is not a multiple of processes x train.accum_steps = "
+            f"{world_size} x {accum_steps} = {slots}"
+        )
+    return streams // slots or max(workers, 1)
+
+
 def make_train_stream(
     urls: Urls,
     settings: StreamSettings,
@@ -510,13 +526,7 @@ def make_train_stream(
     if not settings.resampled and len(set(shard_weights)) > 1:
         raise ValueError("data.train_weights need resampled=True (epoch mode reads every shard)")
     text_key, caption_field, parts = _fingerprint_fields(fields)
-    slots = world_size * settings.accum_steps
-    if settings.streams % slots:
-        raise ValueError(
-            f"data.streams={settings.streams} is not a multiple of processes x "
-            f"train.accum_steps = {world_size} x {settings.accum_steps} = {slots}"
-        )
-    period = settings.streams // slots or max(settings.workers, 1)
+    period = stream_period(settings.streams, world_size, settings.accum_steps, settings.workers)
     spec = StreamSpec(
         urls=tuple(shard_urls),
         weights=tuple(shard_weights),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlp.config import ConfigError, load_config
+from vlp.config import Config, ConfigError, load_config
 
 DEMO_RECIPE = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -38,6 +38,8 @@ def train_command(args: argparse.Namespace) -> int:
     run one step and print the plan; 0 when steps ran, `EXIT_PREEMPTED` after a stop signal,
     `EXIT_INTERRUPTED` after Ctrl-C."""
     config = load_config(args.config, args.overrides)  # before launch.run's seconds of imports
+    if args.world_size is not None:
+        return _plan_world(args, config)
     from launch.run import check, train
 
     if args.check:
@@ -56,6 +58,25 @@ def train_command(args: argparse.Namespace) -> int:
     if result.interrupted:
         return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else EXIT_PREEMPTED
     return 0 if result.step > 0 else 1
+
+
+def _plan_world(args: argparse.Namespace, config: Config) -> int:
+    """`vlp train --check --world-size N`: the run planned on N processes, none started."""
+    from launch.world_plan import plan_world
+
+    if not args.check:
+        raise ConfigError("--world-size plans a run: use it with --check")
+    plan = plan_world(config, args.world_size)
+    print(f"planned for {plan.world_size} processes (none started, no step run): OK")
+    print(f"  global batch:   {plan.global_batch}")
+    print(f"  streams:        {plan.streams}")
+    print(f"  steps:          {plan.steps}")
+    print(f"  samples seen:   {plan.samples_seen}")
+    if plan.steps_per_episode is not None:
+        print(f"  episode:        {plan.steps_per_episode} steps")
+    for note in plan.notes:
+        print(f"  not checked:    {note}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -82,6 +103,13 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="YAML run config (e.g. launch/configs/demo.yaml)")
     train.add_argument(
         "--check", action="store_true", help="check config, shards and fields, run one step"
+    )
+    train.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --check: plan the run on N processes without starting them (global batch, "
+        "group size, streams, episodes); no step runs",
     )
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200")
     train.set_defaults(func=train_command, user_errors=run_errors)

@@ -18,6 +18,14 @@ from vlp.distributed.collectives import ProcessGroup, rank, world_size
 _groups: dict[int, ProcessGroup | None] = {}
 
 
+def check_group_size(group_size: int | None, world: int) -> None:
+    """Raise ValueError unless ``group_size`` is None or a positive divisor of ``world``."""
+    if group_size is not None and (group_size < 1 or world % group_size):
+        raise ValueError(
+            f"train.group_size={group_size} must be a positive divisor of the world size {world}"
+        )
+
+
 def contrastive_group(group_size: int | None) -> ProcessGroup | None:
     """The group of ``group_size`` consecutive ranks this rank belongs to (None = all ranks).
 
@@ -29,12 +37,9 @@ def contrastive_group(group_size: int | None) -> ProcessGroup | None:
         ValueError: ``group_size`` is not positive or does not divide the world size.
     """
     world = world_size()
+    check_group_size(group_size, world)
     if group_size is None or group_size == world:
         return None
-    if group_size < 1 or world % group_size:
-        raise ValueError(
-            f"train.group_size={group_size} must be a positive divisor of the world size {world}"
-        )
     if group_size not in _groups:
         mine = None
         for start in range(0, world, group_size):
