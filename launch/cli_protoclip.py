@@ -16,7 +16,7 @@ def _protoclip_teacher(args: argparse.Namespace) -> int:
 
     model = {"model": args.model} if args.model else {}  # else the function's default
     out = write_teacher_sidecar(args.shards, args.out, dim=args.dim, text_key=args.text_key,
-                                batch_size=args.batch_size, **model)  # fmt: skip
+                                batch_size=args.batch_size, pool=args.pool, **model)  # fmt: skip
     if rank_and_world()[0] == 0:  # once under `accelerate launch`
         samples = sidecar_metadata(out).get("samples", "?")
         print(f"wrote the teacher embeddings of {samples} samples to {out}; train with "
@@ -31,11 +31,12 @@ def add_protoclip_command(commands: argparse._SubParsersAction) -> None:
     teacher = sub.add_parser(
         "teacher",
         help="precompute the external teacher's text embeddings (objective.protoclip.teacher)",
-        description="Embeds every caption with a frozen text model (last layer, mean-pooled, "
-        "L2-normalised), reduces them by PCA fitted on all samples to --dim, and writes one "
-        "float32 [dim] row per sample key into one sidecar, a safetensors file (ProtoCLIP, arXiv "
-        "2206.10996, 'external teacher': RoBERTa-large, PCA to 64). Under `accelerate launch "
-        "-m launch.cli protoclip teacher ...` the processes split the shards.",
+        description="Embeds every caption with a frozen text model (last layer, mean-pooled as "
+        "--pool says, L2-normalised), reduces them by PCA fitted on all samples to --dim (not "
+        "renormalised), and writes one float32 [dim] row per sample key into one sidecar, a "
+        "safetensors file (ProtoCLIP, arXiv 2206.10996, 'external teacher': RoBERTa-large, PCA "
+        "to 64). Under `accelerate launch -m launch.cli protoclip teacher ...` the processes "
+        "split the shards.",
     )
     teacher.add_argument("shards", help="the shards ProtoCLIP will train on (folder/pattern/URL)")
     teacher.add_argument(
@@ -50,6 +51,11 @@ def add_protoclip_command(commands: argparse._SubParsersAction) -> None:
     )
     teacher.add_argument("--dim", type=positive_int, default=64, help="PCA width (default: 64)")
     teacher.add_argument("--text-key", default="txt", help="caption member (default: txt)")
+    teacher.add_argument(
+        "--pool", choices=("all-positions", "tokens"), default="all-positions",
+        help="all-positions (default, the official script's): ids padded with 0 to 77 "
+        "positions, the mean over all of them, no mask; tokens: the mean over the real tokens",
+    )  # fmt: skip
     teacher.add_argument(
         "--batch-size", type=positive_int, default=64, help="captions per forward (default: 64)"
     )

@@ -2,7 +2,10 @@
 
 ProtoCLIP (arXiv 2206.10996, "external teacher") clusters the captions' embeddings by a frozen
 text model besides the student's own: RoBERTa-large's last layer, mean-pooled, L2-normalised
-and reduced by PCA from 1024 to 64 dimensions. Those embeddings never change, so this computes
+and reduced by PCA from 1024 to 64 dimensions (not renormalised after). The official script
+(megvii-research/protoclip ``src/utils/RoBERTa.py``) pads the token ids with 0 to 77 positions
+and averages all 77 without an attention mask: :data:`POOLS` offers that (the default) and the
+mean over the real tokens only. Those embeddings never change, so this computes
 them once and writes one float32 ``[dim]`` row per sample key into one sidecar
 (:mod:`data_pipelines.sidecar`, as `vlp prior weights`), which ``SidecarField("teacher", path)``
 reads into ``batch["teacher"]`` (``objective.protoclip.teacher``).
@@ -43,11 +46,20 @@ DEFAULT_TEACHER = "vlp:all-minilm-l6-v2"
 """The offline default teacher (sentence-transformers' all-MiniLM-L6-v2, width 384)."""
 DEFAULT_NAME = "protoclip_teacher.safetensors"
 """The output's name beside the first shard when no ``out`` is given."""
-METADATA_KEYS = ("id", "model", "dim", "width", "text_key", "samples", "explained_variance",
-                 FORMAT_KEY)  # fmt: skip
+POOLS = ("all-positions", "tokens")
+"""How the last hidden state becomes one vector. ``all-positions`` (the official script's):
+the ids padded with id 0 to :data:`CONTEXT_LENGTH` positions, every position attended and
+averaged (RoBERTa's id 0 is ``<s>``, BERT's ``[PAD]``); ``tokens``: the mean over the real
+tokens only (attention mask, padding excluded; captions up to the model's limit)."""
+DEFAULT_POOL = "all-positions"
+CONTEXT_LENGTH = 77
+"""The official script's padded length (CLIP's context), capped by the model's limit."""
+METADATA_KEYS = ("id", "model", "dim", "width", "text_key", "pool", "samples",
+                 "explained_variance", FORMAT_KEY)  # fmt: skip
 """The file's metadata: a random ``id`` (joins the stream's resume fingerprint), the teacher as
-given, the PCA's ``dim``, the teacher's feature ``width``, the caption member, the sample count
-the fraction of the features' variance the ``dim`` components keep, and the sidecar's format."""
+given, the PCA's ``dim``, the teacher's feature ``width``, the caption member, the pooling
+(:data:`POOLS`), the sample count, the fraction of the features' variance the ``dim``
+components keep, and the sidecar's format."""
 _CHUNK = 65536
 
 
@@ -191,19 +203,30 @@ def load_teacher(model: str) -> tuple[Any, Any]:
 @torch.no_grad()
 def embed_captions(
     captions: Sequence[str], tokenizer: Any, model: Any, *, batch_size: int = 64,
-    device: torch.device | str = "cpu", progress: bool = False,
+    device: torch.device | str = "cpu", progress: bool = False, pool: str = DEFAULT_POOL,
 ) -> torch.Tensor:  # fmt: skip
-    """``[n, w]`` float32 embeddings: the last hidden state mean-pooled over the attention
-    mask (padding excluded), then L2-normalised, as the paper's teacher features."""
+    """``[n, w]`` float32 embeddings: the last hidden state mean-pooled as ``pool`` says
+    (:data:`POOLS`), then L2-normalised, as the paper's teacher features.
+
+    Raises:
+        ValueError: ``pool`` is not one of :data:`POOLS`.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got '{pool}'")
     model = model.to(device)
     limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    everywhere = pool == "all-positions"
     starts = range(0, len(captions), batch_size)
     rows = []
     for start in tqdm(starts, desc="teacher", unit="batch", disable=not progress):
         tokens = tokenizer(
-            list(captions[start : start + batch_size]), padding=True, truncation=True,
-            max_length=limit, return_tensors="pt",
+            list(captions[start : start + batch_size]),
+            padding="max_length" if everywhere else True, truncation=True,
+            max_length=min(CONTEXT_LENGTH, limit) if everywhere else limit, return_tensors="pt",
         ).to(device)  # fmt: skip
+        if everywhere:  # as the official script: ids padded with 0, no mask
+            tokens["input_ids"] = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, 0)
+            tokens["attention_mask"] = torch.ones_like(tokens["attention_mask"])
         hidden = model(**tokens).last_hidden_state.float()  # [b, L, w]
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, L, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -229,7 +252,7 @@ def default_out(urls: Sequence[str]) -> Path:
 
 def _embed_part(
     out: Path, rank: int, urls: Sequence[str], text_key: str, tokenizer: Any, model: Any, *,
-    batch_size: int, device: torch.device, progress: bool,
+    batch_size: int, device: torch.device, progress: bool, pool: str,
 ) -> None:  # fmt: skip
     """This rank's shards, streamed: features appended to its ``f32`` temporary and keys to its
     ``keys`` temporary as they are embedded, then its per-shard counts and :class:`Moments`
@@ -246,7 +269,7 @@ def _embed_part(
 
         def flush() -> None:
             rows = embed_captions([caption for _, caption in pending], tokenizer, model,
-                                  batch_size=batch_size, device=device)  # fmt: skip
+                                  batch_size=batch_size, device=device, pool=pool)  # fmt: skip
             features.write(rows.numpy().tobytes())
             keys.writelines(json.dumps(key) + "\n" for key, _ in pending)
             moments.add(rows)
@@ -313,7 +336,8 @@ def _twice(key: str, shards: Iterable[tuple[str, list[str], np.ndarray]]) -> str
 
 def write_teacher_sidecar(
     shards: str, out: str | Path | None = None, *, model: str = DEFAULT_TEACHER, dim: int = 64,
-    text_key: str = "txt", batch_size: int = 64, accelerator: Any = None,
+    text_key: str = "txt", batch_size: int = 64, pool: str = DEFAULT_POOL,
+    accelerator: Any = None,
 ) -> Path:  # fmt: skip
     """Write every caption's teacher embedding (PCA to ``dim``) of ``shards`` into ``out``.
 
@@ -324,6 +348,7 @@ def write_teacher_sidecar(
         dim: the PCA's output width (the paper's 64).
         text_key: the caption member, read whole as training reads it.
         batch_size: captions per teacher forward pass.
+        pool: how the tokens' features are averaged (:data:`POOLS`; default the official's).
         accelerator: an ``accelerate`` Accelerator or PartialState (its ranks split the
             shards; they must share the output's folder); None: a PartialState on the GPU
             when there is one, so one plain process works as well as ``accelerate launch``.
@@ -334,11 +359,13 @@ def write_teacher_sidecar(
 
     Raises:
         StartupError: on every rank alike: no shards, an unusable ``model`` or ``out``, a
-            sample without ``text_key``, a sample key seen twice, or ``dim`` above the
-            teacher's width or not below the sample count.
+            sample without ``text_key``, a sample key seen twice, an unknown ``pool``, or
+            ``dim`` above the teacher's width or not below the sample count.
     """
     if batch_size < 1:
         raise StartupError(f"--batch-size must be at least 1, got {batch_size}")
+    if pool not in POOLS:
+        raise StartupError(f"--pool must be one of {', '.join(POOLS)}, got '{pool}'")
     urls = shard_urls(shards, "training")
     twice = sorted(url for url, n in Counter(urls).items() if n > 1)
     if twice:
@@ -367,7 +394,7 @@ def write_teacher_sidecar(
     try:
         _embed_part(out, rank, urls[rank::world], text_key, tokenizer, network,
                     batch_size=batch_size, device=accelerator.device,
-                    progress=main and sys.stderr.isatty())  # fmt: skip
+                    progress=main and sys.stderr.isatty(), pool=pool)  # fmt: skip
     except StartupError as error:
         _temporary(out, rank, "error").write_text(str(error))
     # Three barriers, so that every rank raises the same error (only rank 0 prints it) instead
@@ -377,7 +404,8 @@ def write_teacher_sidecar(
     failure = ""
     if main:
         try:
-            _finish(out, urls, world, model=model, dim=dim, width=width, text_key=text_key)
+            _finish(out, urls, world, model=model, dim=dim, width=width, text_key=text_key,
+                    pool=pool)  # fmt: skip
         except StartupError as error:
             failure = str(error)
             failed.write_text(failure)
@@ -399,7 +427,7 @@ def _temporary(out: Path, rank: int | str, kind: str) -> Path:
 
 def _finish(
     out: Path, urls: Sequence[str], world: int, *, model: str, dim: int, width: int,
-    text_key: str,
+    text_key: str, pool: str,
 ) -> None:  # fmt: skip
     """Main process: merge the ranks' moments, fit the PCA, then project the ranks' features
     shard by shard into the sidecar ``out``: memory independent of the number of samples."""
@@ -417,7 +445,7 @@ def _finish(
             raise StartupError(f"--dim: {error}") from None
         counts = [state["counts"].tolist() for state in states]
         metadata = {"id": uuid.uuid4().hex, "model": model, "dim": str(dim), "width": str(width),
-                    "text_key": text_key, "samples": str(moments.count),
+                    "text_key": text_key, "pool": pool, "samples": str(moments.count),
                     "explained_variance": f"{pca.explained:.6f}"}  # fmt: skip
         writer = SidecarWriter(out, metadata)
         try:

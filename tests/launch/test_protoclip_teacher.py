@@ -27,7 +27,9 @@ from launch.protoclip_teacher import (
     Moments,
     Pca,
     default_out,
+    embed_captions,
     fit_pca,
+    load_teacher,
     write_teacher_sidecar,
 )
 from tests.data_pipelines.conftest import write_tar
@@ -71,6 +73,27 @@ def test_every_key_gets_a_dim_vector_and_the_metadata(sidecar) -> None:
     assert len(metadata["id"]) == 32 and metadata["model"] == "vlp:all-minilm-l6-v2"
     assert (metadata["dim"], metadata["width"], metadata["samples"]) == ("8", "384", "48")
     assert metadata["text_key"] == "txt" and 0 < float(metadata["explained_variance"]) <= 1
+    assert metadata["pool"] == "all-positions"  # the official script's, by default
+
+
+def test_default_pool_averages_all_77_positions_padded_with_id_0() -> None:
+    """As the official script (megvii-research/protoclip ``src/utils/RoBERTa.py``): each
+    caption's ids padded with 0 to 77, no attention mask, the mean over all 77 positions,
+    L2-normalised. Reference: one caption at a time, padded by hand; a caption longer than
+    77 tokens is truncated."""
+    tokenizer, model = load_teacher("vlp:all-minilm-l6-v2")
+    captions = ["a dog", "two red cars parked beside a small house", "word " * 100]
+    expected = []
+    with torch.no_grad():
+        for caption in captions:
+            ids = tokenizer(caption, truncation=True, max_length=77)["input_ids"]
+            padded = torch.tensor([ids + [0] * (77 - len(ids))])
+            hidden = model(input_ids=padded, attention_mask=torch.ones_like(padded))
+            expected.append(torch.nn.functional.normalize(hidden.last_hidden_state.mean(1), dim=-1))
+    got = embed_captions(captions, tokenizer, model, batch_size=2)
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=0)
+    tokens_only = embed_captions(captions, tokenizer, model, batch_size=2, pool="tokens")
+    assert (got - tokens_only).norm(dim=-1).min() > 1e-2  # the setting changes the features
 
 
 def test_pca_output_is_centred_with_decreasing_variance(sidecar) -> None:
