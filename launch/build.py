@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from data_pipelines.batch_fields import (
 )
 from data_pipelines.fields import missing_batch_fields, sidecar_gaps
 from data_pipelines.shards import split_sources
-from data_pipelines.sidecar import SidecarFormatError
+from data_pipelines.sidecar import SidecarFormatError, sidecar_metadata
 from data_pipelines.stream import TrainStream, make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
@@ -45,6 +45,7 @@ from vlp.models import PretrainedError, create_model, model_config, preprocess_c
 from vlp.models.image_weights import REQUIRED, load_image_weights
 from vlp.objectives import Objective, create_objective, objective_class
 from vlp.objectives.base import Fields, TextSpec
+from vlp.objectives.prior.reference_lm import tokenizer_identity
 
 logger = logging.getLogger("vlp")
 
@@ -227,12 +228,18 @@ def check_data(
     state: Any = None,
     *,
     field_hint: Callable[[str], str] | None = None,
+    tokenized_sidecars: Collection[str] = (),
+    tokenizer: Any = None,
 ) -> list[str]:
     """Expand the shard URLs and check that the first shard carries every field the objective
     reads (image, text members or json keys), and that every sidecar file is of this vlp's
     format and has an entry for every training sample (else: how many lack one, and
     ``sidecar_commands``' command that makes it). A missing field is named with
     ``field_hint(field)`` (the objective's :meth:`~vlp.objectives.base.Objective.field_hint`).
+    A sidecar made from another caption source than the run's (its ``text_key`` metadata), or,
+    for ``tokenized_sidecars``, with another vocabulary than ``tokenizer``'s (its ``tokenizer``
+    metadata), is refused with the command that rebuilds it; a file older than these keys is
+    accepted with a warning that it cannot be checked.
 
     With several processes (``state``: the run's Accelerator or PartialState) only the main
     one checks, and its verdict is broadcast: the data are read once per run, not once per
@@ -244,15 +251,17 @@ def check_data(
     if not config.data.train_shards:
         raise StartupError("data.train_shards is empty; set it to a folder or shard pattern")
     urls = shard_urls(config.data.train_shards, "training", config.data.train_weights)
+    commands = sidecar_commands or {}
+    tokenized = (frozenset(tokenized_sidecars), tokenizer)
     if state is None or state.num_processes == 1:
-        _check_urls(config, urls, fields, sidecar_commands or {}, field_hint)
+        _check_urls(config, urls, fields, commands, field_hint, tokenized)
         return urls
     from accelerate.utils import broadcast_object_list
 
     verdict, bug = "", None
     if state.is_main_process:
         try:
-            _check_urls(config, urls, fields, sidecar_commands or {}, field_hint)
+            _check_urls(config, urls, fields, commands, field_hint, tokenized)
         except StartupError as error:
             verdict = str(error)
         except Exception as error:  # a bug: the other ranks must not wait for a verdict
@@ -271,10 +280,14 @@ def _check_urls(
     fields: BatchFields,
     sidecar_commands: Mapping[str, str],
     field_hint: Callable[[str], str] | None,
+    tokenized: tuple[frozenset[str], Any] = (frozenset(), None),
 ) -> None:
     for sidecar in fields.sidecars:
         if os.path.isfile(sidecar.path):
-            _check_sidecar(config, urls, sidecar, sidecar_commands.get(sidecar.name, ""))
+            command = sidecar_commands.get(sidecar.name, "")
+            _check_sidecar(config, urls, sidecar, command)
+            _check_sidecar_source(config, sidecar, command, sidecar.name in tokenized[0],
+                                  tokenized[1])  # fmt: skip
     try:
         missing = missing_batch_fields(urls, fields, image_keys=config.data.image_keys)
     except ValueError as error:
@@ -306,6 +319,40 @@ def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, comma
         f"have no entry in sidecar '{sidecar.name}' ({sidecar.path}; first: {gaps.first}); "
         + (f"make it for these shards with: {make}" if make else "remake it for these shards")
     )
+
+
+def _check_sidecar_source(
+    config: Config, sidecar: SidecarField, command: str, tokenized: bool, tokenizer: Any
+) -> None:
+    """The sidecar was made from the run's caption source (``text_key`` metadata against
+    ``data.caption_field`` or ``data.text_key``) and, when ``tokenized``, with the run's
+    vocabulary (``tokenizer`` metadata); a file without these keys is accepted with a warning."""
+    metadata = sidecar_metadata(sidecar.path)
+    source = _caption_source(config, "txt")
+    setting = "data.caption_field" if config.data.caption_field else "data.text_key"
+    checks = [("text_key", source, f"captions '{{}}', the run reads '{source}' ({setting})")]
+    if tokenized and tokenizer is not None:
+        ours = tokenizer_identity(tokenizer) if "tokenizer" in metadata else ""
+        checks.append(("tokenizer", ours, f"a tokenizer of {{}}, the run's has {ours} "
+                       f"(model.name='{config.model.name}', model.tokenizer)"))  # fmt: skip
+    unchecked = [key for key, _, _ in checks if key not in metadata]
+    if unchecked:
+        logger.warning(
+            "sidecar '%s' (%s) records no %s (written by an older vlp): it cannot be checked "
+            "against this run's; rebuild it if unsure", sidecar.name, sidecar.path,
+            " or ".join(unchecked),
+        )  # fmt: skip
+    for key, ours, says in checks:
+        if key not in metadata or metadata[key] == ours:
+            continue
+        make = command.format(shards=config.data.train_shards, path=sidecar.path)
+        if key == "text_key" and make and not source.startswith(JSON_PREFIX) and source != "txt":
+            make += f" --text-key {source}"
+        raise StartupError(
+            f"objective '{config.objective.name}': sidecar '{sidecar.name}' ({sidecar.path}) "
+            f"was made from {says.format(metadata[key])}; "
+            + (f"rebuild it for this run with: {make}" if make else "rebuild it for this run")
+        )
 
 
 def stream_settings(config: Config, draft_size: int | None = None) -> StreamSettings:

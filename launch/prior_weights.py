@@ -5,7 +5,10 @@ at every step; this writes log P_r(t_i | t_<i) of every sample's caption (``[L-1
 aligned with CoCa's labels) into one sidecar (:mod:`data_pipelines.sidecar`) keyed by sample
 key, which ``objective.prior.sidecar`` reads through the stream instead (the weights, exponent α
 included, are then computed from it exactly as online). The file carries an ``id`` that joins
-the stream's resume fingerprint. Captions are read whole (``text_key``), as training reads them.
+the stream's resume fingerprint. Captions are read whole (``text_key``), as training reads them;
+the file records that member (``text_key``) and the tokenizer's vocabulary (``tokenizer``,
+:func:`~vlp.objectives.prior.reference_lm.tokenizer_identity`), which the start-up check
+compares with the run's (:func:`launch.build.check_data`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from launch.build import StartupError, shard_urls
 from vlp.models import create_model
 from vlp.models.tokenizers import run_tokenizer_file
 from vlp.objectives.prior.objective import PAD_ID, load_reference
+from vlp.objectives.prior.reference_lm import tokenizer_identity
 from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.run_folder import checkpoints_dir, list_checkpoints
 
@@ -60,6 +64,7 @@ def write_reference_sidecar(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
+                "tokenizer": tokenizer_identity(tokenizer),
                 "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
     urls = shard_urls(shards, "training")
     counts = dict.fromkeys(urls, 0)

@@ -197,7 +197,8 @@ def _run_logged(
     parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
     urls = check_data(
         config, parts.fields, objective.sidecar_commands, accelerator,
-        field_hint=objective.field_hint,
+        field_hint=objective.field_hint, tokenized_sidecars=objective.tokenized_sidecars,
+        tokenizer=tokenizer,
     )  # fmt: skip
     evaluators = build_evaluators(run_config, preprocess_val, tokenizer, out_dir)
     if evaluators and not objective.evaluations:

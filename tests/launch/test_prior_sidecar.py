@@ -149,3 +149,57 @@ def test_startup_names_a_missing_sidecar_or_key(tiny, shards, tmp_path):  # noqa
         fields = BatchFields(views=(view,), sidecars=(SidecarField("lp", str(path)),))
         (missing,) = missing_batch_fields([f"{shards}/00000.tar"], fields)
         assert str(missing).startswith(f"field 'lp' ({where}")
+
+
+def _check(shards, sidecar, tokenizer, *overrides):  # noqa: F811
+    """The start-up data check of a PRIOR run on ``shards`` reading ``sidecar``."""
+    from launch.build import check_data
+    from vlp.config import load_config
+
+    config = load_config(None, [f"data.train_shards={shards}", "objective.name=clip", *overrides])
+    fields = BatchFields(
+        views=(ImageView("image", lambda image: image),),
+        texts=(TextField("text", tokenizer),),
+        sidecars=(SidecarField(SIDECAR_KEY, str(sidecar)),),
+    )
+    return check_data(config, fields, PriorObjective.sidecar_commands, tokenizer=tokenizer,
+                      tokenized_sidecars=PriorObjective.tokenized_sidecars)  # fmt: skip
+
+
+def test_a_sidecar_of_another_caption_source_or_tokenizer_is_refused(tiny, shards):  # noqa: F811
+    from launch.build import StartupError
+    from vlp.models.tokenizers import SentencePieceTokenizer
+
+    _, tokenizer, _, sidecar = tiny
+    assert _check(shards, sidecar, tokenizer)  # the sidecar's own source and tokenizer
+    rebuild = f"rebuild it for this run with: vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {sidecar}"  # noqa: E501
+    with pytest.raises(StartupError) as error:
+        _check(shards, sidecar, tokenizer, "data.caption_field=caption")
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(rebuild), message
+    assert "made from captions 'txt', the run reads 'json:caption' (data.caption_field)" in message
+    with pytest.raises(StartupError, match="the run reads 'text' .*--text-key text$"):
+        _check(shards, sidecar, tokenizer, "data.text_key=text")
+    with pytest.raises(StartupError) as error:
+        _check(shards, sidecar, SentencePieceTokenizer("vlp:procedural-bpe"))
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(rebuild), message
+    assert (
+        "made from a tokenizer of 49408 tokens" in message and "the run's has 192 tokens" in message
+    )
+
+
+def test_an_old_sidecar_is_accepted_with_a_warning(tiny, shards, tmp_path, caplog):  # noqa: F811
+    _, tokenizer, _, sidecar = tiny
+    read = Sidecar(sidecar)
+    old = tmp_path / "old.safetensors"
+    metadata = {
+        k: v for k, v in read.metadata.items() if k not in ("text_key", "tokenizer", "vlp_sidecar")
+    }
+    write_sidecar(old, read.items(), metadata)
+    with caplog.at_level("WARNING", logger="vlp"):
+        assert _check(shards, old, tokenizer, "data.caption_field=caption") is not None
+    assert (
+        "records no text_key or tokenizer (written by an older vlp): it cannot be checked"
+        in caplog.text
+    )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_pipelines.batch_fields import BatchFields, ImageView, SidecarField
-from data_pipelines.sidecar import Sidecar
+from data_pipelines.sidecar import Sidecar, write_sidecar
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.synthetic import generate_samples
@@ -319,3 +319,38 @@ def test_two_processes_write_what_one_process_writes(shards, sidecar, tmp_path) 
     assert done.stdout.count("wrote the teacher embeddings of 48 samples") == 1
     _assert_same_values(out, sidecar, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.safetensors"]
+
+
+def _check(shards, sidecar, *overrides):
+    """The start-up data check of a ProtoCLIP run on ``shards`` reading ``sidecar``."""
+    from data_pipelines.batch_fields import TextField
+    from launch.build import check_data
+    from vlp.config import load_config
+    from vlp.objectives.protoclip.objective import TEACHER, ProtoClipObjective
+
+    config = load_config(None, [f"data.train_shards={shards}", "objective.name=clip", *overrides])
+    fields = BatchFields(views=(ImageView("image", lambda image: image),),
+                         texts=(TextField("text", lambda texts: texts),),
+                         sidecars=(SidecarField(TEACHER, str(sidecar)),))  # fmt: skip
+    commands = ProtoClipObjective.sidecar_commands
+    return check_data(config, fields, commands, tokenized_sidecars=(), tokenizer=object())
+
+
+def test_a_teacher_of_another_caption_source_is_refused(sidecar, shards, tmp_path, caplog) -> None:
+    assert _check(shards, sidecar)  # its own source; the teacher's tokenizer is not compared
+    with pytest.raises(StartupError) as error:
+        _check(shards, sidecar, "data.caption_field=caption")
+    message = str(error.value)
+    assert (
+        "\n" not in message and "made from captions 'txt', the run reads 'json:caption'" in message
+    )
+    assert message.endswith(
+        f"rebuild it for this run with: vlp protoclip teacher {shards} --out {sidecar}"
+    )
+    read = Sidecar(sidecar)
+    old = tmp_path / "old.safetensors"
+    metadata = {k: v for k, v in read.metadata.items() if k not in ("text_key", "vlp_sidecar")}
+    write_sidecar(old, read.items(), metadata)
+    with caplog.at_level("WARNING", logger="vlp"):
+        assert _check(shards, old, "data.caption_field=caption")
+    assert "records no text_key (written by an older vlp): it cannot be checked" in caplog.text

@@ -137,7 +137,13 @@ class Objective(nn.Module):
 
     sidecar_commands: ClassVar[Mapping[str, str]] = {}
     """Per sidecar field, the command that writes it (``{shards}``, ``{path}`` filled in): named
-    when training samples are missing from the file."""
+    when training samples are missing from the file, or when it was made from another caption
+    source or tokenizer than the run's."""
+
+    tokenized_sidecars: ClassVar[frozenset[str]] = frozenset()
+    """The sidecar fields whose rows follow the model tokenizer's tokens (PRIOR's
+    log-probabilities): the start-up check compares the ``tokenizer`` their file records with
+    the run's (:func:`launch.build.check_data`)."""
 
     def field_hint(self, field: str) -> str:
         """How to give the shards a batch field ``field`` they lack, named after it at

@@ -240,6 +240,7 @@ class PriorObjective(ConfiguredObjective):
     sidecar_commands: ClassVar[Mapping[str, str]] = {
         SIDECAR_KEY: "vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {path}"
     }
+    tokenized_sidecars: ClassVar[frozenset[str]] = frozenset({SIDECAR_KEY})
     settings: PriorSettings
     outputs: ClassVar[Mapping[str, Output]] = {
         "image_features": Coupled(),

@@ -13,6 +13,8 @@ model's tokenizer". Two sources here, both mapping tokens ``[b, L]`` to logits `
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,15 @@ def check_same_tokenizer(ours: Any, theirs: Any) -> None:
                 f"reference LM tokenizer differs from the captioning model's at id {token_id} "
                 f"(theirs {other!r}, ours {mine!r}); P_r must use the captioning model's tokenizer"
             )
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A short, stable name of ``tokenizer``'s vocabulary (its size and a hash of its token →
+    id map), which a sidecar of token-aligned rows records (``vlp prior weights``) so that a run
+    reading its captions with another vocabulary is refused. Raises TypeError (unknown kind)."""
+    vocab = _vocabulary(tokenizer)
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return f"{len(vocab)} tokens, sha256 {digest}"
 
 
 def _vocabulary(tokenizer: Any) -> dict[str, int]:
