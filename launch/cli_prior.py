@@ -14,7 +14,7 @@ def _prior_train_reference(args: argparse.Namespace) -> int:
     """`vlp prior train-reference`: `vlp train` with the reference-LM recipe on these shards."""
     args.overrides = [f"data.train_shards={args.shards}", f"train.out_dir={args.out}",
                       *args.overrides]  # fmt: skip
-    args.check = False
+    args.check, args.world_size = False, None
     return train_command(args)
 
 
