@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.training.one_batch_runs import fit_one_batch, write_model_config
 from vlp.config import Config, ConfigError, load_config
-from vlp.models import create_model
-from vlp.objectives import create_objective
-from vlp.training import Trainer, create_accelerator
+from vlp.training import Trainer
 from vlp.training.optim import fused_choice
 
 MODEL = {
@@ -29,33 +28,13 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def model_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "vlp-fast-paths-test.json"
-    path.write_text(json.dumps(MODEL))
-    return str(path)
+    return write_model_config(tmp_path_factory.mktemp("model"), "vlp-fast-paths-test", MODEL)
 
 
 def _fit(model_config: str, out: Path, steps: int, *overrides: str) -> Trainer:
-    torch.manual_seed(0)
-    model, *_ = create_model(model_config)
-    config = load_config(
-        None,
-        [
-            f"train.out_dir={out}", f"train.steps={steps}", "train.report_to=[]",
-            "train.checkpoint_every=0", "train.log_every=1",
-            "optim.warmup_steps=1", "optim.lr=1e-2", *overrides,
-        ],
-    )  # fmt: skip
-    generator = torch.Generator().manual_seed(1)
-    batch = {
-        "image": torch.randn(4, 3, 16, 16, generator=generator),
-        "text": torch.randint(1, 128, (4, 8), generator=generator),
-    }
-    trainer = Trainer(
-        config, model, create_objective("clip"), [batch],
-        accelerator=create_accelerator(out, log_with=None), model_info={},
-    )  # fmt: skip
-    trainer.fit()
-    return trainer
+    return fit_one_batch(
+        model_config, out, steps, ["train.checkpoint_every=0", "train.log_every=1", *overrides]
+    )
 
 
 def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ optimizer's state layout."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlp.config import OPTIMIZERS, Config, ConfigError, OptimConfig, load_config
-from vlp.models import create_model
-from vlp.objectives import create_objective
-from vlp.training import Trainer, create_accelerator
+from tests.training.one_batch_runs import fit_one_batch, write_model_config
+from vlp.config import OPTIMIZERS, ConfigError, OptimConfig, load_config
+from vlp.training import Trainer
 from vlp.training.adamw8bit import dequantise_moments, quantise_moments
 from vlp.training.optim import create_optimizer
 from vlp.training.stable_adamw import StableAdamW
@@ -138,29 +136,14 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def model_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "vlp-optim-test.json"
-    path.write_text(json.dumps(MODEL))
-    return str(path)
+    return write_model_config(tmp_path_factory.mktemp("model"), "vlp-optim-test", MODEL)
 
 
 def _fit(model_config: str, out: Path, steps: int, name: str, resume: str = "") -> Trainer:
-    torch.manual_seed(0)
-    model, *_ = create_model(model_config)
-    config = Config()
-    config.train.out_dir, config.train.steps, config.train.resume = str(out), steps, resume
-    config.train.report_to, config.train.checkpoint_every, config.train.keep_checkpoints = [], 1, 3
-    config.optim.name, config.optim.warmup_steps, config.optim.lr = name, 1, 1e-2
-    generator = torch.Generator().manual_seed(1)
-    batch = {
-        "image": torch.randn(4, 3, 16, 16, generator=generator),
-        "text": torch.randint(1, 512, (4, 8), generator=generator),
-    }
-    trainer = Trainer(
-        config, model, create_objective("clip"), [batch],
-        accelerator=create_accelerator(out, log_with=None), model_info={},
-    )  # fmt: skip
-    trainer.fit()
-    return trainer
+    overrides = ["train.checkpoint_every=1", "train.keep_checkpoints=3", f"optim.name={name}"]
+    return fit_one_batch(
+        model_config, out, steps, overrides + ([f"train.resume={resume}"] if resume else [])
+    )
 
 
 def _checkpoint(out: Path, step: int) -> Path:
