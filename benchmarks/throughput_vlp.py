@@ -64,7 +64,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         model, preprocess_train, _, tokenizer, info = build_model(config)
         objective.use_tokenizer(tokenizer)
         parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
-        set_threads(config.train.threads, config.data.workers)
+        set_threads(config.train.threads)
         stream = build_stream(config, parts, 0, 1)
         trainer = Trainer(
             config, model, objective, stream, accelerator=accelerator, model_info=info,

@@ -209,7 +209,7 @@ def _run_logged(
         )
         evaluators = []
     # After the start-up checks (a user error stays one line), before the stream and any step.
-    set_threads(config.train.threads, config.data.workers)
+    set_threads(config.train.threads)
     batches = build_stream(config, parts, accelerator.process_index, accelerator.num_processes)
     if config.optim.warmup_steps > config.train.steps and accelerator.is_main_process:
         # The user's schedule (config), not the one step of `vlp train --check` (run_config).

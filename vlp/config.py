@@ -218,8 +218,9 @@ class TrainConfig:
     """torch.compile's backend for ``train.compile``; ``eager`` or ``aot_eager`` compile fast
     (graph capture only), for checks."""
     threads: int = 0
-    """torch intra-op threads per process; 0 = OMP_NUM_THREADS if set, else the cores this
-    process may use, shared by the processes of the node after one per data worker."""
+    """torch intra-op threads per process; 0 = OMP_NUM_THREADS if set, else the physical cores
+    this process may use, less those other programs keep busy at start, shared by the training
+    processes of the node (data workers are not subtracted: ``vlp/training/threads.py``)."""
 
 
 @dataclass
