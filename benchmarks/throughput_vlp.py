@@ -1,10 +1,11 @@
 """vlp's side of ``gpu_throughput.py``: ``Trainer.train_step`` on vlp's stream, timed per step.
 
 The run is built as ``vlp train`` builds it (:mod:`launch.build`: objective, model, the
-objective's batch fields on the fast uint8 path, the stream; the Trainer with its optimizer and
-precision), with ``--set`` config overrides for the setting under test (``optim.fused=false``,
-``train.compile=true``, ``model.patch_dropout=0.5``...). Data wait is ``DeviceBatches.next``
-(the stream's batch, copied to the GPU and normalised there); compute is ``train_step`` (vlp's
+objective's batch fields (``data.uint8_batches=auto``: uint8 views in pinned memory on the GPU),
+the stream; the Trainer with its optimizer and precision), with ``--set`` config overrides for
+the setting under test (``optim.fused=false``, ``train.compile=true``,
+``model.patch_dropout=0.5``, ``data.uint8_batches=false``...). Data wait is
+``DeviceBatches.next`` (the stream's batch, copied to the GPU and normalised there); compute is ``train_step`` (vlp's
 step syncs once per step for its non-finite check anyway). Then the compute-only ceiling: the
 same step on the last batch, already on the device. Prints one JSON line.
 
@@ -63,7 +64,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         accelerator = create_accelerator(Path(out))
         model, preprocess_train, _, tokenizer, info = build_model(config)
         objective.use_tokenizer(tokenizer)
-        parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
+        parts = batch_fields(
+            config, objective.fields(), model, preprocess_train, tokenizer, accelerator.device
+        )
         set_threads(config.train.threads)
         stream = build_stream(config, parts, 0, 1)
         trainer = Trainer(

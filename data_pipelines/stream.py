@@ -233,6 +233,7 @@ class TrainStream:
             prefetch_factor=self.settings.prefetch_factor if workers else None,
             timeout=min(self.settings.timeout, LIVENESS_POLL_S) if workers else 0,
             persistent_workers=False,
+            pin_memory=self.settings.pin_memory,
             collate_fn=_as_is,
             # Each iterator draws a base seed (its workers' seeds, unused: samples are seeded
             # by their place in the stream); from a generator of its own, not the trainer's.

@@ -73,6 +73,10 @@ class StreamSettings:
     (``data.remote_timeout``, :mod:`data_pipelines.remote`)."""
     remote_retries: int = 3
     """Re-opens of a stalled remote shard before the stream raises (``data.remote_retries``)."""
+    pin_memory: bool = False
+    """The DataLoader copies each batch into page-locked memory (its pin thread), so that the
+    copy to a CUDA device runs asynchronously (``non_blocking``); on when the run's device is
+    CUDA (``launch.build.StreamParts.pin_memory``)."""
 
     def __post_init__(self) -> None:
         if (

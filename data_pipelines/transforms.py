@@ -13,7 +13,8 @@ decode. Here:
   one-call ``resize(box=, reducing_gap=)`` was measured too: it saves only the crop copy, and
   ``reducing_gap`` acts only on downscales of at least twice the gap;
 - the result stays uint8: no float pass per sample, 4x fewer bytes between processes;
-  :func:`normalize_images` makes the whole batch float and normalised on its device.
+  :func:`normalize_images` makes the whole batch float and normalised on its device
+  (``data.uint8_batches``; :class:`NormalizedTransform` normalises in the worker instead).
 
 The val transform (evaluation, where parity with open_clip matters more than speed) keeps
 Pillow's resampling, as one resize of the center crop's box. :func:`fast_transforms` builds both
@@ -23,7 +24,7 @@ from an open_clip model's preprocess config and refuses what it cannot reproduce
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from torchvision.transforms import RandomResizedCrop
 
 __all__ = [
     "FastTransforms",
+    "NormalizedTransform",
     "TrainTransform",
     "ValTransform",
     "fast_transforms",
@@ -194,6 +196,25 @@ def normalize_images(
     mean_t = torch.as_tensor(mean, dtype=dtype, device=images.device).view(shape)
     std_t = torch.as_tensor(std, dtype=dtype, device=images.device).view(shape)
     return images.to(dtype).div_(255).sub_(mean_t).div_(std_t)
+
+
+@dataclass(frozen=True)
+class NormalizedTransform:
+    """A uint8 per-sample transform followed by :func:`normalize_images`, in the data worker.
+
+    What ``data.uint8_batches=false`` sends: open_clip's float32 ``Normalize(ToTensor(...))``
+    sample, 4x the bytes of the uint8 one. The arithmetic is elementwise and the same as on the
+    device, so these images equal the uint8 batch normalised there, bit for bit.
+    """
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    """The view's transform: PIL image -> uint8 tensor [3, H, W]."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image -> normalised float32 tensor [3, H, W]."""
+        return normalize_images(self.transform(image), self.mean, self.std)
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,9 @@ def _run_logged(
     set_seed(config.train.seed)
     model, preprocess_train, preprocess_val, tokenizer, info = build_model(config)
     objective.use_tokenizer(tokenizer)
-    parts = batch_fields(config, objective.fields(), model, preprocess_train, tokenizer)
+    parts = batch_fields(
+        config, objective.fields(), model, preprocess_train, tokenizer, accelerator.device
+    )
     urls = check_data(
         config, parts.fields, objective.sidecar_commands, accelerator,
         field_hint=objective.field_hint, tokenized_sidecars=objective.tokenized_sidecars,

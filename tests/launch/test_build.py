@@ -36,9 +36,9 @@ TO_SETTINGS = {
     "remote_retries": "remote_retries",
     "streams": "streams",
 }
-ELSEWHERE = {"train_shards", "text_key", "caption_field"}
+ELSEWHERE = {"train_shards", "text_key", "caption_field", "uint8_batches"}
 """The shard URLs are make_train_stream's first argument; the caption's source goes into the
-text fields (launch.build.batch_fields)."""
+text fields and the image dtype into the views (launch.build.batch_fields)."""
 
 
 def test_every_data_key_reaches_the_stream() -> None:

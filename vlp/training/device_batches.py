@@ -3,7 +3,10 @@
 The training stream is a plain iterable of batch dicts that ends with its epoch; the loop wants
 ``train.accum_steps`` micro-batches per optimizer step for as many steps as ``train.steps``
 says, so the stream is iterated again whenever it ends. Images travel as uint8 pixels (4x fewer
-bytes between processes than floats) and are normalised only once they are on the device.
+bytes between processes and over the host-to-device copy than floats) and are normalised only
+once they are on the device, or as normalised floats (``data.uint8_batches``). The copy does not
+wait: from pinned memory (the stream pins on CUDA) it runs asynchronously on the current stream,
+before the normalisation queued after it.
 """
 
 from __future__ import annotations
