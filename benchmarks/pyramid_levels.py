@@ -77,7 +77,8 @@ def run_variants(
     from launch.demo import write_demo_data
 
     write_demo_data(args.out / "data")
-    jobs = [(name, v, seed, args.out, args) for name, v in variants.items() for seed in args.seeds]
+    # seed by seed: a run cut short still compares every variant on the same seeds
+    jobs = [(name, v, seed, args.out, args) for seed in args.seeds for name, v in variants.items()]
     runs_file.parent.mkdir(parents=True, exist_ok=True)
     runs_file.write_text("")
     rows = []

@@ -47,6 +47,7 @@ from vlp.objectives.base import (
 from vlp.objectives.clip import clamp_logit_scale
 from vlp.objectives.prior.reference_lm import TinyCausalLM, load_reference_lm
 from vlp.objectives.prior.weights import (
+    END_TOKEN_CHOICES,
     reference_target_logprobs,
     token_weights,
     weighted_caption_loss,
@@ -216,6 +217,11 @@ class PriorSettings:
     Part of the stream's resume fingerprint."""
     alpha: float = 1.0
     """Exponent of 1 − P_r (the paper's α, which it sets to 1; 0: plain CoCa)."""
+    end_token: str = "weighted"
+    """How a caption's end-of-text token is weighed (the paper does not say): ``weighted``
+    like any token, or ``fixed`` at weight 1 and left out of the other tokens' normalisation
+    (:func:`~vlp.objectives.prior.weights.token_weights`). Applied when the weights are
+    computed from log P_r, so one ``vlp prior weights`` sidecar serves both."""
     contrastive_weight: float = 1.0
     """Weight of the contrastive (CLIP) loss."""
     caption_weight: float = 2.0
@@ -225,6 +231,10 @@ class PriorSettings:
         """Reject settings that cannot train."""
         if self.alpha < 0 or self.contrastive_weight < 0 or self.caption_weight < 0:
             raise ValueError("alpha and the loss weights must be >= 0")
+        if self.end_token not in END_TOKEN_CHOICES:
+            raise ValueError(
+                f"end_token must be one of {', '.join(END_TOKEN_CHOICES)}, got '{self.end_token}'"
+            )
         if self.sidecar and not Path(self.sidecar).is_file():
             raise ValueError(
                 f"sidecar '{self.sidecar}' is not a file (make it with `vlp prior weights`)"
@@ -277,7 +287,10 @@ class PriorObjective(ConfiguredObjective):
             logger.info("PRIOR: %s, so every token weighs 1: plain CoCa", why)
         else:
             source = f"the sidecar {s.sidecar}" if s.sidecar else f"the reference LM {s.reference}"
-            logger.info("PRIOR: token weights (1 - P_r)^%g, P_r from %s", s.alpha, source)
+            logger.info(
+                "PRIOR: token weights (1 - P_r)^%g, end token %s, P_r from %s",
+                s.alpha, s.end_token, source,
+            )  # fmt: skip
         return model
 
     def use_tokenizer(self, tokenizer: Any) -> None:
@@ -293,15 +306,18 @@ class PriorObjective(ConfiguredObjective):
         out = model.clip(inputs["image"], inputs["text"])
         labels = out["labels"]
         mask = labels != PAD_ID
-        if SIDECAR_KEY in inputs and self.settings.alpha != 0:
+        s = self.settings
+        if SIDECAR_KEY in inputs and s.alpha != 0:
             logprobs = inputs[SIDECAR_KEY].to(labels.device)
-            weights = token_weights(logprobs, mask, self.settings.alpha).to(out["logits"].dtype)
-        elif self.settings.reference and self.settings.alpha != 0:
+        elif s.reference and s.alpha != 0:
             reference = model.frozen("reference").to(labels.device)
             logprobs, _ = reference_target_logprobs(reference, inputs["text"], PAD_ID)
-            weights = token_weights(logprobs, mask, self.settings.alpha).to(out["logits"].dtype)
         else:
+            logprobs = None
+        if logprobs is None:
             weights = mask.to(out["logits"].dtype)
+        else:
+            weights = token_weights(logprobs, mask, s.alpha, s.end_token).to(out["logits"].dtype)
         return {
             "image_features": out["image_features"],
             "text_features": out["text_features"],

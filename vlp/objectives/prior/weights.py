@@ -25,15 +25,30 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+END_TOKEN_CHOICES = ("weighted", "fixed")
+"""How PRIOR weighs a caption's end-of-text token (``objective.prior.end_token``)."""
+
 
 def token_weights(
-    ref_logprobs_of_targets: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0
+    ref_logprobs_of_targets: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float = 1.0,
+    end_token: str = "weighted",
 ) -> torch.Tensor:
     """PRIOR's normalised weights ŵ ``[b, L]`` from log P_r of each target token ``[b, L]``.
 
     w_i = (1 − P_r(t_i | t_<i))^α on the positions where ``mask`` (bool ``[b, L]``) is True;
     ŵ_i = k · w_i / Σ_j w_j over a caption's k masked-in tokens (mean 1 per caption), 0 on
     padding. 1 − P_r is computed as −expm1(log P_r), exact where P_r is close to 1.
+
+    ``end_token`` ("weighted" or "fixed") is how the end-of-text token, a caption's last
+    masked-in position, is weighed. "weighted": like any token (the formula above). "fixed":
+    its ŵ is 1 and it is left out of the normalisation, the other k − 1 tokens get
+    ŵ_i = (k − 1) · w_i / Σ_{j≠end} w_j, so the caption's mean stays 1. The paper does not say how
+    it treats special tokens; a reference LM predicts the end token almost surely on regular
+    captions, so weighted it gets little weight and the captioner learns late to stop. Every
+    tokenizer vlp uses ends each row with its end token, truncated rows included (open_clip's
+    SimpleTokenizer, :class:`vlp.models.tokenizers.SentencePieceTokenizer`).
 
     A caption whose weights are all 0 (P_r = 1 on every token, α > 0) has no defined ŵ (0/0);
     it falls back to uniform weights 1, i.e. that caption's plain NTP loss, rather than NaN.
@@ -46,6 +61,8 @@ def token_weights(
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0 (an exponent on 1 - P_r), got {alpha}")
+    if end_token not in END_TOKEN_CHOICES:
+        raise ValueError(f"end_token must be one of {END_TOKEN_CHOICES}, got '{end_token}'")
     if ref_logprobs_of_targets.shape != mask.shape:
         raise ValueError(
             f"ref_logprobs_of_targets {tuple(ref_logprobs_of_targets.shape)} and mask "
@@ -53,12 +70,29 @@ def token_weights(
         )
     mask = mask.bool()
     weights = (-torch.expm1(ref_logprobs_of_targets)).pow(alpha)
+    if end_token == "weighted":
+        return _normalised(weights, mask)
+    end = last_true(mask)
+    return torch.where(end, torch.ones_like(weights), _normalised(weights, mask & ~end))
+
+
+def _normalised(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k · w / Σw over each row's k masked-in positions, 0 elsewhere; a row whose masked-in
+    weights are all 0 gets 1 on each of them (see :func:`token_weights`)."""
     weights = torch.where(mask, weights, torch.zeros_like(weights))
     total = weights.sum(dim=1, keepdim=True)
     count = mask.sum(dim=1, keepdim=True).to(weights.dtype)
     defined = total > 0
     normalised = count * weights / torch.where(defined, total, torch.ones_like(total))
     return torch.where(defined, normalised, mask.to(weights.dtype))
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[b, L]``: True at each row's last True of ``mask`` (a caption's end-of-text
+    target when ``mask`` marks its non-padding labels); rows without one stay all False."""
+    mask = mask.bool()
+    seen = mask.cumsum(dim=1)
+    return mask & (seen == seen[:, -1:])
 
 
 @torch.no_grad()
