@@ -59,7 +59,7 @@ METRICS = {"bleu4": "BLEU-4", "cider": "CIDEr", "zeroshot_acc1": "zero-shot acc1
            "seconds_per_step": "s/step"}  # fmt: skip
 HEADING = "## PRIOR vs CoCa (same budget)"
 WHY = (
-    'Measured why PRIOR with the end token weighted loses here ("PRIOR token weights" below, '
+    'Measured why PRIOR with the end token weighted loses here ("PRIOR token weights" above, '
     "and greedy captions of the 600-step objectives-table runs): the procedural captions are so "
     "regular that P_r predicts the scene words and the end token almost surely, so PRIOR weighs "
     "them ~0.4 and ~0.3 against ~1.9 for colours and shapes. The decoder then barely learns to "

@@ -112,18 +112,22 @@ def test_the_log_says_where_p_r_comes_from_or_that_it_is_plain_coca(coca, tmp_pa
 
 
 def prior_weights_reference(
-    lm: torch.nn.Module, tokens: torch.Tensor, alpha: float
+    lm: torch.nn.Module, tokens: torch.Tensor, alpha: float, end_token: str = "weighted"
 ) -> torch.Tensor:
     """PRIOR's ŵ ``[b, L-1]`` written out from the paper (REFERENCES.md, "PRIOR"), in float64,
     caption by caption and token by token: target i of a caption is token i + 1 (CoCa's
     labels), predicted by P_r from tokens ≤ i; w_i = (1 − P_r(t_i | t_<i))^α over the
-    caption's k non-padding (id 0) targets, ŵ_i = k·w_i / Σ_j w_j, and 0 on padding."""
+    caption's k non-padding (id 0) targets, ŵ_i = k·w_i / Σ_j w_j, and 0 on padding.
+    ``end_token="fixed"``: the last target (the end-of-text token) weighs 1 and the formula runs
+    over the k − 1 before it."""
     with torch.no_grad():
         logits = lm.double()(tokens)
     b, length = tokens.shape
     expected = torch.zeros(b, length - 1, dtype=torch.float64)
     for c in range(b):
         targets = [i for i in range(length - 1) if int(tokens[c, i + 1]) != 0]
+        if end_token == "fixed":
+            expected[c, targets.pop()] = 1.0
         w = {}
         for i in targets:
             p = float(torch.softmax(logits[c, i], dim=0)[int(tokens[c, i + 1])])
@@ -133,14 +137,16 @@ def prior_weights_reference(
     return expected
 
 
-@pytest.mark.parametrize("alpha", [1.0, 2.0])
-def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coca, tmp_path, alpha):
+@pytest.mark.parametrize("alpha, end_token", [(1.0, "weighted"), (2.0, "weighted"), (1.0, "fixed")])
+def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(
+    coca, tmp_path, alpha, end_token
+):
     """The token weights the model outputs equal the paper's formula computed by hand from the
     reference run's saved LM (loaded here from its file, run in float64), not from the
     implementation's ``token_weights``."""
     clip, tokenizer = coca
     reference = reference_run(tmp_path / "ref", clip)
-    objective = PriorObjective(reference=str(reference), alpha=alpha)
+    objective = PriorObjective(reference=str(reference), alpha=alpha, end_token=end_token)
     model = objective.build_model(clip)
     lm = model.frozen("reference")
     assert not any(p is q for p in model.parameters() for q in lm.parameters())
@@ -153,7 +159,7 @@ def test_weights_come_from_the_frozen_reference_which_stays_out_of_the_model(coc
     vocab, context = clip.text.vocab_size, clip.text.context_length
     p_r = TinyCausalLM(vocab, context, 32, 1, 4)
     p_r.load_state_dict({key.removeprefix("lm."): value for key, value in saved.items()})
-    expected = prior_weights_reference(p_r, batch["text"], alpha)
+    expected = prior_weights_reference(p_r, batch["text"], alpha, end_token)
     torch.testing.assert_close(outputs["token_weights"], expected, rtol=1e-5, atol=1e-6)
     mask = batch["text"][:, 1:] != 0
     assert torch.equal(mask, outputs["labels"] != 0)
