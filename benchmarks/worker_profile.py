@@ -141,7 +141,7 @@ def _loop(folder: Path, fast: FastTransforms, tokenizer: Tokenizer) -> Iterator[
     settings = StreamSettings(batch_size=64, workers=1, resampled=True, draft_size=fast.draft_size)
     fields = BatchFields.single(fast.train, tokenizer)
     stream = make_train_stream(f"{folder}/{{00000..00007}}.tar", settings, fields=fields)
-    loop = worker_batches(stream.spec, 0, None, fields)
+    loop = worker_batches(stream.spec, stream.spec.stream_at(0), None, fields)
     for _ in range(2):  # fill the shuffle buffer's first stretch before timing
         next(loop)
     return loop

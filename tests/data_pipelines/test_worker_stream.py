@@ -55,3 +55,26 @@ def test_no_workers_augment_as_a_worker_process_does(shard_dir: str) -> None:
     for a, b in zip(in_worker, in_main, strict=True):
         assert a["__key__"] == b["__key__"]
         assert torch.equal(a["image"], b["image"])
+
+
+def test_a_worker_stacks_its_images_straight_into_shared_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the images were stacked in private memory and copied into shared memory again
+    when the batch was sent, two fresh buffers faulted in per batch. In the main process
+    (``data.workers=0``) nothing is shared."""
+    from data_pipelines import worker_stream
+    from data_pipelines.batch_fields import BatchFields
+
+    fields = BatchFields.single(lambda image: image, lambda texts: torch.zeros(len(texts), 4))
+    samples = [
+        {"__key__": str(i), "image": torch.full((3, 5, 4), i, dtype=torch.uint8), "text": "t"}
+        for i in range(3)
+    ]
+    in_main = worker_stream._collate(samples, fields, ())
+    monkeypatch.setattr(worker_stream, "get_worker_info", lambda: object())
+    in_worker = worker_stream._collate(samples, fields, ())
+    assert in_worker["image"].is_shared() and not in_main["image"].is_shared()
+    assert in_worker["image"].dtype == torch.uint8
+    assert torch.equal(in_worker["image"], in_main["image"])
+    assert torch.equal(in_worker["image"], torch.stack([s["image"] for s in samples]))
