@@ -395,9 +395,15 @@ def main() -> None:
             results["worker_profile_cpu_ms_per_sample"][size] = rows
             print_table(
                 f"{size}: one worker's CPU ms per sample, by stage",
-                ["stage", "ms", "us per tar member", "ratio"],
+                ["stage", "ms", "us per tar member", "ratio", "minor page faults"],
                 [
-                    [r["stage"], r.get("ms", ""), r.get("us_per_member", ""), r.get("ratio", "")]
+                    [
+                        r["stage"],
+                        r.get("ms", ""),
+                        r.get("us_per_member", ""),
+                        r.get("ratio", ""),
+                        r.get("minor_faults", ""),
+                    ]
                     for r in rows
                 ],
             )

@@ -181,10 +181,11 @@ def _loop_rounds(
 
 def _dataloader_worker_ms(
     folder: Path, fast: FastTransforms, tokenizer: Tokenizer, batches: int
-) -> float:
-    """CPU ms per sample of one DataLoader worker process running the stream on ``folder``."""
+) -> tuple[float, float]:
+    """CPU ms and minor page faults per sample of one DataLoader worker process running the
+    stream on ``folder``."""
 
-    def worker_cpu_s(n: int) -> float:
+    def worker_cpu_s(n: int) -> tuple[float, int]:
         settings = StreamSettings(
             batch_size=64, workers=1, resampled=True, draft_size=fast.draft_size
         )
@@ -198,11 +199,12 @@ def _dataloader_worker_ms(
         del loop
         gc.collect()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return cpu, after.ru_minflt - before.ru_minflt
 
     short = min(worker_cpu_s(4) for _ in range(2))
     long = min(worker_cpu_s(4 + batches) for _ in range(2))
-    return (long - short) * 1000 / (batches * 64)
+    return (long[0] - short[0]) * 1000 / (batches * 64), (long[1] - short[1]) / (batches * 64)
 
 
 def worker_profile(
@@ -269,9 +271,13 @@ def worker_profile(
             },
         ]
     for label, where in (("pax", folder), ("ustar", folder / "ustar")):
-        ms = _dataloader_worker_ms(where, fast, tokenizer, 2 * batches)
+        ms, faults = _dataloader_worker_ms(where, fast, tokenizer, 2 * batches)
         rows.append(
-            {"stage": f"DataLoader worker process, {label} shards (its CPU time)", "ms": ms}
+            {
+                "stage": f"DataLoader worker process, {label} shards (its CPU time)",
+                "ms": ms,
+                "minor_faults": faults,
+            }
         )
     decode_only = loops["decode-only"]
     rows.append(
