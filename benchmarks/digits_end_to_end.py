@@ -12,11 +12,11 @@ side's own thread policy (no ``OMP_NUM_THREADS``). Time is the wall clock of the
 start-up and final checkpoint included; the runs alternate sides (seed 0: vlp first, seed 1:
 open_clip first, ...). Zero-shot is ``vlp eval zeroshot`` on the held-out shards for both
 (open_clip's ``epoch_1.pt`` loaded through open_clip's own checkpoint loader), with the training
-caption as the template. ``--variants vlp-1-thread`` adds vlp with ``train.threads=1``, the
-thread count of the policy before (cores less one per data worker), to show what it cost.
+caption as the template. ``--before-seeds`` adds, for those seeds, vlp with
+``train.threads=1``: the thread count of the policy before (cores less one per data worker).
 Prints a table and writes ``benchmarks/results/digits_end_to_end.json``.
 
-    .venv/bin/python benchmarks/digits_end_to_end.py [--seeds 0 1 2] [--steps 312]
+    .venv/bin/python benchmarks/digits_end_to_end.py [--seeds 0 1 2] [--before-seeds 0]
 
 Needs ``.venv-openclip`` (``make bench-peer``). Run it on a quiet machine: the times are the
 result.
@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=312)
     parser.add_argument("--model", default="vlp-tiny-vit")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["vlp", "open_clip"])
+    parser.add_argument("--before-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, help="keep the shards and runs here (default: temp)")
     return parser
@@ -207,8 +207,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if "open_clip" not in args.variants or not PEER_PYTHON.exists():
-        raise SystemExit("needs the open_clip variant and .venv-openclip (make bench-peer)")
+    if not PEER_PYTHON.exists():
+        raise SystemExit("needs .venv-openclip (make bench-peer)")
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         train, heldout = write_class_folders(work / "digits")
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         config = model_config_file(args.model, work)
         rows = []
         for n, seed in enumerate(args.seeds):
-            order = args.variants if n % 2 == 0 else list(reversed(args.variants))
+            variants = VARIANTS if seed in args.before_seeds else VARIANTS[:2]
+            order = variants if n % 2 == 0 else variants[::-1]
             rows += [one_run(variant, args, work, config, seed) for variant in order]
     table = summary(rows)
     print(markdown(table))
