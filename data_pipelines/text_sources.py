@@ -82,6 +82,13 @@ class TextSource:
         return first_clause(text) if self.first_clause else text
 
 
+def caption_source(text_key: str = "txt", caption_field: str | None = None) -> str:
+    """The source of the user's caption: ``json:<caption_field>`` when a json field is named
+    (``data.caption_field`` wins, as in training), else the member ``text_key``
+    (``data.text_key``). Training and the per-caption sidecars (which record it) both use it."""
+    return f"{JSON_PREFIX}{caption_field}" if caption_field else text_key
+
+
 def object_phrases(objects: Any) -> str:
     """``[{"tag": "pillow", "attributes": ["pink"]}, ...]`` -> ``"pink pillow, ..."``.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from data_pipelines.decode import SampleError, decode_caption, decode_image, des
 from data_pipelines.shard_reader import Ref, ShardReader
 from data_pipelines.stream_plan import StreamId, StreamSpec, derive_seed, epoch_quota, stream_seed
 from data_pipelines.tario import RawSample
-from data_pipelines.text_sources import MissingText
+from data_pipelines.text_sources import MissingText, TextSource
 from vlp.config import redact_url
 
 logger = logging.getLogger("data_pipelines.stream")
@@ -134,24 +134,57 @@ def _decode_extra(suffix: str, data: bytes) -> Any:
     return data
 
 
-def _text(raw: RawSample, field: TextField, meta: Any) -> tuple[str, bool]:
-    """The whole text of ``field`` (from its source, else its fallback), and whether it came
-    from the fallback."""
+def _read_text(raw: RawSample, sources: Sequence[TextSource], meta: Any) -> tuple[str, bool]:
+    """The whole text of the first of ``sources`` that ``raw`` has (``meta``: its parsed json),
+    decoded as every caption is, and whether it was not the first.
+
+    Raises:
+        MissingText: the sample has none of them (all named); ValueError: present, not text.
+    """
 
     def member(key: str) -> str | None:
         return decode_caption(raw.members[key]) if key in raw.members else None
 
     missing = []
-    for used_fallback, source in enumerate(field.sources):
+    for used_fallback, source in enumerate(sources):
         try:
             text = source.read(member, meta)
         except MissingText as absent:
             missing.append(str(absent))
             continue
-        except ValueError as error:
-            raise SampleError(f"text field '{field.name}': {error}") from error
         return decode_caption(text.encode("utf-8")), bool(used_fallback)
-    raise SampleError(f"text field '{field.name}': missing {' and '.join(missing)}")
+    raise MissingText(" and ".join(missing))
+
+
+def _text(raw: RawSample, field: TextField, meta: Any) -> tuple[str, bool]:
+    """The whole text of ``field`` (from its source, else its fallback), and whether it came
+    from the fallback."""
+    try:
+        return _read_text(raw, field.sources, meta)
+    except MissingText as absent:
+        raise SampleError(f"text field '{field.name}': missing {absent}") from None
+    except ValueError as error:
+        raise SampleError(f"text field '{field.name}': {error}") from error
+
+
+def sample_caption(raw: RawSample, source: str) -> str:
+    """The caption of ``raw`` from ``source`` (a member suffix, ``data.text_key``, or
+    ``json:<key>``, ``data.caption_field``: :func:`~data_pipelines.text_sources.caption_source`),
+    read and decoded exactly as a training text field reads it: what the per-caption sidecars
+    (`vlp prior weights`, `vlp protoclip teacher`) are computed from.
+
+    Raises:
+        SampleError: no such member or json key (``no member 'txt'``), a json that does not
+            parse, or a value that is not text.
+    """
+    parsed = TextSource.parse(source)
+    meta = _decode_extra("json", _member(raw, "json")) if parsed.json_key is not None else None
+    try:
+        return _read_text(raw, (parsed,), meta)[0]
+    except MissingText as absent:
+        raise SampleError(f"no {absent}") from None
+    except ValueError as error:
+        raise SampleError(str(error)) from error
 
 
 def _json_value(field: JsonField, meta: Any) -> Any:

@@ -34,7 +34,7 @@ from data_pipelines.shards import split_sources
 from data_pipelines.sidecar import SidecarFormatError, sidecar_metadata
 from data_pipelines.stream import TrainStream, make_train_stream
 from data_pipelines.stream_settings import StreamSettings
-from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, JSON_PREFIX
+from data_pipelines.text_sources import FIRST_CLAUSE_PREFIX, caption_source
 from data_pipelines.transforms import (
     FastTransforms,
     NormalizedTransform,
@@ -44,6 +44,7 @@ from evals.dataset_evaluator import DatasetEvaluator
 from evals.datasets import load_labelled_shards, open_eval_set
 from evals.eval_set import EvalDataError
 from evals.heldout import HeldoutEvaluator
+from launch.caption_args import caption_source_args
 from vlp.config import Config
 from vlp.models import PretrainedError, create_model, model_config, preprocess_config
 from vlp.models.image_weights import REQUIRED, load_image_weights
@@ -258,8 +259,7 @@ def _caption_source(config: Config, source: str) -> str:
     inner = source.removeprefix(FIRST_CLAUSE_PREFIX)
     if inner != "txt":
         return source
-    field = config.data.caption_field
-    caption = f"{JSON_PREFIX}{field}" if field else config.data.text_key
+    caption = caption_source(config.data.text_key, config.data.caption_field)
     return source[: len(source) - len(inner)] + caption
 
 
@@ -372,8 +372,7 @@ def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, comma
         raise StartupError(str(error)) from None
     if not gaps.missing:
         return
-    shards = config.data.train_shards
-    make = command.format(shards=shards, path=sidecar.path) if command else ""
+    make = _rebuild_command(config, command, sidecar)
     raise StartupError(
         f"objective '{config.objective.name}': {gaps.missing} of {gaps.total} training samples "
         f"have no entry in sidecar '{sidecar.name}' ({sidecar.path}; first: {gaps.first}); "
@@ -405,14 +404,22 @@ def _check_sidecar_source(
     for key, ours, says in checks:
         if key not in metadata or metadata[key] == ours:
             continue
-        make = command.format(shards=config.data.train_shards, path=sidecar.path)
-        if key == "text_key" and make and not source.startswith(JSON_PREFIX) and source != "txt":
-            make += f" --text-key {source}"
+        make = _rebuild_command(config, command, sidecar)
         raise StartupError(
             f"objective '{config.objective.name}': sidecar '{sidecar.name}' ({sidecar.path}) "
             f"was made from {says.format(metadata[key])}; "
             + (f"rebuild it for this run with: {make}" if make else "rebuild it for this run")
         )
+
+
+def _rebuild_command(config: Config, command: str, sidecar: SidecarField) -> str:
+    """``command`` (an objective's ``sidecar_commands`` entry; "" for none) for this run's
+    shards, sidecar path and caption source: what it writes passes the start-up checks."""
+    if not command:
+        return ""
+    data = config.data
+    make = command.format(shards=data.train_shards, path=sidecar.path)
+    return make + caption_source_args(data.text_key, data.caption_field)
 
 
 def stream_settings(

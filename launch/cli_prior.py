@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from launch.caption_args import add_caption_source
 from launch.cli_train import run_errors, train_command
 
 PRIOR_REFERENCE_RECIPE = Path(__file__).parent / "configs" / "prior_reference.yaml"
@@ -23,8 +24,8 @@ def _prior_weights(args: argparse.Namespace) -> int:
     from launch.prior_weights import write_reference_sidecar
 
     count = write_reference_sidecar(
-        args.reference, args.shards, args.out, text_key=args.text_key, model=args.model,
-        tokenizer_file=args.tokenizer,
+        args.reference, args.shards, args.out, text_key=args.text_key,
+        caption_field=args.caption_field, model=args.model, tokenizer_file=args.tokenizer,
     )  # fmt: skip
     print(f"wrote log P_r of {count} captions to {args.out}; train with "
           f"objective.prior.sidecar={args.out}")  # fmt: skip
@@ -72,5 +73,5 @@ def add_prior_command(commands: argparse._SubParsersAction) -> None:
     )
     weights.add_argument("--shards", required=True, help="the shards PRIOR will train on")
     weights.add_argument("--out", required=True, help="the .safetensors file to write")
-    weights.add_argument("--text-key", default="txt", help="caption member (default: txt)")
+    add_caption_source(weights)
     weights.set_defaults(func=_prior_weights, user_errors=run_errors)

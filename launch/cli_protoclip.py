@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from launch.caption_args import add_caption_source
 from launch.cli_train import run_errors
 from launch.evaluate import positive_int
 from launch.failure import rank_and_world
@@ -16,7 +17,8 @@ def _protoclip_teacher(args: argparse.Namespace) -> int:
 
     model = {"model": args.model} if args.model else {}  # else the function's default
     out = write_teacher_sidecar(args.shards, args.out, dim=args.dim, text_key=args.text_key,
-                                batch_size=args.batch_size, pool=args.pool, **model)  # fmt: skip
+                                caption_field=args.caption_field, batch_size=args.batch_size,
+                                pool=args.pool, **model)  # fmt: skip
     if rank_and_world()[0] == 0:  # once under `accelerate launch`
         samples = sidecar_metadata(out).get("samples", "?")
         print(f"wrote the teacher embeddings of {samples} samples to {out}; train with "
@@ -50,7 +52,7 @@ def add_protoclip_command(commands: argparse._SubParsersAction) -> None:
         "(default: vlp:all-minilm-l6-v2, installed with vlp, no network)",
     )
     teacher.add_argument("--dim", type=positive_int, default=64, help="PCA width (default: 64)")
-    teacher.add_argument("--text-key", default="txt", help="caption member (default: txt)")
+    add_caption_source(teacher)
     teacher.add_argument(
         "--pool", choices=("all-positions", "tokens"), default="all-positions",
         help="all-positions (default, the official script's): ids padded with 0 to 77 "

@@ -5,8 +5,10 @@ at every step; this writes log P_r(t_i | t_<i) of every sample's caption (``[L-1
 aligned with CoCa's labels) into one sidecar (:mod:`data_pipelines.sidecar`) keyed by sample
 key, which ``objective.prior.sidecar`` reads through the stream instead (the weights, exponent α
 included, are then computed from it exactly as online). The file carries an ``id`` that joins
-the stream's resume fingerprint. Captions are read whole (``text_key``), as training reads them;
-the file records that member (``text_key``) and the tokenizer's vocabulary (``tokenizer``,
+the stream's resume fingerprint. Captions are read whole, from the member ``text_key`` or the
+json key ``caption_field`` (``data.text_key`` / ``data.caption_field``), as training reads them;
+the file records that source as ``text_key`` (the member, or ``json:<caption_field>``) and the
+tokenizer's vocabulary (``tokenizer``,
 :func:`~vlp.objectives.prior.reference_lm.tokenizer_identity`), which the start-up check
 compares with the run's (:func:`launch.build.check_data`).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from data_pipelines.sidecar import DuplicateKeyError, SidecarWriter
+from data_pipelines.text_sources import caption_source
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
 from vlp.models.tokenizers import run_tokenizer_file
@@ -31,7 +34,8 @@ from vlp.run_folder import checkpoints_dir, list_checkpoints
 
 def write_reference_sidecar(
     reference: str | Path, shards: str, out: str | Path, *, text_key: str = "txt",
-    batch_size: int = 256, model: str | None = None, tokenizer_file: str | None = None,
+    caption_field: str | None = None, batch_size: int = 256, model: str | None = None,
+    tokenizer_file: str | None = None,
 ) -> int:  # fmt: skip
     """Write log P_r of every caption of ``shards`` into the sidecar ``out`` (atomically; the
     rows stream to a spool beside it, so memory does not grow with the captions); the count.
@@ -39,10 +43,11 @@ def write_reference_sidecar(
     ``reference`` is a ``prior_reference`` run (its model and tokenizer read the captions), or
     a transformers causal LM (a local folder or a hub name), checked against the tokenizer of
     the captioning model ``model`` (with ``tokenizer_file``, a SentencePiece one, if it has one).
+    Captions come from the json key ``caption_field`` when given, else the member ``text_key``.
 
     Raises:
         StartupError: a run without a complete checkpoint, a transformers LM without ``model``
-            or of another tokenizer, a sample without ``text_key`` or a sample key seen twice.
+            or of another tokenizer, a sample without its caption or a sample key seen twice.
     """
     checkpoints = list_checkpoints(checkpoints_dir(reference))
     if checkpoints:
@@ -63,7 +68,8 @@ def write_reference_sidecar(
         raise StartupError(str(error)) from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": text_key,
+    source = caption_source(text_key, caption_field)
+    metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": source,
                 "tokenizer": tokenizer_identity(tokenizer),
                 "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
     urls = shard_urls(shards, "training")
@@ -77,7 +83,7 @@ def write_reference_sidecar(
         pending.clear()
 
     try:
-        for url, key, caption in shard_captions(urls, text_key):
+        for url, key, caption in shard_captions(urls, source):
             counts[url] += 1
             pending.append((key, caption))
             if len(pending) == batch_size:

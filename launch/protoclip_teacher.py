@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from data_pipelines.captions import shard_captions
 from data_pipelines.decode import SampleError
 from data_pipelines.sidecar import FORMAT_KEY, DuplicateKeyError, SidecarWriter
+from data_pipelines.text_sources import caption_source
 from launch.build import StartupError, shard_urls
 from vlp.models.hf_towers import HFTowerError, quiet_hf_loading, resolve_hf_tower
 
@@ -57,7 +58,8 @@ CONTEXT_LENGTH = 77
 METADATA_KEYS = ("id", "model", "dim", "width", "text_key", "pool", "samples",
                  "explained_variance", FORMAT_KEY)  # fmt: skip
 """The file's metadata: a random ``id`` (joins the stream's resume fingerprint), the teacher as
-given, the PCA's ``dim``, the teacher's feature ``width``, the caption member, the pooling
+given, the PCA's ``dim``, the teacher's feature ``width``, the caption source (``text_key``: the
+member, or ``json:<caption_field>``), the pooling
 (:data:`POOLS`), the sample count, the fraction of the features' variance the ``dim``
 components keep, and the sidecar's format."""
 _CHUNK = 65536
@@ -251,10 +253,10 @@ def default_out(urls: Sequence[str]) -> Path:
 
 
 def _embed_part(
-    out: Path, rank: int, urls: Sequence[str], text_key: str, tokenizer: Any, model: Any, *,
+    out: Path, rank: int, urls: Sequence[str], source: str, tokenizer: Any, model: Any, *,
     batch_size: int, device: torch.device, progress: bool, pool: str,
 ) -> None:  # fmt: skip
-    """This rank's shards, streamed: features appended to its ``f32`` temporary and keys to its
+    """This rank's shards (captions from ``source``), streamed: features appended to its ``f32`` temporary and keys to its
     ``keys`` temporary as they are embedded, then its per-shard counts and :class:`Moments`
     to its ``pt`` temporary. Nothing held grows with the samples but the open files."""
     width = int(model.config.hidden_size)
@@ -277,7 +279,7 @@ def _embed_part(
             pending.clear()
 
         try:
-            for url, key, caption in shard_captions(list(urls), text_key):
+            for url, key, caption in shard_captions(list(urls), source):
                 counts[url] += 1
                 pending.append((key, caption))
                 if len(pending) == batch_size:
@@ -336,8 +338,8 @@ def _twice(key: str, shards: Iterable[tuple[str, list[str], np.ndarray]]) -> str
 
 def write_teacher_sidecar(
     shards: str, out: str | Path | None = None, *, model: str = DEFAULT_TEACHER, dim: int = 64,
-    text_key: str = "txt", batch_size: int = 64, pool: str = DEFAULT_POOL,
-    accelerator: Any = None,
+    text_key: str = "txt", caption_field: str | None = None, batch_size: int = 64,
+    pool: str = DEFAULT_POOL, accelerator: Any = None,
 ) -> Path:  # fmt: skip
     """Write every caption's teacher embedding (PCA to ``dim``) of ``shards`` into ``out``.
 
@@ -346,7 +348,9 @@ def write_teacher_sidecar(
         out: the ``.safetensors`` file; None: :func:`default_out` (beside the first shard).
         model: the teacher (the paper's is ``roberta-large``).
         dim: the PCA's output width (the paper's 64).
-        text_key: the caption member, read whole as training reads it.
+        text_key: the caption member, read whole as training reads it (``data.text_key``).
+        caption_field: read the caption from this key of the sample's json instead
+            (``data.caption_field``); recorded as ``text_key`` ``json:<caption_field>``.
         batch_size: captions per teacher forward pass.
         pool: how the tokens' features are averaged (:data:`POOLS`; default the official's).
         accelerator: an ``accelerate`` Accelerator or PartialState (its ranks split the
@@ -359,7 +363,7 @@ def write_teacher_sidecar(
 
     Raises:
         StartupError: on every rank alike: no shards, an unusable ``model`` or ``out``, a
-            sample without ``text_key``, a sample key seen twice, an unknown ``pool``, or
+            sample without its caption, a sample key seen twice, an unknown ``pool``, or
             ``dim`` above the teacher's width or not below the sample count.
     """
     if batch_size < 1:
@@ -382,6 +386,7 @@ def write_teacher_sidecar(
         accelerator.num_processes,
         accelerator.is_main_process,
     )
+    source = caption_source(text_key, caption_field)
     tokenizer, network = load_teacher(model)
     width = int(network.config.hidden_size)
     if not 1 <= dim <= width:
@@ -392,7 +397,7 @@ def write_teacher_sidecar(
     if main:
         failed.unlink(missing_ok=True)
     try:
-        _embed_part(out, rank, urls[rank::world], text_key, tokenizer, network,
+        _embed_part(out, rank, urls[rank::world], source, tokenizer, network,
                     batch_size=batch_size, device=accelerator.device,
                     progress=main and sys.stderr.isatty(), pool=pool)  # fmt: skip
     except StartupError as error:
@@ -404,7 +409,7 @@ def write_teacher_sidecar(
     failure = ""
     if main:
         try:
-            _finish(out, urls, world, model=model, dim=dim, width=width, text_key=text_key,
+            _finish(out, urls, world, model=model, dim=dim, width=width, source=source,
                     pool=pool)  # fmt: skip
         except StartupError as error:
             failure = str(error)
@@ -427,7 +432,7 @@ def _temporary(out: Path, rank: int | str, kind: str) -> Path:
 
 def _finish(
     out: Path, urls: Sequence[str], world: int, *, model: str, dim: int, width: int,
-    text_key: str, pool: str,
+    source: str, pool: str,
 ) -> None:  # fmt: skip
     """Main process: merge the ranks' moments, fit the PCA, then project the ranks' features
     shard by shard into the sidecar ``out``: memory independent of the number of samples."""
@@ -445,7 +450,7 @@ def _finish(
             raise StartupError(f"--dim: {error}") from None
         counts = [state["counts"].tolist() for state in states]
         metadata = {"id": uuid.uuid4().hex, "model": model, "dim": str(dim), "width": str(width),
-                    "text_key": text_key, "pool": pool, "samples": str(moments.count),
+                    "text_key": source, "pool": pool, "samples": str(moments.count),
                     "explained_variance": f"{pca.explained:.6f}"}  # fmt: skip
         writer = SidecarWriter(out, metadata)
         try:

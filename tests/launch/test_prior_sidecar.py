@@ -176,7 +176,7 @@ def test_a_sidecar_of_another_caption_source_or_tokenizer_is_refused(tiny, shard
     with pytest.raises(StartupError) as error:
         _check(shards, sidecar, tokenizer, "data.caption_field=caption")
     message = str(error.value)
-    assert "\n" not in message and message.endswith(rebuild), message
+    assert "\n" not in message and message.endswith(f"{rebuild} --caption-field caption"), message
     assert "made from captions 'txt', the run reads 'json:caption' (data.caption_field)" in message
     with pytest.raises(StartupError, match="the run reads 'text' .*--text-key text$"):
         _check(shards, sidecar, tokenizer, "data.text_key=text")
@@ -203,3 +203,46 @@ def test_an_old_sidecar_is_accepted_with_a_warning(tiny, shards, tmp_path, caplo
         "records no text_key or tokenizer (written by an older vlp): it cannot be checked"
         in caplog.text
     )
+
+
+def test_json_captions_make_a_sidecar_and_the_refusals_command_rebuilds_it(tiny, tmp_path):
+    """``--caption-field`` reads the captions from the samples' json, as ``data.caption_field``
+    makes training read them, and records ``json:<key>``; the command that the start-up check
+    names for a run reading them writes a sidecar that this run then accepts."""
+    import shlex
+
+    from launch.build import StartupError
+    from launch.cli import main
+    from tests.data_pipelines.test_captions import json_caption, json_captioned
+    from tests.data_pipelines.test_captions import write_json_caption_shards as write
+
+    clip, tokenizer, reference, _ = tiny
+    json_shards = write(tmp_path / "shards", 16, 8)
+    json_run = "data.caption_field=caption"
+    out = tmp_path / "json.safetensors"
+    assert write_reference_sidecar(reference, str(json_shards), out, caption_field="caption") == 16
+    assert sidecar_metadata(out)["text_key"] == "json:caption"
+    assert _check(json_shards, out, tokenizer, json_run)
+    captions = {s["key"]: json_caption(s) for s in json_captioned(16)}
+    written = Sidecar(out)
+    keys = [written.key(i) for i in range(4)]
+    lm = load_reference_run(reference, clip).eval()
+    expected, _ = reference_target_logprobs(lm, tokenizer([captions[k] for k in keys]), PAD_ID)
+    stored = torch.stack([written.row(i) for i in range(4)])
+    torch.testing.assert_close(stored, expected.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(StartupError, match=f"--out {out}$"):  # a run reading txt: no option
+        _check(json_shards, out, tokenizer)
+
+    members = tmp_path / "txt.safetensors"
+    write_reference_sidecar(reference, str(json_shards), members)
+    with pytest.raises(StartupError) as error:
+        _check(json_shards, members, tokenizer, json_run)
+    command = str(error.value).split("rebuild it for this run with: ")[1]
+    assert command.startswith("vlp prior weights ") and command.endswith(" --caption-field caption")
+    argv = shlex.split(command.replace("REFERENCE_RUN", str(reference)))[1:]
+    assert main(argv) == 0
+    assert _check(json_shards, members, tokenizer, json_run)  # the rebuilt file is accepted
+    rebuilt, first = dict(Sidecar(members).items()), dict(written.items())
+    assert rebuilt.keys() == first.keys()
+    for key, row in first.items():
+        torch.testing.assert_close(rebuilt[key], row, rtol=0, atol=0)

@@ -345,7 +345,8 @@ def test_a_teacher_of_another_caption_source_is_refused(sidecar, shards, tmp_pat
         "\n" not in message and "made from captions 'txt', the run reads 'json:caption'" in message
     )
     assert message.endswith(
-        f"rebuild it for this run with: vlp protoclip teacher {shards} --out {sidecar}"
+        f"rebuild it for this run with: vlp protoclip teacher {shards} --out {sidecar} "
+        "--caption-field caption"
     )
     read = Sidecar(sidecar)
     old = tmp_path / "old.safetensors"
@@ -354,3 +355,34 @@ def test_a_teacher_of_another_caption_source_is_refused(sidecar, shards, tmp_pat
     with caplog.at_level("WARNING", logger="vlp"):
         assert _check(shards, old, "data.caption_field=caption")
     assert "records no text_key (written by an older vlp): it cannot be checked" in caplog.text
+
+
+def test_json_captions_make_a_teacher_and_the_refusals_command_rebuilds_it(tmp_path) -> None:
+    """``--caption-field`` embeds the captions of the samples' json, as ``data.caption_field``
+    makes training read them (the same values as shards holding them as ``txt``), and records
+    ``json:<key>``; the command the start-up check names for such a run writes a teacher that
+    the run accepts."""
+    import shlex
+
+    from launch.cli import main
+    from tests.data_pipelines.test_captions import json_caption, json_captioned
+    from tests.data_pipelines.test_captions import write_json_caption_shards as write
+
+    shards = write(tmp_path / "json", 24, 8)
+    sidecar = tmp_path / "teacher.safetensors"
+    write_teacher_sidecar(str(shards), sidecar, dim=DIM)  # from the txt members
+    json_run = "data.caption_field=caption"
+    with pytest.raises(StartupError) as error:
+        _check(shards, sidecar, json_run)
+    command = str(error.value).split("rebuild it for this run with: ")[1]
+    assert command == f"vlp protoclip teacher {shards} --out {sidecar} --caption-field caption"
+    assert main([*shlex.split(command)[1:], "--dim", str(DIM)]) == 0
+    assert _read(sidecar)[1]["text_key"] == "json:caption"
+    assert _check(shards, sidecar, json_run)  # the rebuilt file is accepted
+    with pytest.raises(StartupError, match=f"--out {sidecar}$"):  # a run reading txt: no option
+        _check(shards, sidecar)
+    as_members = tmp_path / "members"
+    write_shards(({**s, "txt": json_caption(s)} for s in json_captioned(24)), as_members,
+                 samples_per_shard=8)  # fmt: skip
+    expected = write_teacher_sidecar(str(as_members), tmp_path / "expected.safetensors", dim=DIM)
+    _assert_same_values(sidecar, expected, atol=1e-5)
