@@ -357,7 +357,17 @@ class TrainStream:
             "skips": self.skips.to_json(),
             **({"fields": [list(p) for p in self.spec.fields]} if self.spec.fields else {}),
             **({"redrawn_at": self._redrawn_at} if self._redrawn_at is not None else {}),
+            **({"view_salt": self.spec.view_salt} if self.spec.view_salt else {}),
         }
+
+    def fresh_views(self) -> None:
+        """From the next ``iter()`` on, draw every sample's random choices (image views,
+        sentence choices) anew: after :meth:`load_state_dict` of an earlier position, the
+        samples read again come with other views than the first time (ProtoCLIP's pass 2,
+        :mod:`vlp.training.episodes`). The stream alternates between two draws, both a
+        function of the sample's place in the stream, and its positions record which one is
+        on, so a resume continues with it."""
+        self.spec = dataclasses.replace(self.spec, view_salt=1 - self.spec.view_salt)
 
     def redraw(self, step: int) -> None:
         """Start a sequence of its own, seeded by (seed, ``step``): after a resume that changed
@@ -437,7 +447,7 @@ class TrainStream:
                 f"the saved data position has no position for stream {missing[0]} of rank "
                 f"{spec.rank}: pass the positions of every rank (merge_states)"
             )
-        self.spec = spec
+        self.spec = dataclasses.replace(spec, view_salt=int(state.get("view_salt", 0)))
         self._positions = {n: positions[n] for n in mine if n in positions}
         self._consumed = consumed
         self.epoch = int(state["epoch"])

@@ -91,6 +91,11 @@ class StreamSpec:
     """Micro-batches per optimizer step on each rank (``train.accum_steps``)."""
     phases: int = 0
     """The period P of the canonical streams (see the module docstring); 0: ``workers``."""
+    view_salt: int = 0
+    """Which draw of each sample's random choices (image views, sentence choices) the stream
+    makes: 0 as always, 1 another one (an episode's second pass reads its samples again with
+    fresh views: :meth:`data_pipelines.stream.TrainStream.fresh_views`). Not part of the
+    fingerprint: the saved position records it."""
 
     @property
     def slots(self) -> int:
@@ -139,7 +144,7 @@ class StreamSpec:
         """What a saved position must match: the fields that shape the global batch sequence
         (M and P, not how processes, micro-steps and workers share it)."""
         ignored = {"rank", "max_consecutive_errors", "remote_timeout", "remote_retries"}
-        ignored |= {"accum_steps", "phases"}
+        ignored |= {"accum_steps", "phases", "view_salt"}
         if not self.fields:  # positions saved before there were fields still load
             ignored.add("fields")
         parts = {k: v for k, v in self.__dict__.items() if k not in ignored}

@@ -40,14 +40,14 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if left:
             raise ValueError("the saved data position is not at the end of a step")
         merged.setdefault("version", version)
-        for key in ("fingerprint", "slots", "period", "epoch", "fields", "redrawn_at"):
+        for key in ("fingerprint", "slots", "period", "epoch", "fields", "redrawn_at", "view_salt"):
             merged.setdefault(key, state.get(key))
         merged.setdefault("steps_in_epoch", steps)
         merged["positions"].update(state["positions"])
         merged["ranks"].append(
             {"rank": int(state["rank"]), "dropped": state["dropped"], "skips": state["skips"]}
         )
-    for key in ("fields", "redrawn_at"):
+    for key in ("fields", "redrawn_at", "view_salt"):
         if merged.get(key) is None:
             merged.pop(key, None)
     return merged

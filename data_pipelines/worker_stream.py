@@ -353,7 +353,8 @@ def worker_batches(
             out = item[1]
         emitted += 1
         try:
-            sample_seed = stream_seed(spec, stream, emitted, 17)
+            salt = (spec.view_salt,) if spec.view_salt else ()  # 0: the seeds of every run
+            sample_seed = stream_seed(spec, stream, emitted, 17, *salt)
             pending.append(_decode(spec, out, fields, sample_seed))
             counts.ok()
         except SampleError as error:

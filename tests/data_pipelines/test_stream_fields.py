@@ -152,10 +152,11 @@ def test_view_zero_keeps_todays_seed_and_other_views_draw_their_own(report_shard
 
 def _reference_fingerprint(spec: Any) -> str:
     """The fingerprint as it was before batch fields: every spec field but these four (and the
-    two that came with canonical streams, at their values of a run with one micro-batch)."""
-    assert spec.accum_steps == 1 and spec.phases == spec.workers
+    two that came with canonical streams, at their values of a run with one micro-batch, and
+    the view salt of ProtoCLIP's fresh pass-2 views, 0 outside them)."""
+    assert spec.accum_steps == 1 and spec.phases == spec.workers and spec.view_salt == 0
     ignored = {"rank", "max_consecutive_errors", "remote_timeout", "remote_retries", "fields"}
-    ignored |= {"accum_steps", "phases"}
+    ignored |= {"accum_steps", "phases", "view_salt"}
     parts = {k: v for k, v in spec.__dict__.items() if k not in ignored}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

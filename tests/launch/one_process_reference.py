@@ -42,7 +42,10 @@ def one_process_first_step_loss(config: Config, world: int, out: Path) -> float:
     def ranks_micro_batches() -> Iterator[dict[str, Any]]:
         """Read when the trainer asks, as the ranks' streams are: after the heads are built."""
         for rank in range(world):
-            batches = iter(build_stream(config, parts, rank, world))
+            stream = build_stream(config, parts, rank, world)
+            if _first_step_has_fresh_views(objective, config, world):
+                stream.fresh_views()
+            batches = iter(stream)
             yield from (next(batches) for _ in range(accum))
 
     one = replace(
@@ -64,6 +67,19 @@ def one_process_first_step_loss(config: Config, world: int, out: Path) -> float:
         image_transform=parts.normalize, model_info=info,
     )  # fmt: skip
     return float(trainer.fit().last_losses["train/loss"])
+
+
+def _first_step_has_fresh_views(objective: Any, config: Config, world: int) -> bool:
+    """Whether the run's step 1 is pass 2 of an episode whose views were drawn afresh
+    (ProtoCLIP's ``pass_two_views=fresh``): then the ranks trained on the stream's other draw."""
+    from vlp.objectives.episodic import EpisodicObjective
+    from vlp.training.episodes import episode_plan
+
+    if not isinstance(objective, EpisodicObjective) or not objective.fresh_views():
+        return False
+    global_batch = config.data.batch_size * config.train.accum_steps * world
+    plan = episode_plan(objective.episode_samples(), global_batch, config.train.steps)
+    return objective.needs_features(0, plan.episodes)
 
 
 def assert_first_loss_is_the_one_process_loss(

@@ -66,6 +66,57 @@ def test_encode_returns_clip_features_and_projections_and_pass_one_only_projecti
     assert set(only) == {"image_projected", "text_projected"}
 
 
+def test_the_image_head_starts_as_a_copy_of_the_text_head_unless_independent():
+    """As the official code's deep copy: equal weights, separate parameters (they train apart);
+    ``head_init=independent`` draws each head on its own."""
+    from types import SimpleNamespace
+
+    clip = SimpleNamespace(visual=SimpleNamespace(output_dim=12))
+    heads = _objective().heads(clip)
+    image, text = heads["proto_image"].state_dict(), heads["proto_text"].state_dict()
+    assert image.keys() == text.keys()
+    assert all(torch.equal(image[k], text[k]) for k in text)
+    shared = {id(p) for p in heads["proto_image"].parameters()}
+    assert shared.isdisjoint(id(p) for p in heads["proto_text"].parameters())
+    apart = _objective(head_init="independent").heads(clip)
+    first = apart["proto_image"].net[0].weight
+    assert not torch.equal(first, apart["proto_text"].net[0].weight)
+    with pytest.raises(ValueError, match="head_init must be one of"):
+        _objective(head_init="shared")
+
+
+def test_the_image_towers_lr_reaches_zero_where_lit_starts_the_rest_at_the_end():
+    """As the official code: 5 episodes of 4 steps, the last 2 LiT: the image tower's groups
+    (and only its parameters) follow a cosine that reaches 0 at step 12, the rest of the
+    model's at step 20; ``image_lr_end=end`` keeps one schedule (and two groups)."""
+    from vlp.config import OptimConfig
+    from vlp.training.optim import create_scheduler, names_in
+
+    objective = _objective(lit_episodes=2)
+    model, _ = _model(objective)
+    end = objective.image_lr_end(4, 5)
+    assert end == 12 and _objective(image_lr_end="end").image_lr_end(4, 5) is None
+    assert _objective(lit_episodes=0).image_lr_end(4, 5) is None
+    config = OptimConfig(lr=0.1, warmup_steps=2)
+    apart = names_in(model, model.clip.visual)
+    optimizer = create_optimizer(model, config, objective.no_decay(model), apart=apart)
+    scheduler = create_scheduler(optimizer, config, 20, end)
+    image = {id(p) for p in model.clip.visual.parameters()}
+    for group in optimizer.param_groups:
+        assert all((id(p) in image) == group["apart"] for p in group["params"])
+    lrs = []
+    for _ in range(20):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    lrs.append([group["lr"] for group in optimizer.param_groups])
+    apart_flags = [group["apart"] for group in optimizer.param_groups]
+    for step, values in enumerate(lrs):
+        for own, lr in zip(apart_flags, values, strict=True):
+            assert (lr == 0.0) == (step >= (12 if own else 20)), (step, own, lr)
+    assert len(create_optimizer(model, config, objective.no_decay(model)).param_groups) == 2
+
+
 def test_heads_are_not_named_image_or_text_and_get_no_weight_decay():
     objective = _objective()
     model, _ = _model(objective)

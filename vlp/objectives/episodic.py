@@ -3,9 +3,10 @@
 Training is cut into episodes of ``episode_samples()`` samples. Before an episode is trained on,
 the driver streams it once without gradient (pass 1), hands this objective the gathered
 features of every sample of every rank (``begin_episode``), then streams the same samples again
-to train on them (pass 2), each batch carrying ``episode_index``, the rows of its samples in the
-gathered features. Whatever the objective derives from pass 1 (cluster labels, centroids) is its
-episode state: checkpointed mid-episode, so a resume during pass 2 does not redo pass 1.
+to train on them (pass 2; with new augmented views if ``fresh_views``), each batch carrying
+``episode_index``, the rows of its samples in the gathered features. Whatever the objective
+derives from pass 1 (cluster labels, centroids) is its episode state: checkpointed
+mid-episode, so a resume during pass 2 does not redo pass 1.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ class EpisodicObjective(ConfiguredObjective):
     def episode_samples(self) -> int:
         """M: samples per episode over all ranks (a multiple of the global batch)."""
         raise NotImplementedError
+
+    def image_lr_end(self, steps_per_episode: int, episodes: int) -> int | None:
+        """The step at which the image tower's lr cosine reaches 0, when earlier than
+        ``train.steps`` (its parameters then get optimizer groups of their own); None: one
+        schedule for every parameter."""
+        return None
+
+    def fresh_views(self) -> bool:
+        """Whether pass 2 reads the episode's samples with newly drawn augmented views (True)
+        or replays pass 1's (False)."""
+        return False
 
     def needs_features(self, episode: int, episodes: int) -> bool:
         """Whether episode ``episode`` (of ``episodes``) runs pass 1 at all."""

@@ -65,13 +65,17 @@ class DeviceBatches:
         """The stream's position after the last micro-batch handed out (``state_dict``)."""
         return self.batches.state_dict()  # type: ignore[attr-defined]
 
-    def rewind(self, position: dict[str, Any]) -> None:
+    def rewind(self, position: dict[str, Any], *, fresh_views: bool = False) -> None:
         """Hand out again what came after ``position`` (a :meth:`position`): an episode's
-        second pass replays the first one's samples. Prefetched batches are dropped."""
+        second pass reads the first one's samples again, with other augmented views when
+        ``fresh_views`` (the stream's ``fresh_views()``), else the same. Prefetched batches
+        are dropped."""
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()  # stops the data workers of the current pass
         self.batches.load_state_dict(position)  # type: ignore[attr-defined]
+        if fresh_views:
+            self.batches.fresh_views()  # type: ignore[attr-defined]
         self._iterator = iter(self.batches)
 
     def _next_from_stream(self, step: int) -> dict[str, Any]:

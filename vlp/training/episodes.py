@@ -11,7 +11,12 @@ memory between the passes: the stream is read twice.
   stream made them for training), gather the objective's episode features over all ranks with
   :func:`vlp.distributed.all_gather`, and hand them to ``begin_episode`` (ProtoCLIP clusters
   them there). Then rewind the stream to the remembered position.
-- **Pass 2** is the trainer's ordinary steps over the same micro-batches; the driver adds each
+- **Pass 2** is the trainer's ordinary steps over the same samples; with ``fresh_views`` (the
+  official ProtoCLIP code's behaviour, and the default of ``objective.protoclip.pass_two_views``)
+  the stream draws each sample's augmentation anew, so a cluster label found on one view is
+  learned from another (:meth:`data_pipelines.stream.TrainStream.fresh_views`: still a function
+  of the sample's place in the stream, recorded in its position, so runs and resumes stay
+  exact); without, it replays pass 1's views. The driver adds each
   sample's row in the gathered features as ``episode_index``: sample i of rank r in the
   episode's micro-batch m is row (m·R + r)·b + i. Episodes count micro-batches, not steps, so
   a step skipped for a non-finite loss does not shift the rows: the next episode then starts
@@ -79,6 +84,8 @@ class EpisodeDriver:
         rank, world_size: this process and the number of processes.
         batch_size: ``data.batch_size``, every micro-batch's size.
         accum_steps: micro-batches per optimizer step.
+        fresh_views: pass 2 draws new augmented views of the samples (the stream needs
+            ``fresh_views()``); False replays pass 1's views.
     """
 
     def __init__(
@@ -90,8 +97,10 @@ class EpisodeDriver:
         world_size: int,
         batch_size: int,
         accum_steps: int,
+        fresh_views: bool = False,
     ) -> None:
         self.objective = objective
+        self.fresh_views = fresh_views
         self.plan = plan
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.accum_steps = batch_size, accum_steps
@@ -122,7 +131,8 @@ class EpisodeDriver:
         if self.objective.needs_features(episode, episodes):
             position = feed.position()
             gathered, stopped = self._encode(model, feed, step, autocast, stop_requested)
-            feed.rewind(position)
+            # A stop rewinds to the episode's start as it was: the resume redoes pass 1.
+            feed.rewind(position, fresh_views=self.fresh_views and not stopped)
             if stopped:
                 return {}, True
             features = {name: torch.cat(parts) for name, parts in gathered.items()}

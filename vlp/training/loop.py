@@ -42,7 +42,7 @@ from vlp.training.evaluation import Evaluator, run_evaluators
 from vlp.training.gradcache import cached_batch_loss, replay_backward
 from vlp.training.model_state import make_scalars_shardable, register_forward_methods
 from vlp.training.nonfinite import NonFiniteSkips
-from vlp.training.optim import EIGHT_BIT, create_optimizer, create_scheduler
+from vlp.training.optim import EIGHT_BIT, create_optimizer, create_scheduler, names_in
 from vlp.training.progress import Progress, duration
 from vlp.training.run_dir import RunDir
 from vlp.training.seeding import seed_rank
@@ -122,34 +122,43 @@ class Trainer:
         scalars = make_scalars_shardable(model) if self.sharded else []
         if config.train.compile:
             compile_towers(model, config.train.compile_backend)
-        optimizer = create_optimizer(
-            model, config.optim, objective.no_decay(model), accelerator.device
+        self.global_batch = (
+            config.data.batch_size * config.train.accum_steps * accelerator.num_processes
         )
-        scheduler = create_scheduler(optimizer, config.optim, config.train.steps)
+        plan, image_lr_end = None, None
+        if isinstance(objective, EpisodicObjective):
+            plan = episode_plan(objective.episode_samples(), self.global_batch, config.train.steps)
+            image_lr_end = objective.image_lr_end(plan.steps_per_episode, plan.episodes)
+        apart = frozenset(() if image_lr_end is None else names_in(model, model.clip.visual))
+        optimizer = create_optimizer(
+            model, config.optim, objective.no_decay(model), accelerator.device, apart=apart
+        )
+        scheduler = create_scheduler(optimizer, config.optim, config.train.steps, image_lr_end)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(
             model, optimizer, scheduler
         )
         if self.sharded:
             register_forward_methods(accelerator.unwrap_model(self.model))
-        self.global_batch = (
-            config.data.batch_size * config.train.accum_steps * accelerator.num_processes
-        )
         self.objective.group = contrastive_group(config.train.group_size)
         self.objective.tile_size = config.train.tile_size
         self.episodes = None
-        if isinstance(objective, EpisodicObjective):
+        if isinstance(objective, EpisodicObjective) and plan is not None:
             samples = objective.episode_samples()
-            plan = episode_plan(samples, self.global_batch, config.train.steps)
             if (used := plan.steps_per_episode * self.global_batch) < samples:
                 logger.info(
                     "episodes of %d samples are %d steps of the global batch %d: %d samples each "
                     "(the incomplete last batch is dropped, as in the official ProtoCLIP loop)",
                     samples, plan.steps_per_episode, self.global_batch, used,
                 )  # fmt: skip
+            if image_lr_end is not None:
+                logger.info(
+                    "the image tower's lr reaches 0 at step %d (where the LiT episodes start), "
+                    "the rest of the model's at step %d", image_lr_end, config.train.steps,
+                )  # fmt: skip
             self.episodes = EpisodeDriver(
                 objective, plan, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, batch_size=config.data.batch_size,
-                accum_steps=config.train.accum_steps,
+                accum_steps=config.train.accum_steps, fresh_views=objective.fresh_views(),
             )  # fmt: skip
         self.checkpoints = TrainerCheckpoints(
             accelerator, self.model, self.optimizer, self.scheduler,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,20 +33,35 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 
 
 def parameter_groups(
-    model: nn.Module, weight_decay: float, exclude: set[str] | frozenset[str] = frozenset()
+    model: nn.Module,
+    weight_decay: float,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    apart: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict]:
     """Two AdamW groups: decayed weight matrices and undecayed everything else (trainable only);
-    names in ``exclude`` (an objective's :meth:`~vlp.objectives.Objective.no_decay`) never decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    names in ``exclude`` (an objective's :meth:`~vlp.objectives.Objective.no_decay`) never decay.
+    Names in ``apart`` (a tower on an lr schedule of its own) get two more groups, the same
+    split, marked ``apart: True`` (the others ``apart: False``); none: the two groups alone."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (a, d): [] for a in (False, True) for d in (True, False)
+    }
     for name, param in model.named_parameters():
         if param.requires_grad:
             decays = _decays(name, param) and name not in exclude
-            (decay if decays else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            groups[name in apart, decays].append(param)
+    made = []
+    for own in (False, True) if apart else (False,):
+        for decays in (True, False):
+            group = {"params": groups[own, decays], "weight_decay": weight_decay if decays else 0.0}
+            made.append(group | ({"apart": own} if apart else {}))
+    return made
+
+
+def names_in(model: nn.Module, part: nn.Module) -> set[str]:
+    """The names (as ``model.named_parameters()`` gives them) of the parameters of ``part``, a
+    submodule of ``model``: for ``parameter_groups``' ``apart``."""
+    own = {id(p) for p in part.parameters()}
+    return {name for name, param in model.named_parameters() if id(param) in own}
 
 
 EIGHT_BIT = ("adamw8bit", "stable_adamw8bit")
@@ -75,11 +91,13 @@ def create_optimizer(
     config: OptimConfig,
     exclude: set[str] | frozenset[str] = frozenset(),
     device: torch.device | str = "cpu",
+    apart: set[str] | frozenset[str] = frozenset(),
 ) -> torch.optim.Optimizer:
     """``config.name``'s optimizer over the model's trainable parameters with CLIP's decay
-    exclusions (and ``exclude``'s); with 8 bits, the undecayed group keeps fp32 moments.
-    ``device`` is where the parameters will train (:func:`fused_choice`); the choice is logged."""
-    groups = parameter_groups(model, config.weight_decay, exclude)
+    exclusions (and ``exclude``'s); with 8 bits, the undecayed groups keep fp32 moments.
+    ``device`` is where the parameters will train (:func:`fused_choice`); the choice is logged.
+    ``apart``: parameter names in groups of their own (:func:`parameter_groups`)."""
+    groups = parameter_groups(model, config.weight_decay, exclude, apart)
     settings: dict[str, Any] = {
         "lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps,
     }  # fmt: skip
@@ -91,7 +109,8 @@ def create_optimizer(
         return StableAdamW(groups, **settings)
     from vlp.training import adamw8bit  # bitsandbytes (~3 s to import): only when asked for
 
-    groups[1]["optim_bits"] = 32
+    for group in groups[1::2]:  # the undecayed ones
+        group["optim_bits"] = 32
     kind = adamw8bit.AdamW8bit if config.name == "adamw8bit" else adamw8bit.StableAdamW8bit
     return kind(groups, **settings, min_8bit_size=adamw8bit.MIN_8BIT_SIZE)
 
@@ -150,12 +169,20 @@ class WarmupCosine:
 
 
 def create_scheduler(
-    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    config: OptimConfig,
+    total_steps: int,
+    apart_end: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepping once per optimizer step with warmup + cosine."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(config.warmup_steps, total_steps)
-    )
+    """A LambdaLR stepping once per optimizer step with warmup + cosine, reaching 0 at
+    ``total_steps``; the groups marked ``apart`` (:func:`parameter_groups`) reach it at
+    ``apart_end`` instead (ProtoCLIP's image tower: when its LiT episodes start) and stay there."""
+    plain = WarmupCosine(config.warmup_steps, total_steps)
+    own = plain if apart_end is None else WarmupCosine(config.warmup_steps, apart_end)
+    factors: list[Callable[[int], float]] = [
+        own if group.get("apart") else plain for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

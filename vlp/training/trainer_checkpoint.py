@@ -297,6 +297,14 @@ class TrainerCheckpoints:
             ckpt.load_state_parts(path, "optimizer"), self.optimizer,
             saved=str(state.get("optimizer", "adamw")), wanted=self.optimizer_name,
         )  # fmt: skip
+        saved_groups = len(optimizer_state.get("param_groups", []))
+        if saved_groups != len(self.optimizer.param_groups):
+            raise ResumeError(
+                f"train.resume: checkpoint {path} has {saved_groups} optimizer parameter groups, "
+                f"this run {len(self.optimizer.param_groups)}: a tower on an lr schedule of its "
+                "own has groups of its own (objective.protoclip.image_lr_end=lit; a checkpoint "
+                "written before that setting resumes with image_lr_end=end)"
+            )
         load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self.scalars)
         # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
         # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.

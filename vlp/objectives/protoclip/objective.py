@@ -3,12 +3,13 @@
 
 - **Model** (the method section's projection heads): ``heads["proto_image"]`` and
   ``heads["proto_text"]`` (:class:`~vlp.objectives.protoclip.heads.ProjectionHead`, separate
-  parameters) map each tower's embedding BEFORE normalisation to unit 128-d vectors;
+  parameters; the image head starts as a copy of the text head, ``head_init``) map each tower's embedding BEFORE normalisation to unit 128-d vectors;
   ``heads["proto_scale"]`` is the prototype scale s_p (init 1/0.07, at most 100). The CLIP loss
   keeps the un-projected features and the model's own scale. No weight decay on the heads,
   norms, biases or scales (implementation details; :meth:`ProtoClipObjective.no_decay`).
 - **Episodes** (episodic training, :mod:`vlp.training.episodes`): pass 1 encodes the episode's
-  M samples in eval mode without gradient; every rank runs k-means (K prototypes, 20
+  M samples in eval mode without gradient (pass 2 then trains on them with freshly drawn
+  augmentations, as the official code: ``pass_two_views``); every rank runs k-means (K prototypes, 20
   iterations, 3 restarts) on the gathered image projections, text projections and, with an
   external teacher, the teacher's embeddings, with the same seed, and back-translates them
   (PBT); the main process's labels, centroids and translated centroids are then broadcast, so
@@ -22,13 +23,15 @@
 - **Schedule**: the first ``clip_episodes`` episodes (the paper: episode 0) train CLIP alone,
   clustering still running; the last ``lit_episodes`` (2) train CLIP alone with the image tower
   frozen (lr 0: its gradients are dropped before the step, so AdamW leaves it untouched), as the
-  official code's LiT phase does; pass 1 is skipped there.
+  official code's LiT phase does; pass 1 is skipped there. As there, the image tower's lr
+  cosine reaches 0 when LiT starts (``image_lr_end``), the rest of the model's at the end.
 - **External teacher** (the paper's RoBERTa-large, PCA to 64): ``teacher`` names the sidecar
   written by ``vlp protoclip teacher``; the batch carries it as ``teacher``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -68,6 +71,9 @@ PHASE_MEANINGS = {
 """What each phase trains, logged by name when it begins (the metric ``episode/phase`` holds
 its index in ``PHASES``)."""
 TEACHER = "teacher"
+PASS_TWO_VIEWS = ("fresh", "replay")
+HEAD_INITS = ("copy", "independent")
+IMAGE_LR_ENDS = ("lit", "end")
 
 
 @dataclass
@@ -106,6 +112,19 @@ class ProtoClipSettings:
     """The external teacher's sidecar (``vlp protoclip teacher``); empty: no teacher."""
     augment: str = "protoclip-light"
     """Augmentation preset of the image view (the official 'light' one)."""
+    image_lr_end: str = "lit"
+    """Where the image tower's lr cosine reaches 0: ``lit``, at the first LiT episode's first
+    step (the official code: the visual optimizer's schedule spans the episodes before LiT;
+    the rest of the model keeps the cosine to ``train.steps``); ``end``: one cosine to
+    ``train.steps`` for all parameters (vlp before issue 23). Resuming a checkpoint written
+    with the other choice is refused (the optimizer's groups differ)."""
+    head_init: str = "copy"
+    """``copy``: the image head starts as a copy of the text head (the official code deep-copies
+    it at init; they train apart from there); ``independent``: each head drawn on its own."""
+    pass_two_views: str = "fresh"
+    """Pass 2's image views: ``fresh`` draws each sample's augmentation anew, so a cluster
+    label found on one view is learned from another (the official code, whose second pass
+    loads the episode again); ``replay`` trains on pass 1's very views (vlp before issue 23)."""
     seed: int = 0
     """k-means of episode e is seeded with seed + e."""
 
@@ -123,6 +142,16 @@ class ProtoClipSettings:
             raise ValueError("w_clip, w_proto and w_ext must be >= 0")
         if min(self.clip_episodes, self.lit_episodes) < 0:
             raise ValueError("clip_episodes and lit_episodes must be >= 0")
+        if self.image_lr_end not in IMAGE_LR_ENDS:
+            raise ValueError(
+                f"image_lr_end must be one of {IMAGE_LR_ENDS}, got '{self.image_lr_end}'"
+            )
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got '{self.head_init}'")
+        if self.pass_two_views not in PASS_TWO_VIEWS:
+            raise ValueError(
+                f"pass_two_views must be one of {PASS_TWO_VIEWS}, got '{self.pass_two_views}'"
+            )
         if self.teacher and not self.teacher.endswith(".safetensors"):
             raise ValueError(f"teacher must be the .safetensors sidecar, got '{self.teacher}'")
 
@@ -176,14 +205,16 @@ class ProtoClipObjective(EpisodicObjective):
 
     def heads(self, clip: nn.Module) -> dict[str, nn.Module]:
         """The two projection heads and the prototype scale (not named image/text: evals use
-        the un-projected embeddings, as CLIP's loss does)."""
+        the un-projected embeddings, as CLIP's loss does). With ``head_init = copy`` the image
+        head starts with the text head's weights, as the official code's deep copy."""
         visual: Any = clip.visual
         embed_dim, s = int(visual.output_dim), self.settings
-        return {
-            "proto_image": ProjectionHead(embed_dim, s.hidden, s.dim),
-            "proto_text": ProjectionHead(embed_dim, s.hidden, s.dim),
-            "proto_scale": PrototypeScale(),
-        }
+        text = ProjectionHead(embed_dim, s.hidden, s.dim)
+        if s.head_init == "copy":
+            image = copy.deepcopy(text)
+        else:
+            image = ProjectionHead(embed_dim, s.hidden, s.dim)
+        return {"proto_image": image, "proto_text": text, "proto_scale": PrototypeScale()}
 
     def encode(self, model: VlpModel, inputs: Mapping[str, Any]) -> Tensors:
         """Normalised embeddings and scale for CLIP, projections and s_p for the prototypes;
@@ -266,6 +297,17 @@ class ProtoClipObjective(EpisodicObjective):
         if episodes - episode <= self.settings.lit_episodes:
             return "lit"
         return "clip" if episode < self.settings.clip_episodes else "proto"
+
+    def image_lr_end(self, steps_per_episode: int, episodes: int) -> int | None:
+        """The first LiT step, with ``image_lr_end = lit`` and LiT episodes in the run."""
+        lit = min(self.settings.lit_episodes, episodes)
+        if self.settings.image_lr_end != "lit" or lit == 0:
+            return None
+        return (episodes - lit) * steps_per_episode
+
+    def fresh_views(self) -> bool:
+        """``pass_two_views == "fresh"``."""
+        return self.settings.pass_two_views == "fresh"
 
     def needs_features(self, episode: int, episodes: int) -> bool:
         """Every episode but the LiT ones clusters."""
