@@ -2,7 +2,7 @@
 per episode split into pass 1 (encoding), clustering and training.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/protoclip_seeds.py [--steps 300]
-        [--seeds 0 1 2] [--parallel N] [--teacher]
+        [--seeds 0 1 2] [--parallel N] [--teacher] [--variants NAME ...]
 
 The paper's headline is the linear probe (RN50, CC2.5M, batch 512: 49.41 → 55.22), so this
 reports linear probe and zero-shot (and retrieval) on the held-out procedural shapes, through
@@ -18,6 +18,9 @@ reports linear probe and zero-shot (and retrieval) on the held-out procedural sh
 - with ``--teacher``, also ``protoclip + teacher``: the same with the external teacher,
   all-MiniLM-L6-v2 embeddings of the captions reduced to 64 dimensions (``vlp protoclip
   teacher``, computed once here).
+
+``--variants`` trains only the named variants (re-measuring the rows whose code changed; the
+section and JSON then hold those rows alone).
 
 Writes ``benchmarks/results/protoclip_seeds.json`` (runs as they end in
 ``protoclip_seeds_runs.jsonl``) and the "ProtoCLIP vs CLIP" section of ``benchmarks/RESULTS.md``.
@@ -74,6 +77,8 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
     """The RESULTS.md section."""
     command = pyramid_levels.seeds_command("protoclip_seeds.py", args)
     command += " --teacher" if args.teacher else ""
+    if list(args.variants) != list(VARIANTS):
+        command += " --variants " + " ".join(f"'{name}'" for name in args.variants)
     about = (
         f"The same {args.steps} steps of batch {args.batch} (the same samples seen) on the "
         "procedural shapes, tiny ViT; metrics on the 1,000 held-out images, mean ± standard "
@@ -95,17 +100,24 @@ def markdown(table: list[dict[str, Any]], args: argparse.Namespace, machine: str
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train every variant for every seed, then print and write the table and JSON."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: the seeds scripts' options, ``--teacher`` and ``--variants``."""
     parser = pyramid_levels.seeds_parser(__doc__.splitlines()[0], "protoclip_seeds")
     parser.add_argument("--teacher", action="store_true", help="add the external-teacher row")
-    args = parser.parse_args(argv)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="train only these variants")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train every variant for every seed, then print and write the table and JSON."""
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from launch.demo import write_demo_data
     from launch.protoclip_teacher import DEFAULT_NAME, write_teacher_sidecar
 
-    variants = dict(VARIANTS)
+    variants = {name: VARIANTS[name] for name in args.variants}
     if args.teacher:
         train_dir, _ = write_demo_data(args.out / "data")
         teacher = train_dir / DEFAULT_NAME
