@@ -149,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_demo_data(args.out / "data")
     objectives.prior_reference(args.out / "prior_reference", args.out / "data")  # before workers
     runs_file = args.results / "prior_vs_coca_runs.jsonl"
-    kept = kept_rows(args) if args.only else []
+    kept_rows(args) if args.only else None  # refuse a JSON of other settings before training
     chosen = {name: v for name, v in VARIANTS.items() if not args.only or name in args.only}
-    rows = kept + pyramid_levels.run_variants(chosen, args, runs_file)
+    rows = pyramid_levels.run_variants(chosen, args, runs_file)
+    rows = (kept_rows(args) if args.only else []) + rows  # read now: rows added meanwhile count
     table = pyramid_levels.summarise(rows, list(VARIANTS), list(METRICS))
     section = markdown(table, args, pyramid_levels.machine_line())
     pyramid_levels.publish("prior_vs_coca.json", HEADING, section, table, rows, args)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -62,6 +63,9 @@ Variant = tuple[str, Path, tuple[str, ...]]
 
 def _run(job: tuple[str, Variant, int, Path, argparse.Namespace]) -> dict[str, Any]:
     name, (objective, recipe, overrides), seed, out, args = job
+    # a spawned worker inherits the spawn start method, and the demo's evaluation DataLoader
+    # cannot pickle its data set for it: start its processes as a `vlp` command would (fork)
+    multiprocessing.set_start_method("fork", force=True)
     run_args = argparse.Namespace(**{**vars(args), "seed": seed})
     row = objectives.run_objective(
         objective, recipe, overrides, out / f"{name}-{seed}", out / "data", run_args
