@@ -222,18 +222,16 @@ _SHAPE_FINDINGS = (
     "{A_noun} is present{where}.",
 )
 _DETAIL_FINDINGS = (
-    "It appears {colour} and {size}.",
-    "It lies {position}.",
-    "The object is {size} with well defined margins.",
+    "The {shape} appears {colour} and {size}.",
+    "The {shape} lies {position}.",
+    "The {shape} is {size} with well defined margins.",
 )
-_FILLER_FINDINGS = (
-    "No other objects are identified.",
-    "The background is dark with mild noise.",
-    "Image quality is adequate for interpretation.",
-    "The shape does not touch the image border.",
-    "No acute abnormality is seen elsewhere.",
-    "The remaining field of view is clear.",
-)
+# FINDINGS holds, besides the sentence naming the shape, a detail on the shape (its colour, size or
+# position) with this probability. Before 2026-12-08 reports also held one or two long filler
+# sentences ("The background is dark with mild noise.") and details that did not name the shape:
+# only half the sampled sentences named it, the filler texts recurred across a batch, and the
+# ConVIRT demo stayed at chance (benchmarks/RESULTS.md, "Objectives side by side").
+_DETAIL_P = 0.7
 # Under 3 words: sentences ConVIRT drops (pairs with fewer than 3 tokens).
 _SHORT = ("Unremarkable.", "Otherwise normal.", "Stable.", "No change.", "Noted.", "Clear margins.")
 _IMPRESSIONS = (
@@ -246,12 +244,11 @@ _IMPRESSIONS = (
 def _report(shape: str, colour: str, size: str, where: str, rng: np.random.Generator) -> str:
     """A report in two sections, ``FINDINGS:`` and ``IMPRESSION:``, each header on its own line.
 
-    FINDINGS holds one sentence naming the shape, maybe one on its colour, size or position
-    (without the shape's name), one or two filler sentences that say nothing about the image's
-    content, and one or two very short sentences (< 3 words), in random order; IMPRESSION names
-    the shape again, maybe followed by a short sentence. A sentence sampled from the sentences of
-    3 words or more therefore names the class about half the time; the short ones exercise
-    ConVIRT's < 3-token rule. As in the captions, the sentences naming the shape add its colour,
+    FINDINGS holds one sentence naming the shape, maybe one more on the shape's colour, size or
+    position, and one or two very short sentences (< 3 words), in random order; IMPRESSION names
+    the shape again, maybe followed by a short sentence. Every sentence of 3 words or more
+    therefore names the class, so the one ConVIRT samples always carries it (filler sentences
+    kept its demo at chance); the short ones exercise ConVIRT's < 3-token rule. As in the captions, the sentences naming the shape add its colour,
     size and position only sometimes (``_MENTION_P``), so that the shape stays the cue that pays.
     """
 
@@ -266,11 +263,10 @@ def _report(shape: str, colour: str, size: str, where: str, rng: np.random.Gener
             "where": f" {where}" if keep[2] else "",
         }
 
-    attributes = {"colour": colour, "size": size, "position": where}
+    attributes = {"shape": shape, "colour": colour, "size": size, "position": where}
     findings = [str(rng.choice(_SHAPE_FINDINGS)).format(**noun_words())]
-    if rng.random() < 0.7:
+    if rng.random() < _DETAIL_P:
         findings.append(str(rng.choice(_DETAIL_FINDINGS)).format(**attributes))
-    findings += [str(s) for s in rng.choice(_FILLER_FINDINGS, int(rng.integers(1, 3)), False)]
     findings += [str(s) for s in rng.choice(_SHORT, int(rng.integers(1, 3)), False)]
     findings = [findings[i] for i in rng.permutation(len(findings))]
     impression = [str(rng.choice(_IMPRESSIONS)).format(**noun_words())]

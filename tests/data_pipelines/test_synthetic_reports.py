@@ -1,5 +1,6 @@
 """The procedural dataset's radiology-style reports: present, deterministic per seed, sentences a
-model can learn the class from, filler and very short sentences; every other output unchanged."""
+model can learn the class from (each sentence of 3 words or more names it) and very short
+sentences; every other output unchanged."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def test_reports_are_deterministic_per_seed_and_vary(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_every_report_names_its_class_and_has_filler_and_short_sentences(seed):
-    named = total = coloured = 0
+def test_every_kept_sentence_names_the_class_and_short_sentences_are_there(seed):
+    coloured = 0
     for sample in generate_samples(80, seed=seed):
         meta = sample["json"]
         sections = _sections(meta["report"])
@@ -40,15 +41,13 @@ def test_every_report_names_its_class_and_has_filler_and_short_sentences(seed):
         assert all(s.endswith(".") and s[0].isupper() for s in sentences), sentences
         kept = [s for s in sentences if len(s.split()) >= 3]
         shape = CLASSNAMES[sample["cls"]]
-        assert any(shape in s.lower() for s in kept), "a kept sentence names the class"
         coloured += bool(re.search(rf"\b{meta['colour']}\b", meta["report"]))
         assert any(shape in s.lower() for s in sections["IMPRESSION"])
-        assert any(shape not in s.lower() for s in kept), "filler sentences"
+        # ConVIRT samples one kept sentence: a filler there (the reports before 2026-12-08 had
+        # one or two per report) kept its demo at chance (benchmarks/RESULTS.md).
+        assert kept and all(shape in s.lower() for s in kept), kept
+        assert 2 <= len(kept) <= 3, "the shape's sentence, maybe a detail, the impression"
         assert any(len(s.split()) < 3 for s in sentences), "very short sentences"
-        named += sum(shape in s.lower() for s in kept)
-        total += len(kept)
-    # One sentence sampled uniformly from the kept ones names the class often enough to learn.
-    assert 0.35 < named / total < 0.75
     # The colour is in some reports, not all: named often, it would be learnt before the shape.
     assert 0.2 < coloured / 80 < 0.8
 

@@ -15,6 +15,22 @@ from tests.launch.test_pretrain import ROOT, _on_two_ranks, _overrides, shards  
 RECIPE = ROOT / "launch" / "configs" / "convirt_demo.yaml"
 
 
+def test_the_demo_recipe_trains_its_whole_random_text_tower():
+    """The paper freezes a pretrained BERT's bottom; the demo's tiny BERT is random, and frozen
+    (embeddings and layer 0, before 2026-12-08) it kept the demo at chance (RESULTS.md)."""
+    from vlp.config import load_config
+    from vlp.models import create_model
+    from vlp.objectives.registry import create_objective
+
+    config = load_config(RECIPE, [])
+    objective = create_objective(config.objective.name, config.objective.section())
+    model = objective.build_model(create_model(config.model.name)[0])
+    text = dict(model.clip.text.named_parameters())
+    assert any("embeddings" in n for n in text) and any("encoder.layer.0." in n for n in text)
+    assert all(p.requires_grad for p in text.values())
+    assert not model.clip.logit_scale.requires_grad  # τ stays fixed, as the paper's
+
+
 @pytest.mark.slow
 def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(shards, tmp_path):  # noqa: F811
     from evals.loading import load_model
@@ -35,7 +51,7 @@ def test_two_process_convirt_demo_recipe_trains_checkpoints_heads_and_evaluates(
     assert sorted(heads) == ["image.1.bias", "image.1.weight", "text.1.bias", "text.1.weight"]
     meta = json.loads((checkpoint / "model_config.json").read_text())
     assert meta["objective"]["name"] == "convirt"
-    assert meta["objective"]["settings"]["frozen_text_layers"] == 1
+    assert meta["objective"]["settings"]["frozen_text_layers"] == -1
 
     loaded = load_model(out)
     assert isinstance(loaded.model, VlpModel)
