@@ -107,7 +107,7 @@ def test_the_log_says_where_p_r_comes_from_or_that_it_is_plain_coca(coca, tmp_pa
         f"PRIOR: reference LM P_r loaded from {reference / 'checkpoints' / 'step_00000001'}",
         "PRIOR: objective.prior.alpha=0, so every token weighs 1: plain CoCa",
         f"PRIOR: reference LM P_r loaded from {reference / 'checkpoints' / 'step_00000001'}",
-        f"PRIOR: token weights (1 - P_r)^1, end token weighted, P_r from the reference LM {reference}",
+        f"PRIOR: token weights (1 - P_r)^1, end token fixed, P_r from the reference LM {reference}",
     ]
 
 
