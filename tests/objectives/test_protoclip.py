@@ -513,6 +513,29 @@ def test_resume_inside_and_between_episodes_equals_the_uninterrupted_run_bitwise
             assert all(torch.equal(mine[k], theirs[k]) for k in theirs), (resume_at, name)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_with_one_schedule_resumes_only_with_one_schedule(tmp_path):
+    """``image_lr_end=lit`` gives the image tower optimizer groups of its own (4, not 2): a
+    checkpoint written with ``end`` is refused in one line naming the setting, and resumes with
+    it."""
+    from launch.build import StartupError
+
+    shards = tmp_path / "shards"
+    write_shards(generate_samples(16, seed=0), shards, samples_per_shard=8)
+    # 3 episodes of 1 step: CLIP, prototypes, LiT (checkpoint after the prototype step, where
+    # every parameter has optimizer state)
+    one = {"train.steps": 3, "objective.protoclip.episode_size": 8, "objective.protoclip.k": 2}
+    end = {**one, "objective.protoclip.image_lr_end": "end"}
+    train(_config(shards, tmp_path / "first", **end))
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_00000002"
+    resume = {"train.resume": checkpoint, "train.checkpoint_every": 0}
+    with pytest.raises(
+        StartupError, match="has 2 optimizer parameter groups, this run 4.*image_lr_end=end"
+    ):
+        train(_config(shards, tmp_path / "lit", **(one | resume)))
+    train(_config(shards, tmp_path / "same", **(end | resume)))
+
+
 def test_the_demo_recipe_is_valid():
     config = load_config(RECIPE)
     objective = create_objective("protoclip", config.objective.section())
