@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,7 +373,7 @@ def _check_sidecar(config: Config, urls: list[str], sidecar: SidecarField, comma
         raise StartupError(str(error)) from None
     if not gaps.missing:
         return
-    make = _rebuild_command(config, command, sidecar)
+    make = _rebuild_command(config, command, sidecar, sidecar_metadata(sidecar.path))
     raise StartupError(
         f"objective '{config.objective.name}': {gaps.missing} of {gaps.total} training samples "
         f"have no entry in sidecar '{sidecar.name}' ({sidecar.path}; first: {gaps.first}); "
@@ -404,7 +405,8 @@ def _check_sidecar_source(
     for key, ours, says in checks:
         if key not in metadata or metadata[key] == ours:
             continue
-        make = _rebuild_command(config, command, sidecar)
+        # another vocabulary: the settings that made it would make it again, so none is reused
+        make = _rebuild_command(config, command, sidecar, {} if key == "tokenizer" else metadata)
         raise StartupError(
             f"objective '{config.objective.name}': sidecar '{sidecar.name}' ({sidecar.path}) "
             f"was made from {says.format(metadata[key])}; "
@@ -412,14 +414,31 @@ def _check_sidecar_source(
         )
 
 
-def _rebuild_command(config: Config, command: str, sidecar: SidecarField) -> str:
+def _rebuild_command(
+    config: Config, command: str, sidecar: SidecarField, recorded: Mapping[str, str]
+) -> str:
     """``command`` (an objective's ``sidecar_commands`` entry; "" for none) for this run's
-    shards, sidecar path and caption source: what it writes passes the start-up checks."""
+    shards, sidecar path and caption source: what it writes passes the start-up checks. Its
+    other ``{key}`` placeholders take the values the existing file ``recorded`` in its metadata
+    (so the command remakes the same sidecar: ProtoCLIP's teacher model, PRIOR's reference),
+    or ``KEY`` for the user to fill in where it records none."""
     if not command:
         return ""
     data = config.data
-    make = command.format(shards=data.train_shards, path=sidecar.path)
+    make = command.format_map(_Recorded(recorded, shards=data.train_shards, path=sidecar.path))
     return make + caption_source_args(data.text_key, data.caption_field)
+
+
+class _Recorded(dict[str, str]):
+    """A sidecar's recorded metadata, shell-quoted, with ``shards`` and ``path`` as given; a
+    key it lacks reads as its name in capitals (a placeholder for the user)."""
+
+    def __init__(self, recorded: Mapping[str, str], shards: str, path: str) -> None:
+        super().__init__({key: shlex.quote(str(value)) for key, value in recorded.items()})
+        self.update(shards=shards, path=path)
+
+    def __missing__(self, key: str) -> str:
+        return key.upper()
 
 
 def stream_settings(

@@ -170,9 +170,10 @@ def test_a_sidecar_of_another_caption_source_or_tokenizer_is_refused(tiny, shard
     from launch.build import StartupError
     from vlp.models.tokenizers import SentencePieceTokenizer
 
-    _, tokenizer, _, sidecar = tiny
+    _, tokenizer, reference, sidecar = tiny
     assert _check(shards, sidecar, tokenizer)  # the sidecar's own source and tokenizer
-    rebuild = f"rebuild it for this run with: vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {sidecar}"  # noqa: E501
+    made = f"--shards {shards} --out {sidecar}"  # with the reference the file records:
+    rebuild = f"rebuild it for this run with: vlp prior weights --reference {reference} {made}"
     with pytest.raises(StartupError) as error:
         _check(shards, sidecar, tokenizer, "data.caption_field=caption")
     message = str(error.value)
@@ -183,7 +184,9 @@ def test_a_sidecar_of_another_caption_source_or_tokenizer_is_refused(tiny, shard
     with pytest.raises(StartupError) as error:
         _check(shards, sidecar, SentencePieceTokenizer("vlp:procedural-bpe"))
     message = str(error.value)
-    assert "\n" not in message and message.endswith(rebuild), message
+    # another vocabulary: its reference would make the same again, so the user names one
+    other = f"rebuild it for this run with: vlp prior weights --reference REFERENCE {made}"
+    assert "\n" not in message and message.endswith(other), message
     assert (
         "made from a tokenizer of 49408 tokens" in message and "the run's has 192 tokens" in message
     )
@@ -239,7 +242,8 @@ def test_json_captions_make_a_sidecar_and_the_refusals_command_rebuilds_it(tiny,
         _check(json_shards, members, tokenizer, json_run)
     command = str(error.value).split("rebuild it for this run with: ")[1]
     assert command.startswith("vlp prior weights ") and command.endswith(" --caption-field caption")
-    argv = shlex.split(command.replace("REFERENCE_RUN", str(reference)))[1:]
+    assert f" --reference {reference} " in command  # the one the file records
+    argv = shlex.split(command)[1:]
     assert main(argv) == 0
     assert _check(json_shards, members, tokenizer, json_run)  # the rebuilt file is accepted
     rebuilt, first = dict(Sidecar(members).items()), dict(written.items())

@@ -23,6 +23,8 @@ from data_pipelines.write import write_shards
 from launch.build import StartupError
 from launch.protoclip_teacher import (
     DEFAULT_NAME,
+    DEFAULT_POOL,
+    DEFAULT_TEACHER,
     METADATA_KEYS,
     Moments,
     Pca,
@@ -344,9 +346,9 @@ def test_a_teacher_of_another_caption_source_is_refused(sidecar, shards, tmp_pat
     assert (
         "\n" not in message and "made from captions 'txt', the run reads 'json:caption'" in message
     )
-    assert message.endswith(
+    assert message.endswith(  # the teacher, width and pooling the file records
         f"rebuild it for this run with: vlp protoclip teacher {shards} --out {sidecar} "
-        "--caption-field caption"
+        f"--model {DEFAULT_TEACHER} --dim {DIM} --pool {DEFAULT_POOL} --caption-field caption"
     )
     read = Sidecar(sidecar)
     old = tmp_path / "old.safetensors"
@@ -361,7 +363,7 @@ def test_json_captions_make_a_teacher_and_the_refusals_command_rebuilds_it(tmp_p
     """``--caption-field`` embeds the captions of the samples' json, as ``data.caption_field``
     makes training read them (the same values as shards holding them as ``txt``), and records
     ``json:<key>``; the command the start-up check names for such a run writes a teacher that
-    the run accepts."""
+    the run accepts, with the width and pooling of the file it replaces."""
     import shlex
 
     from launch.cli import main
@@ -370,19 +372,48 @@ def test_json_captions_make_a_teacher_and_the_refusals_command_rebuilds_it(tmp_p
 
     shards = write(tmp_path / "json", 24, 8)
     sidecar = tmp_path / "teacher.safetensors"
-    write_teacher_sidecar(str(shards), sidecar, dim=DIM)  # from the txt members
+    write_teacher_sidecar(str(shards), sidecar, dim=DIM, pool="tokens")  # from the txt members
     json_run = "data.caption_field=caption"
     with pytest.raises(StartupError) as error:
         _check(shards, sidecar, json_run)
     command = str(error.value).split("rebuild it for this run with: ")[1]
-    assert command == f"vlp protoclip teacher {shards} --out {sidecar} --caption-field caption"
-    assert main([*shlex.split(command)[1:], "--dim", str(DIM)]) == 0
-    assert _read(sidecar)[1]["text_key"] == "json:caption"
+    recorded = f"--model {DEFAULT_TEACHER} --dim {DIM} --pool tokens"
+    assert (
+        command
+        == f"vlp protoclip teacher {shards} --out {sidecar} {recorded} --caption-field caption"
+    )  # noqa: E501
+    assert main(shlex.split(command)[1:]) == 0
+    metadata = _read(sidecar)[1]
+    assert (metadata["text_key"], metadata["dim"], metadata["pool"]) == (
+        "json:caption",
+        str(DIM),
+        "tokens",
+    )  # noqa: E501
     assert _check(shards, sidecar, json_run)  # the rebuilt file is accepted
-    with pytest.raises(StartupError, match=f"--out {sidecar}$"):  # a run reading txt: no option
+    with pytest.raises(StartupError, match="--pool tokens$"):  # a run reading txt: no option
         _check(shards, sidecar)
     as_members = tmp_path / "members"
     write_shards(({**s, "txt": json_caption(s)} for s in json_captioned(24)), as_members,
                  samples_per_shard=8)  # fmt: skip
-    expected = write_teacher_sidecar(str(as_members), tmp_path / "expected.safetensors", dim=DIM)
+    expected = write_teacher_sidecar(
+        str(as_members), tmp_path / "expected.safetensors", dim=DIM, pool="tokens"
+    )
     _assert_same_values(sidecar, expected, atol=1e-5)
+
+
+def test_a_teacher_missing_samples_is_remade_with_its_recorded_settings(
+    sidecar, shards, tmp_path
+) -> None:
+    """The command named for a teacher lacking samples carries the teacher model, width and
+    pooling that file records, not the command's defaults."""
+    read = Sidecar(sidecar)
+    short = tmp_path / "short.safetensors"
+    write_sidecar(short, list(read.items())[1:], read.metadata)
+    with pytest.raises(StartupError) as error:
+        _check(shards, short)
+    message = str(error.value)
+    assert f"1 of {SAMPLES} training samples have no entry in sidecar 'teacher'" in message
+    assert message.endswith(
+        f"make it for these shards with: vlp protoclip teacher {shards} --out {short} "
+        f"--model {DEFAULT_TEACHER} --dim {DIM} --pool {DEFAULT_POOL}"
+    ), message

@@ -136,9 +136,10 @@ class Objective(nn.Module):
     """Every output :meth:`encode` returns, with its kind (GradCache caches by these)."""
 
     sidecar_commands: ClassVar[Mapping[str, str]] = {}
-    """Per sidecar field, the command that writes it (``{shards}``, ``{path}`` filled in): named
-    when training samples are missing from the file, or when it was made from another caption
-    source or tokenizer than the run's."""
+    """Per sidecar field, the command that writes it (``{shards}``, ``{path}`` filled in, and
+    any other ``{key}`` with the value the existing file records in its metadata, so that the
+    command remakes the same sidecar): named when training samples are missing from the file,
+    or when it was made from another caption source or tokenizer than the run's."""
 
     tokenized_sidecars: ClassVar[frozenset[str]] = frozenset()
     """The sidecar fields whose rows follow the model tokenizer's tokens (PRIOR's

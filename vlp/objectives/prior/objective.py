@@ -251,7 +251,7 @@ class PriorObjective(ConfiguredObjective):
     Config = PriorSettings
     evaluations: ClassVar[tuple[str, ...]] = ("zeroshot", "retrieval", "captioning")
     sidecar_commands: ClassVar[Mapping[str, str]] = {
-        SIDECAR_KEY: "vlp prior weights --reference REFERENCE_RUN --shards {shards} --out {path}"
+        SIDECAR_KEY: "vlp prior weights --reference {reference} --shards {shards} --out {path}"
     }
     tokenized_sidecars: ClassVar[frozenset[str]] = frozenset({SIDECAR_KEY})
     settings: PriorSettings

@@ -186,7 +186,8 @@ class ProtoClipObjective(EpisodicObjective):
         "proto_scale": PerSample(),
     }
     sidecar_commands: ClassVar[Mapping[str, str]] = {
-        TEACHER: "vlp protoclip teacher {shards} --out {path}"
+        TEACHER: "vlp protoclip teacher {shards} --out {path} --model {model} --dim {dim} "
+        "--pool {pool}"
     }
 
     def __init__(self, **settings: Any):
