@@ -493,24 +493,54 @@ def test_resume_inside_and_between_episodes_equals_the_uninterrupted_run_bitwise
     write_shards(generate_samples(48, seed=seed), shards, samples_per_shard=12)
     whole = tmp_path / "whole"
     train(_config(shards, whole, **{"train.seed": seed}))
-    expected = {r["step"]: r["train/loss"] for r in _records(whole) if "train/loss" in r}
     assert any("train/proto_i2t_loss" in r for r in _records(whole))
-    final = whole / "checkpoints" / "step_00000016"
     for resume_at in (5, 6, 8):
         out = tmp_path / f"from_{resume_at}"
         checkpoint = whole / "checkpoints" / f"step_{resume_at:08d}"
         # only the final checkpoint: its writes cost more than the steps (96 MB each)
         resumed = {"train.seed": seed, "train.resume": checkpoint, "train.checkpoint_every": 0}
         train(_config(shards, out, **resumed))
-        records = _records(out)
-        got = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-        assert got == {s: expected[s] for s in range(resume_at + 1, 17)}
+        records = _assert_resumed_run_equals(whole, out, resume_at, last=16)
         episodes = [r["step"] for r in records if "episode/index" in r]
         assert episodes == [s for s in (8, 12) if s >= resume_at]  # no re-clustering mid-episode
-        for name in ("model.safetensors", "heads.safetensors"):
-            mine = load_file(str(out / "checkpoints" / "step_00000016" / name))
-            theirs = load_file(str(final / name))
-            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), (resume_at, name)
+
+
+def _assert_resumed_run_equals(whole: Path, out: Path, resume_at: int, last: int) -> list[dict]:
+    """The run in ``out``, resumed at ``resume_at``, logged the losses of the uninterrupted run
+    in ``whole`` at every later step and ends at step ``last`` with the same weights (CLIP and
+    heads), bit for bit; returns its records."""
+    expected = {r["step"]: r["train/loss"] for r in _records(whole) if "train/loss" in r}
+    records = _records(out)
+    got = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    assert got == {s: expected[s] for s in range(resume_at + 1, last + 1)}
+    step = f"step_{last:08d}"
+    for name in ("model.safetensors", "heads.safetensors"):
+        mine = load_file(str(out / "checkpoints" / step / name))
+        theirs = load_file(str(whole / "checkpoints" / step / name))
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), (resume_at, name)
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lit_episodes", [1, 3])
+def test_a_checkpoint_of_the_first_episode_resumes_bitwise(tmp_path, lit_episodes):
+    """3 episodes of 1 step (CLIP, prototypes, LiT; or LiT only): the checkpoint after step 1 has
+    no optimizer state for the heads (their gradients were dropped) nor, when that step was a
+    LiT step, for the image tower. The resume gives them none either, as the uninterrupted run
+    has at that point, and ends with the same losses and weights bit for bit."""
+    shards = tmp_path / "shards"
+    write_shards(generate_samples(16, seed=0), shards, samples_per_shard=8)
+    settings = {
+        "train.steps": 3,
+        "objective.protoclip.episode_size": 8,
+        "objective.protoclip.k": 2,
+        "objective.protoclip.lit_episodes": lit_episodes,
+    }
+    train(_config(shards, tmp_path / "whole", **settings))
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_00000001"
+    resume = {"train.resume": checkpoint, "train.checkpoint_every": 0}
+    train(_config(shards, tmp_path / "resumed", **(settings | resume)))
+    _assert_resumed_run_equals(tmp_path / "whole", tmp_path / "resumed", resume_at=1, last=3)
 
 
 @pytest.mark.slow

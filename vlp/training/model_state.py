@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,  # the names its state dicts use, wrappers (DDP, compile) left out
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -104,6 +105,10 @@ def load_full_optimizer_state(
 ) -> None:
     """Load what :func:`full_optimizer_state` saved; every rank passes the same ``state``.
 
+    A parameter the saved optimizer lists but keeps no state for was never stepped (torch's
+    optimizers create a parameter's state at its first step with a gradient: ProtoCLIP's heads
+    in its CLIP-only first episode, a tower frozen so far): it starts again with no state, as
+    in the uninterrupted run. Any other parameter without saved state raises ``ValueError``.
     A checkpoint written before states were keyed by name (integer ids) loads as it was saved.
     """
     groups = state.get("param_groups", [])
@@ -111,7 +116,25 @@ def load_full_optimizer_state(
         optimizer.load_state_dict(state)
         return
     _reshape_moments(state, scalars, (1,))
-    set_optimizer_state_dict(model, optimizer, state, options=_SCATTER)
+    saved = state.get("state", {})
+    never_stepped = {n for group in groups for n in group.get("params", []) if n not in saved}
+    if not never_stepped:
+        set_optimizer_state_dict(model, optimizer, state, options=_SCATTER)
+        return
+    names = {id(p): _get_fqns(model, name) for name, p in model.named_parameters()}
+    trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if unlisted := sorted(n for p in trained for n in names[id(p)] - never_stepped - set(saved)):
+        raise ValueError(
+            f"the checkpoint has no optimizer state for {len(unlisted)} parameters it does not "
+            f"list either (a checkpoint of another model?): {', '.join(unlisted[:8])}"
+        )
+    # torch refuses a trainable parameter without state unless strict=False, and then keeps the
+    # zero state of its own initializing step (step 1) for it: drop that, as it never stepped
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+    for param in trained:
+        if names[id(param)] <= never_stepped:
+            optimizer.state.pop(param, None)
 
 
 def _reshape_moments(state: dict[str, Any], scalars: Iterable[str], shape: tuple[int, ...]) -> None:

@@ -305,7 +305,10 @@ class TrainerCheckpoints:
                 "own has groups of its own (objective.protoclip.image_lr_end=lit; a checkpoint "
                 "written before that setting resumes with image_lr_end=end)"
             )
-        load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self.scalars)
+        try:
+            load_full_optimizer_state(self.model, self.optimizer, optimizer_state, self.scalars)
+        except ValueError as error:  # a parameter without state that was stepped (its message)
+            raise ResumeError(f"train.resume: checkpoint {path}: {error}") from None
         # The schedule's shape (warmup, total steps) follows the CURRENT config, so a resume with
         # a larger train.steps stretches the cosine instead of sitting at lr 0 past the old end.
         scheduler_state = state["scheduler"]
