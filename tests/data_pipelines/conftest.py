@@ -68,6 +68,16 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
     return str(path)
 
 
+def cut_inside_a_member(path: str | Path) -> None:
+    """Truncate the tar at ``path`` in the middle of the data of the first member that starts
+    past the file's middle: a cut the stream must notice, wherever the members happen to fall
+    (a cut at a member boundary ends a tar quietly, as for ``tarfile``)."""
+    data = Path(path).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = next(m for m in tar.getmembers() if m.offset_data >= len(data) // 2 and m.size > 1)
+    Path(path).write_bytes(data[: member.offset_data + member.size // 2])
+
+
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Six shards of unequal size (7, 7, 7, 7, 7, 5 samples), keys 000000000..000000039."""

@@ -21,7 +21,7 @@ from data_pipelines.stream import BatchTimeout
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import make_stream, write_tar
+from .conftest import cut_inside_a_member, make_stream, write_tar
 from .http_server import serve
 
 
@@ -109,8 +109,7 @@ def test_a_skip_reason_names_shard_and_key_and_no_in_memory_file(tmp_path: Path)
 
 def test_a_truncated_shard_keeps_its_good_head_and_counts_the_rest(tmp_path: Path) -> None:
     paths = write_shards(generate_samples(20, seed=0), tmp_path, samples_per_shard=10)
-    data = Path(paths[1]).read_bytes()
-    Path(paths[1]).write_bytes(data[: len(data) // 2 + 100])
+    cut_inside_a_member(paths[1])
     stream = _stream(str(tmp_path), batch_size=1, preprocess=transforms.ToTensor())
     keys = [b["__key__"][0] for _, b in zip(range(20), stream, strict=False)]
     assert {f"{i:09d}" for i in range(10)} <= set(keys)
