@@ -84,32 +84,6 @@ NOTES: dict[str, str] = {
         "0.152. The objective itself is tested exact (tests/objectives/test_convirt.py); this "
         "row measures the demo recipe, not the loss."
     ),
-    "pyramidclip": (CONFIGS / "pyramidclip_demo.yaml", ()),
-    "protoclip": (CONFIGS / "protoclip_demo.yaml", ()),
-    "prior": (CONFIGS / "prior_demo.yaml", ("objective.prior.reference={reference}",)),
-}
-"""Objective name -> (recipe yaml, overrides). The recipe must use the demo's image tower;
-``{reference}`` in an override is the folder of :func:`prior_reference`."""
-EXTRA_ROWS: dict[str, tuple[Path, tuple[str, ...]]] = {
-    "coca": (CONFIGS / "prior_demo.yaml", ("objective.prior.reference=",)),
-}
-"""Row name -> (recipe, overrides) of rows that are not a registered objective's own: plain CoCa
-is PRIOR without a reference LM (every caption token weighs 1)."""
-NOT_IN_TABLE = {
-    "prior_reference": "trains PRIOR's text-only reference LM, not an image-text model",
-}
-"""Registered objectives this table leaves out, and why (printed with the table)."""
-NOTES: dict[str, str] = {
-    "convirt": (
-        "The ConVIRT demo's loss moved only from 4.16 (ln 64) to 4.06 in 600 steps. Measured why: "
-        "its text tower is a tiny RANDOM BERT, whose max-pooled sentence vectors start almost "
-        "identical (mean pairwise cosine 0.92 on six different sentences; 0.87 mean-pooled; 0.49 "
-        "for the CLIP demo's own text transformer), and half of the sampled report sentences are "
-        "filler. With the one-sentence captions as its text it learns, slowly (loss 3.85 at step "
-        "180). The paper's setting is a pretrained BERT: all-MiniLM-L6-v2 (`convirt.yaml`) runs "
-        "at ~8 samples/s here, too slow for a CPU demo. The objective itself is tested exact "
-        "(tests/objectives/test_convirt.py); this row measures the demo recipe, not the loss."
-    ),
     "pyramidclip": (
         "PyramidCLIP encodes three image inputs per sample (global and local views through the "
         "whole tower, and the ROI branch through f2 after a no-grad f1 pass over the whole "
