@@ -5,7 +5,7 @@ The dataset is scikit-learn's digits (1,797 8×8 scans that ship inside the pack
 class folders (``zero`` … ``nine``; every 5th image of a class held out) and turned into shards
 by ``vlp shards write`` (PNG, 200 samples a shard, caption "a photo of the digit {c}."). Both
 sides then train the same architecture (``--model``, default the demo's tiny ViT) from the same
-shards with the same settings: batch 64, ``--steps`` steps (312: 11 passes over the 1,437
+shards with the same settings: batch 64, ``--steps`` steps (312: ~14 passes over the 1,442
 training images), resampled shards, 1 data worker, fp32, AdamW lr 1e-3 / wd 0.1 / betas 0.9,
 0.98 / eps 1e-6, 50 warmup steps then cosine, gradient clipping at 1.0 (demo.yaml's), and each
 side's own thread policy (no ``OMP_NUM_THREADS``). Time is the wall clock of the whole command,
