@@ -134,20 +134,6 @@ def _fast_transforms(model: Any) -> tuple[FastTransforms | None, str | None]:
         return None, str(reason)
 
 
-def train_transforms(
-    model: Any, preprocess_train: Any
-) -> tuple[Any, int | None, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """(per-sample transform, JPEG draft size, on-device normalisation) of the ``openclip``
-    preset: open_clip's train preprocessing on the fast uint8 path
-    (``data_pipelines.transforms``); where the model's preprocessing has something the fast
-    path does not reproduce, open_clip's own transform (float, normalised in the workers)."""
-    fast, reason = _fast_transforms(model)
-    if fast is None:
-        logger.info("open_clip's train preprocessing in the workers (fast path: %s)", reason)
-        return preprocess_train, None, None
-    return fast.train, fast.draft_size, fast.normalize
-
-
 def uint8_choice(
     setting: str, device: torch.device | str, no_uint8_path: str | None = None
 ) -> tuple[bool, str]:

@@ -215,13 +215,15 @@ def test_two_ranks_read_the_halves_of_the_one_process_batch(flat_shards):
     from data_pipelines.batch_fields import BatchFields
     from data_pipelines.stream import make_train_stream
     from data_pipelines.stream_settings import StreamSettings
-    from launch.build import build_model, train_transforms
+    from data_pipelines.transforms import fast_transforms_for_model
+    from launch.build import build_model
     from vlp.config import load_config
 
     config = load_config(DEMO, _exact_overrides(flat_shards, Path("unused")))
-    model, preprocess_train, _, tokenizer, _ = build_model(config)
-    transform, draft_size, _ = train_transforms(model, preprocess_train)
-    fields = BatchFields.single(transform, tokenizer)
+    model, _, _, tokenizer, _ = build_model(config)
+    fast = fast_transforms_for_model(model)
+    draft_size = fast.draft_size
+    fields = BatchFields.single(fast.train, tokenizer)
 
     def first_batches(batch_size: int, rank: int, world_size: int, count: int) -> list[dict]:
         settings = StreamSettings(
