@@ -48,6 +48,7 @@ from torchvision import transforms as T
 from worker_profile import worker_profile
 
 from data_pipelines.batch_fields import BatchFields
+from data_pipelines.decode import decode_for_transforms
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.transforms import FastTransforms, TrainTransform, fast_transforms
@@ -216,13 +217,22 @@ def levers(jpegs: list[bytes], fast: FastTransforms) -> list[dict[str, Any]]:
     """Per-sample CPU cost (ms) of each step, open_clip's way and the fast way, on ``jpegs``."""
     draft = fast.draft_size
     images, drafted = [decode(j) for j in jpegs], [decode(j, draft) for j in jpegs]
+    arrays = [decode_for_transforms(j, draft_size=draft) for j in jpegs]
     rows: list[dict[str, Any]] = [
         {"step": "decode, full", "ms": ms_per_item(decode, jpegs)},
         {"step": f"decode, draft {draft}", "ms": ms_per_item(lambda j: decode(j, draft), jpegs)},
+        {
+            "step": f"decode, draft {draft}, into an array (simplejpeg; vlp's stream)",
+            "ms": ms_per_item(lambda j: decode_for_transforms(j, draft_size=draft), jpegs),
+            "same_pixels_as_pillow": all(
+                np.array_equal(np.asarray(a), np.asarray(d))
+                for a, d in zip(arrays, drafted, strict=True)
+            ),
+        },
     ]
     refs = [seeded(REFERENCE, i)(image) for i, image in enumerate(images)]
     if drafted[0].size != images[0].size:
-        rows[-1]["mean_abs_diff"] = draft_diff(images, drafted, refs)
+        rows[1]["mean_abs_diff"] = rows[2]["mean_abs_diff"] = draft_diff(images, drafted, refs)
     to_float = T.Compose([T.ToTensor(), T.Normalize(fast.mean, fast.std)])
     floats, uint8s = [to_float(r) for r in refs], [uint8_chw(r) for r in refs]
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -230,6 +240,12 @@ def levers(jpegs: list[bytes], fast: FastTransforms) -> list[dict[str, Any]]:
     return (
         rows
         + crop_rows(images, drafted, refs, fast)
+        + [
+            {
+                "step": "crop+resize: vlp TrainTransform of the stream's array (no PIL copies)",
+                "ms": ms_per_item(fast.train, arrays),
+            }
+        ]
         + [
             {"step": "to tensor: ToTensor + Normalize (float)", "ms": ms_per_item(to_float, refs)},
             {"step": "to tensor: uint8 CHW", "ms": ms_per_item(uint8_chw, refs)},
@@ -384,8 +400,11 @@ def main() -> None:
     for size, rows in results["levers_cpu_ms_per_sample"].items():
         print_table(
             f"{size}: CPU ms per sample",
-            ["step", "ms", "mean |diff| vs torchvision, 0..255"],
-            [[r["step"], r["ms"], r.get("mean_abs_diff", "")] for r in rows],
+            ["step", "ms", "mean |diff| vs torchvision, 0..255", "same pixels as Pillow"],
+            [
+                [r["step"], r["ms"], r.get("mean_abs_diff", ""), r.get("same_pixels_as_pillow", "")]
+                for r in rows
+            ],
         )
     if opts.profile:
         tokenizer = open_clip.get_tokenizer("ViT-B-32")

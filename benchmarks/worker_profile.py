@@ -39,7 +39,7 @@ from PIL import Image
 
 from data_pipelines import shard_reader
 from data_pipelines.batch_fields import BatchFields
-from data_pipelines.decode import decode_caption, decode_image
+from data_pipelines.decode import decode_caption, decode_for_transforms, decode_image
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_plan import derive_seed
 from data_pipelines.stream_settings import StreamSettings
@@ -215,7 +215,7 @@ def worker_profile(
     copies = ustar_copies(folder, shards)
     raws = list(iter_samples(open(shards[0], "rb"), str(shards[0])))
     jpegs, texts = [r.members["jpg"] for r in raws], [r.members["txt"] for r in raws]
-    images = [decode_image(j, draft_size=fast.draft_size) for j in jpegs]
+    images = [decode_for_transforms(j, draft_size=fast.draft_size) for j in jpegs]
     n = len(raws)
 
     def box_and_seed(seeding: bool) -> None:
@@ -242,8 +242,10 @@ def worker_profile(
     )
     rows = _read_rows(shards, copies) + [
         {
-            "stage": "decode (draft)",
-            "ms": _cpu_ms(lambda: [decode_image(j, draft_size=fast.draft_size) for j in jpegs], n),
+            "stage": "decode (draft), into an array (decode_for_transforms)",
+            "ms": _cpu_ms(
+                lambda: [decode_for_transforms(j, draft_size=fast.draft_size) for j in jpegs], n
+            ),
         },
         {
             "stage": "seeds: 2 derive_seed + generator.manual_seed",
@@ -257,6 +259,12 @@ def worker_profile(
         {"stage": "IPC: ForkingPickler dump + load of a batch (process time)", "ms": ipc},
     ]
     stages = sum(r["ms"] for r in rows[4:-1])  # decode .. tokenise: not the reads, not IPC
+    rows.append(
+        {
+            "stage": "for reference: Pillow's decode of the same (decode_image, draft)",
+            "ms": _cpu_ms(lambda: [decode_image(j, draft_size=fast.draft_size) for j in jpegs], n),
+        }
+    )
     loops = _loop_rounds(folder, fast, tokenizer, jpegs, batches)
     for label, read in (("pax", rows[0]["ms"]), ("ustar", rows[2]["ms"])):
         rows += [

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-from data_pipelines.transforms import TrainTransform
+from data_pipelines.decode import DecodedImage
+from data_pipelines.transforms import TrainTransform, uint8_chw
 
 __all__ = ["PRESET_DOCS", "Augmentation", "WholeImage", "build_preset", "list_presets"]
 
@@ -164,13 +164,15 @@ class Augmentation:
     ops: v2.Compose | None = None
     """What follows the crop, on the uint8 tensor."""
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> uint8 tensor [3, S, S], random from torch's global CPU generator."""
+    takes_arrays = True
+    """Takes the stream's uint8 arrays as well as PIL images (``TrainTransform.takes_arrays``)."""
+
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
+        """An image -> uint8 tensor [3, S, S], random from torch's global CPU generator."""
         if self.interpolation == "bicubic":
             pixels = self.crop(image)
         else:  # same box, another antialiased kernel
-            box = self.crop.crop_box(image)
-            cut = TF.pil_to_tensor(image.convert("RGB").crop(box))
+            cut = uint8_chw(image, self.crop.crop_box(image))
             pixels = F.interpolate(
                 cut[None], size=self.crop.size, mode=self.interpolation, antialias=True
             )[0]
@@ -191,9 +193,12 @@ class WholeImage:
     size: int
     interpolation: str = "bicubic"
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    takes_arrays = True
+    """Takes the stream's uint8 arrays as well as PIL images (``TrainTransform.takes_arrays``)."""
+
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
         """Resize without cropping, so that a box in [0, 1] image coordinates stays put."""
-        pixels = TF.pil_to_tensor(image.convert("RGB"))[None].float()
+        pixels = uint8_chw(image)[None].float()
         size = (self.size, self.size)
         resized = F.interpolate(pixels, size=size, mode=self.interpolation, antialias=True)
         return resized[0].round_().clamp_(0, 255).to(torch.uint8)

@@ -271,6 +271,13 @@ class BatchFields:
             views=(ImageView("image", transform),), texts=(TextField("text", tokenizer, source),)
         )
 
+    def views_take_arrays(self) -> bool:
+        """Whether every view's transform also takes the uint8 ``[H, W, 3]`` arrays of
+        :func:`~data_pipelines.decode.decode_for_transforms` (it says so with a true
+        ``takes_arrays``): then the stream decodes JPEGs straight into arrays, the same pixels
+        at a lower cost. A transform that does not say so gets PIL images, as always."""
+        return all(getattr(v.transform, "takes_arrays", False) for v in self.views)
+
     def plain_source(self) -> str | None:
         """The text source if these fields are exactly :meth:`single`'s (no preset, no
         tokenizer name): such a stream is today's, with today's fingerprint. Else None."""

@@ -36,6 +36,8 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+from data_pipelines.decode import DecodedImage
+
 __all__ = [
     "FastTransforms",
     "NormalizedTransform",
@@ -67,6 +69,25 @@ def _uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
+def uint8_chw(image: DecodedImage, box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """An RGB image (PIL, or a uint8 ``[H, W, 3]`` array from
+    :func:`~data_pipelines.decode.decode_for_transforms`), cut to ``box`` (left, top, right,
+    bottom) if given -> uint8 tensor [3, h, w]: a view of an array's pixels (no copy), a copy of
+    a PIL image's. Channels-last strides either way."""
+    if isinstance(image, np.ndarray):
+        if box is not None:
+            left, top, right, bottom = box
+            image = image[top:bottom, left:right]
+        return torch.from_numpy(image).permute(2, 0, 1)
+    image = _rgb(image)
+    return _uint8_chw(image if box is None else image.crop(box))
+
+
+def _dimensions(image: DecodedImage) -> Image.Image | torch.Tensor:
+    """What torchvision's ``get_params`` reads an image's size from (an array: a tensor view)."""
+    return torch.from_numpy(image).permute(2, 0, 1) if isinstance(image, np.ndarray) else image
+
+
 @dataclass(frozen=True)
 class TrainTransform:
     """RandomResizedCrop(size, scale, ratio, bicubic) -> RGB -> uint8 tensor [3, H, W].
@@ -95,17 +116,22 @@ class TrainTransform:
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"TrainTransform: need 0 < ratio[0] <= ratio[1], got {self.ratio}")
 
-    def crop_box(self, image: Image.Image) -> tuple[int, int, int, int]:
+    takes_arrays = True
+    """Besides PIL images, takes the uint8 ``[H, W, 3]`` arrays of
+    :func:`~data_pipelines.decode.decode_for_transforms` (the stream's fast JPEG path), with the
+    same boxes and pixels."""
+
+    def crop_box(self, image: DecodedImage) -> tuple[int, int, int, int]:
         """Draw a crop box (left, top, right, bottom) from torch's global RNG, as torchvision
         does (``RandomResizedCrop.get_params``)."""
         top, left, height, width = RandomResizedCrop.get_params(
-            image, list(self.scale), list(self.ratio)
+            _dimensions(image), list(self.scale), list(self.ratio)
         )
         return left, top, left + width, top + height
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> uint8 tensor [3, height, width]."""
-        crop = _uint8_chw(_rgb(image).crop(self.crop_box(image)))
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
+        """An RGB image (PIL or array) -> uint8 tensor [3, height, width]."""
+        crop = uint8_chw(image, self.crop_box(image))
         resized = F.interpolate(crop[None], size=self.size, mode="bicubic", antialias=True)
         return resized[0]
 
@@ -207,13 +233,18 @@ class NormalizedTransform:
     device, so these images equal the uint8 batch normalised there, bit for bit.
     """
 
-    transform: Callable[[Image.Image], torch.Tensor]
-    """The view's transform: PIL image -> uint8 tensor [3, H, W]."""
+    transform: Callable[[DecodedImage], torch.Tensor]
+    """The view's transform: image -> uint8 tensor [3, H, W]."""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> normalised float32 tensor [3, H, W]."""
+    @property
+    def takes_arrays(self) -> bool:
+        """Whether the view's transform takes arrays too (``TrainTransform.takes_arrays``)."""
+        return bool(getattr(self.transform, "takes_arrays", False))
+
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
+        """An image -> normalised float32 tensor [3, H, W]."""
         return normalize_images(self.transform(image), self.mean, self.std)
 
 

@@ -32,7 +32,13 @@ from data_pipelines.batch_fields import (
     collate_json,
     fallback_key,
 )
-from data_pipelines.decode import SampleError, decode_caption, decode_image, describe_data_error
+from data_pipelines.decode import (
+    SampleError,
+    decode_caption,
+    decode_for_transforms,
+    decode_image,
+    describe_data_error,
+)
 from data_pipelines.shard_reader import Ref, ShardReader
 from data_pipelines.stream_plan import StreamId, StreamSpec, derive_seed, epoch_quota, stream_seed
 from data_pipelines.tario import RawSample
@@ -225,7 +231,8 @@ def _decode(spec: StreamSpec, raw: RawSample, fields: BatchFields, seed: int) ->
         image_key = next((k for k in spec.image_keys if k in raw.members), None)
         if image_key is None:
             raise SampleError(f"no image member (looked for {list(spec.image_keys)})")
-        image = decode_image(
+        decode = decode_for_transforms if fields.views_take_arrays() else decode_image
+        image: Any = decode(  # an array only when every view takes arrays
             raw.members[image_key], max_pixels=spec.max_pixels, draft_size=spec.draft_size
         )
         meta = None

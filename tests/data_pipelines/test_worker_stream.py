@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import random
 from itertools import islice
+from typing import Any
 
 import pytest
 import torch
 from torchvision import transforms
+
+from data_pipelines.transforms import TrainTransform
 
 from .conftest import make_stream
 
@@ -78,3 +81,28 @@ def test_a_worker_stacks_its_images_straight_into_shared_memory(
     assert in_worker["image"].dtype == torch.uint8
     assert torch.equal(in_worker["image"], in_main["image"])
     assert torch.equal(in_worker["image"], torch.stack([s["image"] for s in samples]))
+
+
+class _Recording:
+    """A crop that records the type of each image it is given; ``takes_arrays`` as set."""
+
+    def __init__(self, takes_arrays: bool) -> None:
+        self.takes_arrays, self.crop, self.seen = takes_arrays, TrainTransform((16, 16)), set()
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        self.seen.add(type(image).__name__)
+        return self.crop(image)
+
+
+def test_views_that_take_arrays_get_the_same_batches_from_the_fast_jpeg_path(
+    shard_dir: str,
+) -> None:
+    batches = {}
+    for takes_arrays in (True, False):
+        view = _Recording(takes_arrays)
+        stream = make_stream(shard_dir, view, batch_size=4, shuffle_buffer=6, workers=0)
+        batches[takes_arrays] = list(islice(stream, 5))
+        assert view.seen == ({"ndarray"} if takes_arrays else {"JpegImageFile"}), view.seen
+    for fast, pil in zip(batches[True], batches[False], strict=True):
+        assert fast["__key__"] == pil["__key__"]
+        assert torch.equal(fast["image"], pil["image"])
