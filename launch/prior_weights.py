@@ -10,7 +10,7 @@ json key ``caption_field`` (``data.text_key`` / ``data.caption_field``), as trai
 the file records that source as ``text_key`` (the member, or ``json:<caption_field>``) and the
 tokenizer's vocabulary (``tokenizer``,
 :func:`~vlp.objectives.prior.reference_lm.tokenizer_identity`), which the start-up check
-compares with the run's (:func:`launch.build.check_data`).
+compares with the run's (:func:`launch.sidecar_checks.check_data`).
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from launch.build import (
     build_model,
     build_objective,
     build_stream,
-    check_data,
 )
 from launch.elastic import resume_layout
+from launch.sidecar_checks import check_data
 from vlp.config import Config, redact_url
 from vlp.distributed import contrastive_group
 from vlp.objectives import Objective

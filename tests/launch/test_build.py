@@ -1,5 +1,6 @@
 """launch.build: the data section becomes the stream's settings, every key of it accounted for;
-the start-up data check runs on the main process only and every rank raises its verdict."""
+launch.sidecar_checks: the start-up data check runs on the main process only and every rank
+raises its verdict."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from data_pipelines.sidecar import write_sidecar
 from data_pipelines.stream_settings import StreamSettings
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
-from launch.build import StartupError, check_data, stream_settings
+from launch.build import StartupError, stream_settings
+from launch.sidecar_checks import check_data
 from vlp.config import DataConfig, load_config
 
 # DataConfig key -> StreamSettings field

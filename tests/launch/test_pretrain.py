@@ -407,7 +407,8 @@ def test_bad_input_stops_with_one_clear_line(shards, tmp_path, capsys, override,
 
 def test_missing_sample_fields_are_named(shards, tmp_path):
     from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
-    from launch.build import StartupError, check_data
+    from launch.build import StartupError
+    from launch.sidecar_checks import check_data
     from vlp.config import load_config
 
     config = load_config(DEMO, _overrides(shards, tmp_path))

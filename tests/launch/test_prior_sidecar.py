@@ -153,7 +153,7 @@ def test_startup_names_a_missing_sidecar_or_key(tiny, shards, tmp_path):  # noqa
 
 def _check(shards, sidecar, tokenizer, *overrides):  # noqa: F811
     """The start-up data check of a PRIOR run on ``shards`` reading ``sidecar``."""
-    from launch.build import check_data
+    from launch.sidecar_checks import check_data
     from vlp.config import load_config
 
     config = load_config(None, [f"data.train_shards={shards}", "objective.name=clip", *overrides])

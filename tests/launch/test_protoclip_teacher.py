@@ -326,7 +326,7 @@ def test_two_processes_write_what_one_process_writes(shards, sidecar, tmp_path) 
 def _check(shards, sidecar, *overrides):
     """The start-up data check of a ProtoCLIP run on ``shards`` reading ``sidecar``."""
     from data_pipelines.batch_fields import TextField
-    from launch.build import check_data
+    from launch.sidecar_checks import check_data
     from vlp.config import load_config
     from vlp.objectives.protoclip.objective import TEACHER, ProtoClipObjective
 

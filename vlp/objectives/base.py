@@ -144,7 +144,7 @@ class Objective(nn.Module):
     tokenized_sidecars: ClassVar[frozenset[str]] = frozenset()
     """The sidecar fields whose rows follow the model tokenizer's tokens (PRIOR's
     log-probabilities): the start-up check compares the ``tokenizer`` their file records with
-    the run's (:func:`launch.build.check_data`)."""
+    the run's (:func:`launch.sidecar_checks.check_data`)."""
 
     def field_hint(self, field: str) -> str:
         """How to give the shards a batch field ``field`` they lack, named after it at
