@@ -42,6 +42,16 @@ def _samples(url: str, first: int) -> Iterator[RawSample]:
                 yield raw
 
 
+class _Damaged(Iterator[RawSample]):
+    """A shard's remaining samples when reading on meets ``error``: the next read raises it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __next__(self) -> RawSample:
+        raise self.error
+
+
 class ShardReader:
     """Round-robin over up to ``spec.shards_in_flight`` open shards of one stream's sequence."""
 
@@ -128,17 +138,23 @@ class ShardReader:
             samples = wanted.get(shard, set())
             stop = max(samples | {resume_at.get(shard, -1)})
             it = _samples(self.shards.url(shard), 0)
-            for raw in it:
-                if raw.index in samples:
-                    found[(self.epoch, shard, raw.index)] = raw
-                if shard in resume_at and raw.index >= resume_at[shard]:
-                    self._iters[shard] = itertools.chain([raw], it)
-                    break
-                if raw.index >= stop:
-                    break
-            else:
-                if shard in resume_at:  # read to its end: nothing left to read in it
-                    self._iters[shard] = iter(())
+            try:
+                for raw in it:
+                    if raw.index in samples:
+                        found[(self.epoch, shard, raw.index)] = raw
+                    if shard in resume_at and raw.index >= resume_at[shard]:
+                        self._iters[shard] = itertools.chain([raw], it)
+                        break
+                    if raw.index >= stop:
+                        break
+                else:
+                    if shard in resume_at:  # read to its end: nothing left to read in it
+                        self._iters[shard] = iter(())
+            except DATA_ERRORS as error:
+                # Damage past the samples read so far: the uninterrupted stream meets it at its
+                # next read of this shard, and skips and counts it there; so does this one.
+                if shard in resume_at:
+                    self._iters[shard] = _Damaged(error)
         missing = [ref for ref in refs if ref not in found]
         if missing:
             raise RuntimeError(

@@ -13,11 +13,16 @@ img2dataset emit before every member when given a float mtime): in a data worker
 more than cropping a 512x384 image (``benchmarks/data_throughput.py --profile``). The parser
 reads ustar, GNU and pax tars the way ``tarfile``'s ``r|*`` mode does (GNU long names, pax
 ``path`` and ``size`` records; pax global headers skipped; non-regular members skipped; the
-first zero block ends the archive; a header that is cut short, empty or fails its checksum
-after the first member ends the archive quietly, as ``tarfile`` does, and is an error at the
-start or after a long-name or pax header). A cut inside a member raises ``EOFError`` naming
-it, bad bytes ``tarfile.ReadError``: both are in ``data_pipelines.decode.DATA_ERRORS``.
-Compressed tars (gzip, bzip2, xz: the magic ``r|*`` detects) go to ``tarfile``.
+first zero block ends the archive). Unlike ``tarfile``, the archive must end with that zero
+block: ``tarfile`` ends quietly where the data stops at a member boundary, or at a header that
+is cut short or fails its checksum after the first member, which hid a shard cut between two
+members (or a damaged header) from the training stream, its samples after the cut silently
+gone. Here a missing end raises :class:`ArchiveCut` (an ``EOFError``) and a damaged header
+:class:`DamagedHeader` (a ``tarfile.ReadError``), both naming the last member read, after the
+same samples ``tarfile`` gives (the members before them are whole): the stream skips and counts
+the rest of the shard as it does for a cut inside a member. Both are in
+``data_pipelines.decode.DATA_ERRORS``. Compressed tars (gzip, bzip2, xz: the magic ``r|*``
+detects) go to ``tarfile``, whose decompressor reports a cut itself.
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ def _split(name: str) -> tuple[str, str] | None:
         return None
     key, suffix = base.split(".", 1)
     return (f"{folder}/{key}" if folder else key), suffix.lower()
+
+
+class ArchiveCut(EOFError):
+    """The tar stops before its end-of-archive block, between two members or inside a header:
+    the members before are whole, what followed is gone."""
+
+
+class DamagedHeader(tarfile.ReadError):
+    """A header after the first member that is not one (bad checksum or numbers): the members
+    before are whole, nothing after can be found without guessing."""
 
 
 class _BadHeader(Exception):
@@ -156,6 +171,7 @@ def _members(
     """(name, split name, data) of the regular members whose ``split`` is not None, in order;
     the data only if ``read`` (else ``b""``, read past). Everything else is read past."""
     first, overrides = True, False
+    last = ""  # the last member's name, for errors
     name_override: str | None = None
     size_override: int | None = None
     block = _read(stream, _BLOCK)
@@ -186,9 +202,16 @@ def _members(
                     except ValueError:
                         size_override = 0
         except _BadHeader as error:
-            if overrides or first:
+            if overrides or first:  # tarfile's errors too
                 raise tarfile.ReadError(str(error) if first else f"bad header: {error}") from None
-            return  # tarfile ends a stream quietly at a bad header after the first
+            if not block:
+                raise ArchiveCut(
+                    f"the tar ends after member {last} without its end-of-archive blocks: cut "
+                    "between two members"
+                ) from None
+            if len(block) < _BLOCK:
+                raise ArchiveCut(f"the tar is cut inside the header after member {last}") from None
+            raise DamagedHeader(f"bad header after member {last}: {error}") from None
         if kind in (b"L", b"K", b"g") or kind in _PAX_TYPES:
             overrides = True
             block = _read(stream, _BLOCK)
@@ -200,6 +223,7 @@ def _members(
         if size_override is not None:
             size = size_override
         first, overrides, name_override, size_override = False, False, None, None
+        last = name
         if kind in _NO_DATA:
             block = _read(stream, _BLOCK)
             continue
@@ -260,20 +284,25 @@ def _tarfile_members(
 def iter_samples(stream: IO[bytes], url: str) -> Iterator[RawSample]:
     """Yield the samples of one tar stream in order.
 
-    Raises ``tarfile.ReadError`` on bytes that are not a tar, ``EOFError`` on a member cut
-    short (``OSError`` from the stream itself): the samples before the damage have been
-    yielded already.
+    Raises ``tarfile.ReadError`` on bytes that are not a tar or a damaged header, ``EOFError``
+    on a member cut short or a tar without its end (``OSError`` from the stream itself): the
+    samples before the damage have been yielded already.
     """
     key: str | None = None
     members: dict[str, bytes] = {}
     index = 0
-    for _, (member_key, suffix), data in _members(stream, _split, read=True):
-        if member_key != key or suffix in members:
-            if key is not None:
-                yield RawSample(key, members, url, index)
-                index += 1
-            key, members = member_key, {}
-        members[suffix] = data
+    try:
+        for _, (member_key, suffix), data in _members(stream, _split, read=True):
+            if member_key != key or suffix in members:
+                if key is not None:
+                    yield RawSample(key, members, url, index)
+                    index += 1
+                key, members = member_key, {}
+            members[suffix] = data
+    except (ArchiveCut, DamagedHeader):
+        if key is not None:  # whole members (it may lack some: the decode step says which)
+            yield RawSample(key, members, url, index)
+        raise
     if key is not None:
         yield RawSample(key, members, url, index)
 
@@ -283,11 +312,16 @@ def iter_keys(stream: IO[bytes]) -> Iterator[str]:
     (a start-up check that every sample has a sidecar entry reads only the headers' names)."""
     key: str | None = None
     suffixes: set[str] = set()
-    for _, (member_key, suffix), _ in _members(stream, _split, read=False):
-        if member_key != key or suffix in suffixes:
-            if key is not None:
-                yield key
-            key, suffixes = member_key, set()
-        suffixes.add(suffix)
+    try:
+        for _, (member_key, suffix), _ in _members(stream, _split, read=False):
+            if member_key != key or suffix in suffixes:
+                if key is not None:
+                    yield key
+                key, suffixes = member_key, set()
+            suffixes.add(suffix)
+    except (ArchiveCut, DamagedHeader):
+        if key is not None:
+            yield key
+        raise
     if key is not None:
         yield key

@@ -2,10 +2,10 @@
 
 ``vlp shards validate`` runs this before a long job. A sample is checked with the stream's own
 rules (:mod:`data_pipelines.decode`), so "valid" here means "decodes in training". A shard is
-checked as a tar: one that does not open, and one that is truncated (a read error, or, since
-the streaming tar reader (``tario``, like Python's ``tarfile``) stops silently when a tar is cut
-at a member boundary, an uncompressed tar that does not end with the two zero blocks of the
-end-of-archive marker) are reported, and so is a sample count that disagrees with
+checked as a tar: one that does not open, and one that is truncated (a read error: the
+streaming tar reader ``tario`` raises where a tar stops before its end-of-archive block; or an
+uncompressed tar whose end lacks the second of the marker's two zero blocks, which the reader
+does not need) are reported, and so is a sample count that disagrees with
 ``sizes.json``. A json member's ``summary`` and ``objects`` keys, where present, are checked
 with ``vlp shards attach``'s rules (:func:`data_pipelines.object_fields.check_fields`). A
 warning (not a problem) says when most shards hold a single class (``cls``): shards written in

@@ -3,7 +3,9 @@ uninterrupted stream yields, with prefetching workers, across epochs, at bounded
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import data_pipelines.worker_stream as stream_module
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
-from .conftest import make_stream
+from .conftest import cut_inside_a_member, make_stream
 
 
 def _augment() -> transforms.Compose:
@@ -124,3 +126,42 @@ def test_skip_counts_survive_the_resume(tmp_path: Path) -> None:
     second.load_state_dict(first.state_dict())
     assert second.skips.total == first.skips.total >= 1
     assert second.skips.by_shard == first.skips.by_shard
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "between members"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_damaged_shard_resumes_exactly_from_every_position(
+    tmp_path: Path, cut: str, seed: int
+) -> None:
+    """Two shards are cut; a stream saved after any batch resumes into the batches and skip
+    counts of the uninterrupted one. Before: a position saved while a cut shard was open past
+    its last whole sample re-read that shard to its damage in ``restore`` and crashed."""
+    paths = write_shards(generate_samples(30, seed=seed), tmp_path, samples_per_shard=5)
+    for path in (paths[1], paths[4]):
+        if cut == "inside a member":
+            cut_inside_a_member(path)
+        else:  # at the header of the shard's last member: no end-of-archive block
+            data = Path(path).read_bytes()
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                last = tar.getmembers()[-1]
+            Path(path).write_bytes(data[: last.offset])
+    options = {"workers": 0, "resampled": False, "seed": seed, "batch_size": 2,
+               "shuffle_buffer": 3, "max_skip_fraction": 1.0}  # fmt: skip
+    for in_flight in (1, 2):
+        options["shards_in_flight"] = in_flight
+        total = 14
+        whole = _stream(str(tmp_path), **options)
+        uninterrupted: list = []  # type: ignore[type-arg]
+        states = []
+        while len(uninterrupted) < total:  # as _take, saving the position after every batch
+            for batch in whole:
+                uninterrupted.append(batch)
+                states.append(json.loads(json.dumps(whole.state_dict())))
+                if len(uninterrupted) == total:
+                    break
+        assert set(whole.skips.by_shard) == {str(paths[1]), str(paths[4])}
+        for stop in range(1, total):
+            resumed = _stream(str(tmp_path), **options)
+            resumed.load_state_dict(states[stop - 1])
+            _same(_take(resumed, total - stop), uninterrupted[stop:])
+            assert resumed.skips.by_shard == whole.skips.by_shard, (in_flight, stop)

@@ -4,7 +4,9 @@ Random archives written by ``tarfile`` in GNU, ustar and pax formats (long and n
 float and int mtimes, directories, symlinks and hard links between the files, empty members,
 sizes around the 512-byte blocks, pax global headers) must read as ``tarfile``'s ``r|*`` reads
 them: the same regular members, samples, keys and indexes; cut at any byte or with any byte
-changed, the same samples before the same kind of outcome (an error, or a quiet end).
+changed, the same samples before the same kind of outcome, except where ``tarfile`` ends
+quietly without the end-of-archive block (a cut between members or inside a header, a damaged
+header after the first member): there the reader raises, after the same samples.
 """
 
 from __future__ import annotations
@@ -157,12 +159,59 @@ def test_a_cut_or_changed_archive_gives_what_tarfile_gives(seed: int, fmt: str) 
     data = _archive(seed, fmt)
     rng = random.Random(seed)
     cuts = {0, 1, 511, 512, 513, len(data) - 1, *(rng.randrange(len(data)) for _ in range(40))}
+    end = _end_of_archive(data)
     for cut in sorted(c for c in cuts if 0 <= c < len(data)):
-        assert _outcome(iter_samples, data[:cut]) == _outcome(_reference_samples, data[:cut]), cut
+        ours, reference = (
+            _outcome(iter_samples, data[:cut]),
+            _outcome(_reference_samples, data[:cut]),
+        )
+        assert ours[0] == reference[0], cut
+        assert ours[1] == ("error" if cut < end + 512 else reference[1]), cut  # no quiet end
     for _ in range(40):
         at = rng.randrange(len(data))
         changed = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
-        assert _outcome(iter_samples, changed) == _outcome(_reference_samples, changed), at
+        ours, reference = _outcome(iter_samples, changed), _outcome(_reference_samples, changed)
+        assert ours[0] == reference[0], at
+        if ours != reference:  # a header tarfile takes for the quiet end of the archive
+            assert (ours[1], reference[1]) == ("error", "end"), at
+
+
+def _end_of_archive(data: bytes) -> int:
+    """Where ``data``'s end-of-archive zero blocks start (its members' data is random bytes)."""
+    return -(-len(data.rstrip(b"\0")) // 512) * 512
+
+
+@pytest.mark.parametrize("cut", ["between members", "inside a header", "damaged header"])
+def test_an_archive_that_stops_before_its_end_block_is_an_error_naming_the_last_member(
+    cut: str,
+) -> None:
+    """Before: these ended the shard quietly (as ``tarfile`` does), and the training stream
+    lost the samples after the damage without counting them."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("000.jpg", "000.txt", "001.jpg", "001.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            tar.addfile(info, io.BytesIO(bytes(700)))
+    data = out.getvalue()
+    second = 2 * (512 + 1024)  # the header of 001.jpg
+    damaged = {
+        "between members": data[:second],
+        "inside a header": data[: second + 100],
+        "damaged header": data[:second] + b"x" * 512 + data[second + 512 :],
+    }[cut]
+    error = tario.DamagedHeader if cut == "damaged header" else tario.ArchiveCut
+    assert issubclass(error, DATA_ERRORS)
+    with pytest.raises(error, match=r"member 000\.txt"):
+        list(tario._members(io.BytesIO(damaged), tario._split, read=True))
+    samples: list[RawSample] = []
+    with pytest.raises(error):
+        samples.extend(iter_samples(io.BytesIO(damaged), "u"))
+    assert [s.key for s in samples] == ["000"]  # its members are whole: yielded, then the error
+    keys: list[str] = []
+    with pytest.raises(error):
+        keys.extend(iter_keys(io.BytesIO(damaged)))
+    assert keys == ["000"]
 
 
 def test_a_cut_member_is_named() -> None:
