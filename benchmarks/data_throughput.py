@@ -22,7 +22,7 @@ then:
 
 Prints tables and writes ``benchmarks/results/data_throughput.json``.
 
-    .venv/bin/python benchmarks/data_throughput.py [--rounds 3] [--batches 16] [--profile]
+    .venv/bin/python benchmarks/data_throughput.py [--rounds 3] [--batches 16] [--profile] [--out F]
 """
 
 from __future__ import annotations
@@ -380,6 +380,7 @@ def main() -> None:
     parser.add_argument("--levers-only", action="store_true", help="skip the stream comparison")
     parser.add_argument("--skip-peer", action="store_true", help="no open_clip side")
     parser.add_argument("--profile", action="store_true", help="per-stage worker profile")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     opts = parser.parse_args()
     if not (opts.levers_only or opts.skip_peer) and not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} is missing: run `make bench-peer` or pass --skip-peer")
@@ -394,7 +395,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "torch": torch.__version__,
         "pillow": PIL.__version__,
-        "settings": {k: v for k, v in vars(opts).items() if k != "data"},
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("data", "out")},
         "levers_cpu_ms_per_sample": {size: levers(jpegs[size], fast) for size in opts.sizes},
     }
     for size, rows in results["levers_cpu_ms_per_sample"].items():
@@ -454,9 +455,9 @@ def main() -> None:
         )
     results["load_average_start_end"] = [load_start, os.getloadavg()]
     print(f"load average at the end {os.getloadavg()}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":
