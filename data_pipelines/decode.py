@@ -132,8 +132,9 @@ def decode_for_transforms(
 
     Why: for the training stream's transforms that take arrays (``takes_arrays``). libjpeg-turbo
     through simplejpeg writes straight into a NumPy array; Pillow's decode of the same JPEG costs
-    ~1.4x as much, and turning its image into an array another ~0.5 ms at 512x384
-    (``benchmarks/data_throughput.py``). The pixels are Pillow's, bit for bit, draft scale
+    ~1.35x as much, and a crop out of its image two copies (the crop, then an array): crop and
+    resize cost 0.70 ms from a PIL image, 0.36 from the array, at 512x384
+    (``benchmarks/data_throughput.py --profile``). The pixels are Pillow's, bit for bit, draft scale
     included (the same libjpeg-turbo and its default DCT and upsampling; tested). Pillow still
     reads the header (format, size, EXIF orientation) and decides what a damaged JPEG is: one
     simplejpeg refuses goes to Pillow, which decodes what libjpeg only warns about and refuses a

@@ -7,9 +7,11 @@ decode. Here:
 
 - the crop box is drawn by torchvision's own ``RandomResizedCrop.get_params``, from torch's
   global RNG and nothing else (the stream seeds that RNG per sample, for exact resume);
-- the crop is cut by Pillow (no resampling) and resized by torch's antialiased bicubic kernel on
-  uint8 pixels in channels-last layout (vectorised: 2-3.6x faster than Pillow's resize of the
-  same box in ``benchmarks/data_throughput.py``, within 2/255 of Pillow's pixels). Pillow's
+- the crop is cut by Pillow (no resampling), or is a view of the stream's decoded array
+  (``takes_arrays``: ``data_pipelines.decode.decode_for_transforms``), and is resized by
+  torch's antialiased bicubic kernel on uint8 pixels in channels-last layout (vectorised:
+  2-3.6x faster than Pillow's resize of the same box in ``benchmarks/data_throughput.py``,
+  within 2/255 of Pillow's pixels). Pillow's
   one-call ``resize(box=, reducing_gap=)`` was measured too: it saves only the crop copy, and
   ``reducing_gap`` acts only on downscales of at least twice the gap;
 - the result stays uint8: no float pass per sample, 4x fewer bytes between processes;
