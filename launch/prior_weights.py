@@ -9,7 +9,7 @@ the stream's resume fingerprint. Captions are read whole, from the member ``text
 json key ``caption_field`` (``data.text_key`` / ``data.caption_field``), as training reads them;
 the file records that source as ``text_key`` (the member, or ``json:<caption_field>``) and the
 tokenizer's vocabulary (``tokenizer``,
-:func:`~vlp.objectives.prior.reference_lm.tokenizer_identity`), which the start-up check
+:func:`~vlp.models.vocabulary.tokenizer_identity`), which the start-up check
 compares with the run's (:func:`launch.sidecar_checks.check_data`).
 """
 
@@ -26,8 +26,8 @@ from data_pipelines.text_sources import caption_source
 from launch.build import StartupError, shard_urls
 from vlp.models import create_model
 from vlp.models.tokenizers import run_tokenizer_file
+from vlp.models.vocabulary import tokenizer_identity
 from vlp.objectives.prior.objective import PAD_ID, load_reference
-from vlp.objectives.prior.reference_lm import tokenizer_identity
 from vlp.objectives.prior.weights import reference_target_logprobs
 from vlp.run_folder import checkpoints_dir, list_checkpoints
 

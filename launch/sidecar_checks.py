@@ -25,7 +25,7 @@ from data_pipelines.text_sources import caption_source
 from launch.build import StartupError, shard_urls
 from launch.caption_args import caption_source_args
 from vlp.config import Config
-from vlp.objectives.prior.reference_lm import tokenizer_identity
+from vlp.models.vocabulary import tokenizer_identity
 
 logger = logging.getLogger("vlp")
 

@@ -13,14 +13,14 @@ model's tokenizer". Two sources here, both mapping tokens ``[b, L]`` to logits `
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.transformer import TextTransformer
 from torch import nn
+
+from vlp.models.vocabulary import vocabulary
 
 
 class TokenizerMismatchError(ValueError):
@@ -95,10 +95,10 @@ def load_reference_lm(path: str | Path, tokenizer: Any) -> HFCausalLM:
     check_same_tokenizer(tokenizer, theirs)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local)
     outputs = model.get_output_embeddings().weight.shape[0]
-    if outputs < len(_vocabulary(tokenizer)):
+    if outputs < len(vocabulary(tokenizer)):
         raise TokenizerMismatchError(
             f"reference LM at '{path}' predicts {outputs} token ids but the tokenizer has "
-            f"{len(_vocabulary(tokenizer))}; use an LM trained with the captioning tokenizer"
+            f"{len(vocabulary(tokenizer))}; use an LM trained with the captioning tokenizer"
         )
     return HFCausalLM(model)
 
@@ -112,7 +112,7 @@ def check_same_tokenizer(ours: Any, theirs: Any) -> None:
     (open_clip's ``<start_of_text>`` is Hugging Face CLIP's ``<|startoftext|>``): an id special
     in both counts as the same token.
     """
-    our_vocab, their_vocab = _vocabulary(ours), _vocabulary(theirs)
+    our_vocab, their_vocab = vocabulary(ours), vocabulary(theirs)
     if len(our_vocab) != len(their_vocab):
         raise TokenizerMismatchError(
             f"reference LM tokenizer has {len(their_vocab)} tokens, the captioning model's "
@@ -128,27 +128,6 @@ def check_same_tokenizer(ours: Any, theirs: Any) -> None:
                 f"reference LM tokenizer differs from the captioning model's at id {token_id} "
                 f"(theirs {other!r}, ours {mine!r}); P_r must use the captioning model's tokenizer"
             )
-
-
-def tokenizer_identity(tokenizer: Any) -> str:
-    """A short, stable name of ``tokenizer``'s vocabulary (its size and a hash of its token →
-    id map), which a sidecar of token-aligned rows records (``vlp prior weights``) so that a run
-    reading its captions with another vocabulary is refused. Raises TypeError (unknown kind)."""
-    vocab = _vocabulary(tokenizer)
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-    return f"{len(vocab)} tokens, sha256 {digest}"
-
-
-def _vocabulary(tokenizer: Any) -> dict[str, int]:
-    """Token → id of an open_clip or Hugging Face tokenizer."""
-    if hasattr(tokenizer, "get_vocab"):  # Hugging Face
-        vocab: dict[str, int] = tokenizer.get_vocab()
-        return vocab
-    if hasattr(getattr(tokenizer, "tokenizer", None), "get_vocab"):  # open_clip HFTokenizer
-        return _vocabulary(tokenizer.tokenizer)
-    if isinstance(getattr(tokenizer, "encoder", None), dict):  # open_clip SimpleTokenizer
-        return dict(tokenizer.encoder)
-    raise TypeError(f"cannot read the vocabulary of a {type(tokenizer).__name__}")
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
