@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,15 @@ def _shard(model: torch.nn.Module) -> list[str]:
     return scalars
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    frozen: Iterable[torch.nn.Parameter] = (),
+) -> torch.Tensor:
+    """One CLIP step on a batch from ``seed``; its loss. The gradients of ``frozen`` are dropped
+    before the optimizer's step, as ProtoCLIP's ``before_optimizer_step`` drops its heads' and a
+    LiT episode's image tower's."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(4, 3, 32, 32, generator=generator, dtype=torch.float64)
     texts = torch.randint(1, 400, (4, 32), generator=generator)
@@ -65,8 +74,11 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -
         + torch.nn.functional.cross_entropy(logits.T, labels)
     ) / 2
     loss.backward()
+    for param in frozen:
+        param.grad = None
     optimizer.step()
     optimizer.zero_grad()
+    return loss.detach()
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
