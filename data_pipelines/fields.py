@@ -19,7 +19,7 @@ import webdataset as wds
 from data_pipelines.batch_fields import BatchFields
 from data_pipelines.decode import DATA_ERRORS, IMAGE_MEMBERS
 from data_pipelines.shards import listed_sizes
-from data_pipelines.sidecar import open_sidecar, shard_name
+from data_pipelines.sidecar import Sidecar, shard_name
 from data_pipelines.tario import iter_keys, iter_samples
 from data_pipelines.text_sources import TextSource
 
@@ -100,6 +100,8 @@ def missing_batch_fields(
         ValueError: a shard that cannot be read, holds no samples, or has bad json.
     """
     missing: list[MissingField] = []
+    # opened here, not from the run's cache (open_sidecar): the file may have been rebuilt since
+    opened = {s.path: Sidecar(s.path) for s in fields.sidecars if os.path.isfile(s.path)}
     for url in list(urls)[:shards]:
         members, key, meta = _first_sample(url)
         keys = set(meta or ())
@@ -119,7 +121,7 @@ def missing_batch_fields(
         for sidecar in fields.sidecars:
             if not os.path.isfile(sidecar.path):
                 missing.append(MissingField(sidecar.name, f"sidecar file {sidecar.path}", url))
-            elif key not in open_sidecar(sidecar.path):
+            elif key not in opened[sidecar.path]:
                 where = f"key '{key}' in sidecar {sidecar.path}"
                 missing.append(MissingField(sidecar.name, where, url))
     return missing
@@ -144,7 +146,7 @@ def sidecar_gaps(urls: Sequence[str], path: str) -> SidecarGaps:
         ValueError: a shard that cannot be read as a tar file; a sidecar of another format
             (:class:`~data_pipelines.sidecar.SidecarFormatError`, naming the command to run).
     """
-    sidecar = open_sidecar(path)
+    sidecar = Sidecar(path)  # not the run's cache (open_sidecar): it may have been rebuilt since
     recorded = sidecar.shards()
     try:
         listed = listed_sizes(urls) if recorded else [None] * len(urls)

@@ -151,12 +151,20 @@ class Sidecar:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         header, self.metadata, start = read_header(self.path)
-        self._header, self._start = header, start
         width = int(header[KEYS]["shape"][1]) if len(header[KEYS]["shape"]) == 2 else 1
         self.width = max(width, 1)
         self.keys = _map(self.path, header[KEYS], start, f"S{self.width}")
         self.values = _map(self.path, header[VALUES], start)
         self.bfloat16 = header[VALUES]["dtype"] == "BF16"
+        # mapped now, as the keys are: a file replaced under the same name later is another file
+        self._shard_arrays = (
+            (
+                _map(self.path, header[SHARD_NAMES], start),
+                _map(self.path, header[SHARD_SIZES], start),
+            )
+            if SHARD_NAMES in header
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -204,10 +212,9 @@ class Sidecar:
 
     def shards(self) -> dict[str, int]:
         """The shards the file was made from (:func:`shard_name`) -> its samples of each."""
-        if SHARD_NAMES not in self._header:
+        if self._shard_arrays is None:
             return {}
-        names = _map(self.path, self._header[SHARD_NAMES], self._start, None)
-        sizes = _map(self.path, self._header[SHARD_SIZES], self._start)
+        names, sizes = self._shard_arrays
         width = max(names.shape[1] if names.ndim == 2 else 1, 1)
         names = np.ascontiguousarray(names).view(f"S{width}").reshape(-1)
         return {bytes(n).decode(): int(s) for n, s in zip(names, sizes, strict=True)}
@@ -215,7 +222,9 @@ class Sidecar:
 
 @functools.lru_cache(maxsize=8)
 def open_sidecar(path: str) -> Sidecar:
-    """One open :class:`Sidecar` per file and process (memory-mapped; lookups are cheap).
+    """One open :class:`Sidecar` per file and process (memory-mapped; lookups are cheap), for
+    the per-sample lookups of a run, whose sidecars do not change under it; a check that must
+    see a file rebuilt since (the start-up check) opens a :class:`Sidecar` of its own.
     Raises SidecarFormatError (an old file: the message names the converting command)."""
     return Sidecar(path)
 

@@ -10,6 +10,7 @@ import pytest
 
 from data_pipelines.batch_fields import BatchFields, ImageView, JsonField, TextField
 from data_pipelines.fields import MissingField, first_sample_fields, missing_batch_fields
+from data_pipelines.sidecar import Sidecar, shard_name
 from data_pipelines.synthetic import generate_samples
 from data_pipelines.write import write_shards
 
@@ -147,3 +148,20 @@ def test_the_sidecar_check_reads_the_names_of_the_shards_it_cannot_vouch_for(
     opened.clear()
     assert sidecar_gaps(urls, path).missing == 3
     assert [u for u in opened if u != "names"] == urls
+
+
+def test_the_sidecar_check_reads_a_sidecar_rebuilt_in_this_process_anew(tmp_path) -> None:
+    """The start-up check names a command that rebuilds the sidecar in place, and a process may
+    run it and check again (``tests/launch/test_prior_sidecar.py``). Before: the check read the
+    file through the per-process cache of open sidecars, so it saw the old keys, and read the
+    new file's shard records at the old file's offsets (garbage names, UnicodeDecodeError)."""
+    from data_pipelines.fields import sidecar_gaps
+
+    urls = write_shards(generate_samples(21, seed=0), tmp_path / "shards", samples_per_shard=7)
+    path = tmp_path / "s.safetensors"
+    _sidecar_of(urls[:1], path)
+    assert sidecar_gaps(urls, str(path)).missing == 14
+    held = Sidecar(path)
+    _sidecar_of(urls, path)  # rebuilt in place: another file under the same name
+    assert sidecar_gaps(urls, str(path)) == (0, 21, "")
+    assert held.shards() == {shard_name(urls[0]): 7}  # an open sidecar reads its own file
