@@ -16,6 +16,7 @@ compares with the run's (:func:`launch.sidecar_checks.check_data`).
 from __future__ import annotations
 
 import json
+import shlex
 import uuid
 from pathlib import Path
 
@@ -69,9 +70,13 @@ def write_reference_sidecar(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = caption_source(text_key, caption_field)
+    # a transformers LM needs the captioning model named again to be rebuilt; a run, its own
+    options = [] if checkpoints else ["--model", str(model)]
+    options += ["--tokenizer", tokenizer_file] if tokenizer_file and not checkpoints else []
     metadata = {"id": uuid.uuid4().hex, "reference": str(reference), "text_key": source,
                 "tokenizer": tokenizer_identity(tokenizer),
-                "checkpoint": checkpoints[-1].name if checkpoints else ""}  # fmt: skip
+                "checkpoint": checkpoints[-1].name if checkpoints else "",
+                "rebuild_options": shlex.join(options)}  # fmt: skip
     urls = shard_urls(shards, "training")
     counts = dict.fromkeys(urls, 0)
     pending: list[tuple[str, str]] = []

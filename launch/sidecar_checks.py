@@ -169,11 +169,15 @@ def _rebuild_command(
     shards, sidecar path and caption source: what it writes passes the start-up checks. Its
     other ``{key}`` placeholders take the values the existing file ``recorded`` in its metadata
     (so the command remakes the same sidecar: ProtoCLIP's teacher model, PRIOR's reference),
-    or ``KEY`` for the user to fill in where it records none."""
+    or ``KEY`` for the user to fill in where it records none; options the writer needed beyond
+    the template (``rebuild_options``, shell-quoted by the writer: PRIOR's ``--model`` for a
+    transformers reference LM) follow."""
     if not command:
         return ""
     data = config.data
     make = command.format_map(_Recorded(recorded, shards=data.train_shards, path=sidecar.path))
+    if options := recorded.get("rebuild_options", ""):
+        make += f" {options}"
     return make + caption_source_args(data.text_key, data.caption_field)
 
 

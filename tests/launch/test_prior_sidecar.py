@@ -114,6 +114,32 @@ def test_a_transformers_reference_writes_the_same_logprobs_as_online(tmp_path, s
     assert "tokenizer has 49408 tokens, the captioning model's 192" in capsys.readouterr().err
 
 
+def test_the_command_that_remakes_a_transformers_lms_sidecar_names_its_model(
+    tmp_path,
+    shards,  # noqa: F811
+):
+    """A sidecar of a transformers reference LM that lacks the run's shards: the start-up check
+    names a command that makes it, which runs and gives a sidecar the run accepts. Before, the
+    command lacked ``--model`` (the file did not record it) and stopped at once."""
+    import shlex
+
+    from launch.build import StartupError
+    from launch.cli import main
+    from tests.objectives.test_prior_math import write_clip_tokenizer, write_gpt2
+
+    write_gpt2(tmp_path / "gpt2", write_clip_tokenizer(tmp_path / "tok"))
+    _, _, _, tokenizer = create_model("vlp-tiny-coca")
+    out = tmp_path / "lp.safetensors"
+    first = shard_urls(str(shards), "training")[0]
+    write_reference_sidecar(tmp_path / "gpt2", first, out, model="vlp-tiny-coca")
+    with pytest.raises(StartupError) as error:
+        _check(shards, out, tokenizer)
+    command = str(error.value).split("make it for these shards with: ")[1]
+    assert command.endswith(f"--out {out} --model vlp-tiny-coca"), command
+    assert main(shlex.split(command)[1:]) == 0
+    assert _check(shards, out, tokenizer)
+
+
 def test_sidecar_fingerprint_and_missing_key(tiny, shards, tmp_path):  # noqa: F811
     """A recomputed file is another stream; a key the file lacks is a SampleError."""
     _, _, reference, sidecar = tiny
