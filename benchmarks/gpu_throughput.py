@@ -268,6 +268,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def write_result(out: str, result: dict[str, Any]) -> None:
+    """``result`` as JSON at ``out`` (its folder made), and a line saying where and how long the
+    whole run took (``result["total_s"]``)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {out} ({result['total_s']:.0f} s in all)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Write the data, run every side, print the table, write the JSON; returns it."""
     opts = parse(argv)
@@ -295,9 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "skipped": skipped,
     }
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {opts.out} ({result['total_s']:.0f} s in all)")
+    write_result(opts.out, result)
     return result
 
 

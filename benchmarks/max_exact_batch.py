@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gpu_throughput import TINY
+from gpu_throughput import TINY, write_result
 from step_timing import autocast, peak_memory_gib, synchronize
 
 from vlp.config import OptimConfig
@@ -342,9 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_s": time.perf_counter() - started,
     }
     print(f"largest exact global batch: {result['largest_exact_batch']} (goal {GOAL})")
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {opts.out} ({result['total_s']:.0f} s in all)")
+    write_result(opts.out, result)
     return result
 
 

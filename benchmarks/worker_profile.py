@@ -43,7 +43,7 @@ from data_pipelines.decode import decode_caption, decode_for_transforms, decode_
 from data_pipelines.stream import make_train_stream
 from data_pipelines.stream_plan import derive_seed
 from data_pipelines.stream_settings import StreamSettings
-from data_pipelines.tario import RawSample, _split, iter_samples
+from data_pipelines.tario import RawSample, _split, _tarfile_members, group_samples, iter_samples
 from data_pipelines.transforms import FastTransforms
 from data_pipelines.worker_stream import _collate, worker_batches
 
@@ -51,25 +51,9 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 def tarfile_samples(stream: Any, url: str) -> Iterator[RawSample]:
-    """Samples read by Python's ``tarfile`` (``r|*``): the reader ``tario`` replaced."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    index = 0
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            parts = _split(info.name) if info.isreg() else None
-            if parts is None:
-                continue
-            member_key, suffix = parts
-            data = tar.extractfile(info).read()  # type: ignore[union-attr]
-            if member_key != key or suffix in members:
-                if key is not None:
-                    yield RawSample(key, members, url, index)
-                    index += 1
-                key, members = member_key, {}
-            members[suffix] = data
-    if key is not None:
-        yield RawSample(key, members, url, index)
+    """Samples read by Python's ``tarfile`` (``r|*``): the reader ``tario`` replaced (its
+    members grouped into samples as ``tario`` groups them)."""
+    return group_samples(_tarfile_members(stream, _split, read=True), url)
 
 
 def ustar_copies(folder: Path, shards: list[Path]) -> list[Path]:

@@ -8,10 +8,12 @@ converted), a caption becomes stripped UTF-8 text. Anything wrong with the bytes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import simplejpeg
@@ -84,6 +86,28 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+@contextlib.contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """Pillow's image of ``data``, its header read (nothing decoded yet); what goes wrong with
+    the data, here or in the caller's block, is a :class:`SampleError`.
+
+    Raises:
+        SampleError: empty data, too many pixels (from the header), or a data error.
+    """
+    if not data:
+        raise SampleError("zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SampleError(f"image {width}x{height} is over the pixel limit {max_pixels}")
+            yield image
+    except SampleError:
+        raise
+    except DATA_ERRORS as error:
+        raise SampleError(f"undecodable image: {describe_data_error(error)}") from error
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Image.Image:
@@ -96,23 +120,13 @@ def decode_image(
     Raises:
         SampleError: empty, undecodable or truncated data, or too many pixels.
     """
-    if not data:
-        raise SampleError("zero-byte image")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SampleError(f"image {width}x{height} is over the pixel limit {max_pixels}")
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.load()
-            if image.getexif().get(_ORIENTATION, 1) != 1:
-                return _to_rgb(ImageOps.exif_transpose(image))
-            return _to_rgb(image)
-    except SampleError:
-        raise
-    except DATA_ERRORS as error:
-        raise SampleError(f"undecodable image: {describe_data_error(error)}") from error
+    with _opened(data, max_pixels) as image:
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        if image.getexif().get(_ORIENTATION, 1) != 1:
+            return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(image)
 
 
 def _draft_scale(width: int, height: int, draft_size: int | None) -> int:
@@ -143,30 +157,21 @@ def decode_for_transforms(
     Raises:
         SampleError: as :func:`decode_image`.
     """
-    if not data:
-        raise SampleError("zero-byte image")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
+    with _opened(data, max_pixels) as image:
+        plain = image.format == "JPEG" and image.mode in ("RGB", "L")
+        if plain and image.getexif().get(_ORIENTATION, 1) == 1:
             width, height = image.size
-            if width * height > max_pixels:
-                raise SampleError(f"image {width}x{height} is over the pixel limit {max_pixels}")
-            plain = image.format == "JPEG" and image.mode in ("RGB", "L")
-            if plain and image.getexif().get(_ORIENTATION, 1) == 1:
-                scale = _draft_scale(width, height, draft_size)
-                try:
-                    pixels: np.ndarray = simplejpeg.decode_jpeg(
-                        data,
-                        colorspace="RGB",
-                        min_width=-(-width // scale),
-                        min_height=-(-height // scale),
-                    )
-                    return pixels
-                except ValueError:
-                    pass  # damaged: Pillow's verdict below
-    except SampleError:
-        raise
-    except DATA_ERRORS as error:
-        raise SampleError(f"undecodable image: {describe_data_error(error)}") from error
+            scale = _draft_scale(width, height, draft_size)
+            try:
+                pixels: np.ndarray = simplejpeg.decode_jpeg(
+                    data,
+                    colorspace="RGB",
+                    min_width=-(-width // scale),
+                    min_height=-(-height // scale),
+                )
+                return pixels
+            except ValueError:
+                pass  # damaged: Pillow's verdict below
     return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
 
 

@@ -262,7 +262,7 @@ class _Replay:
 
 
 def _tarfile_members(
-    stream: _Replay, split: Callable[[str], tuple[str, str] | None], read: bool
+    stream: IO[bytes] | _Replay, split: Callable[[str], tuple[str, str] | None], read: bool
 ) -> Iterator[tuple[str, tuple[str, str], bytes]]:
     """:func:`_members` by ``tarfile`` (compressed tars)."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[call-overload]
@@ -281,6 +281,33 @@ def _tarfile_members(
             yield info.name, parts, data
 
 
+def group_samples(
+    members: Iterator[tuple[str, tuple[str, str], bytes]], url: str
+) -> Iterator[RawSample]:
+    """Samples out of :func:`_members`' (name, (key, suffix), data) in file order: a run of
+    members sharing a key, a new sample where a key repeats a suffix. Where the members end at
+    an :class:`ArchiveCut` or :class:`DamagedHeader`, the sample being collected (whole members,
+    maybe not all of them: the decode step says which are missing) is yielded before the
+    error."""
+    key: str | None = None
+    members_of_key: dict[str, bytes] = {}
+    index = 0
+    try:
+        for _, (member_key, suffix), data in members:
+            if member_key != key or suffix in members_of_key:
+                if key is not None:
+                    yield RawSample(key, members_of_key, url, index)
+                    index += 1
+                key, members_of_key = member_key, {}
+            members_of_key[suffix] = data
+    except (ArchiveCut, DamagedHeader):
+        if key is not None:
+            yield RawSample(key, members_of_key, url, index)
+        raise
+    if key is not None:
+        yield RawSample(key, members_of_key, url, index)
+
+
 def iter_samples(stream: IO[bytes], url: str) -> Iterator[RawSample]:
     """Yield the samples of one tar stream in order.
 
@@ -288,40 +315,11 @@ def iter_samples(stream: IO[bytes], url: str) -> Iterator[RawSample]:
     on a member cut short or a tar without its end (``OSError`` from the stream itself): the
     samples before the damage have been yielded already.
     """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    index = 0
-    try:
-        for _, (member_key, suffix), data in _members(stream, _split, read=True):
-            if member_key != key or suffix in members:
-                if key is not None:
-                    yield RawSample(key, members, url, index)
-                    index += 1
-                key, members = member_key, {}
-            members[suffix] = data
-    except (ArchiveCut, DamagedHeader):
-        if key is not None:  # whole members (it may lack some: the decode step says which)
-            yield RawSample(key, members, url, index)
-        raise
-    if key is not None:
-        yield RawSample(key, members, url, index)
+    yield from group_samples(_members(stream, _split, read=True), url)
 
 
 def iter_keys(stream: IO[bytes]) -> Iterator[str]:
     """The sample keys of one tar stream, in order, without reading member data into memory
     (a start-up check that every sample has a sidecar entry reads only the headers' names)."""
-    key: str | None = None
-    suffixes: set[str] = set()
-    try:
-        for _, (member_key, suffix), _ in _members(stream, _split, read=False):
-            if member_key != key or suffix in suffixes:
-                if key is not None:
-                    yield key
-                key, suffixes = member_key, set()
-            suffixes.add(suffix)
-    except (ArchiveCut, DamagedHeader):
-        if key is not None:
-            yield key
-        raise
-    if key is not None:
-        yield key
+    for sample in group_samples(_members(stream, _split, read=False), ""):
+        yield sample.key
